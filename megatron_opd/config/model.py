@@ -1,0 +1,80 @@
+"""Architecture of a decoder-only transformer (Llama / Qwen / Mistral family)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_opd.config.parallel import ParallelConfig
+from megatron_opd.config.schema import check
+
+
+@dataclass
+class ModelConfig:
+    """A pre-norm RMSNorm decoder with RoPE, grouped-query attention and a (Swi)GLU MLP.
+
+    `vocab_size` is the tokenizer's true vocabulary; the embedding is padded to
+    `padded_vocab_size(tp)` rows so that it splits evenly across TP ranks.
+    """
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    vocab_size: int
+    num_query_groups: Optional[int] = None  # key/value heads; None means one per query head
+    kv_channels: Optional[int] = None  # head dim; None means hidden_size / num_attention_heads
+    max_position_embeddings: int = 4096
+    norm_epsilon: float = 1e-6
+    rotary_base: float = 10000.0
+    swiglu: bool = True
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    tie_word_embeddings: bool = False
+    make_vocab_size_divisible_by: int = 128
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                     "vocab_size", "max_position_embeddings", "make_vocab_size_divisible_by"):
+            check(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "an integer >= 1")
+        if self.kv_channels is None:
+            check(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
+                  self.hidden_size,
+                  f"a multiple of num_attention_heads={self.num_attention_heads} (or set kv_channels)")
+        else:
+            check(self.kv_channels >= 1, "model.kv_channels", self.kv_channels, "an integer >= 1")
+        groups = self.query_groups
+        check(groups >= 1 and self.num_attention_heads % groups == 0, "model.num_query_groups",
+              self.num_query_groups, f"a divisor of num_attention_heads={self.num_attention_heads}")
+        check(self.norm_epsilon > 0, "model.norm_epsilon", self.norm_epsilon, "a number > 0")
+        check(self.rotary_base > 0, "model.rotary_base", self.rotary_base, "a number > 0")
+        for name in ("hidden_dropout", "attention_dropout"):
+            check(0.0 <= getattr(self, name) < 1.0, f"model.{name}", getattr(self, name), "in [0, 1)")
+        check(self.init_method_std > 0, "model.init_method_std", self.init_method_std, "a number > 0")
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
+        """Vocab rounded up to a multiple of `make_vocab_size_divisible_by * tp`, as Megatron-LM does."""
+        multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
+        return -(-self.vocab_size // multiple) * multiple
+
+    def check_parallel(self, parallel: ParallelConfig) -> None:
+        """Raise when this architecture cannot be split as `parallel` asks."""
+        tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+        for name, value in (("num_attention_heads", self.num_attention_heads),
+                            ("num_query_groups", self.query_groups),
+                            ("ffn_hidden_size", self.ffn_hidden_size)):
+            check(value % tp == 0, f"model.{name}", value,
+                  f"a multiple of parallel.tensor_model_parallel_size={tp}")
+        check(self.num_layers % pp == 0, "model.num_layers", self.num_layers,
+              f"a multiple of parallel.pipeline_model_parallel_size={pp}")

@@ -1,0 +1,88 @@
+"""Build a Megatron-Core `GPTModel` (student or teacher) from a `ModelConfig`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from megatron_opd.config.model import ModelConfig
+from megatron_opd.models.layer_specs import TransformerImpl, block_spec, resolve_transformer_impl
+from megatron_opd.runtime.distributed import Runtime
+
+Role = Literal["student", "teacher"]
+
+
+def transformer_config(
+    model: ModelConfig, runtime: Runtime, dtype: torch.dtype = torch.float32
+) -> TransformerConfig:
+    """Megatron's config for `model` split as `runtime.parallel`, with parameters in `dtype`."""
+    parallel = runtime.parallel
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.query_groups,
+        kv_channels=model.head_dim,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # On CPU, Megatron's CPU init draws the full master weight and splits it, so
+        # weights do not depend on the TP size.
+        use_cpu_initialization=runtime.is_cpu,
+    )
+
+
+def build_gpt_model(
+    model: ModelConfig,
+    runtime: Runtime,
+    role: Role = "student",
+    dtype: torch.dtype = torch.float32,
+    transformer_impl: TransformerImpl = "auto",
+) -> GPTModel:
+    """This pipeline stage's part of the model, its weights sharded over this TP rank.
+
+    Logits stay vocab-parallel (`[b, s, V/tp]`). A teacher comes back frozen and in
+    eval mode.
+    """
+    if role not in ("student", "teacher"):
+        raise ValueError(f"role={role!r} is invalid: one of student, teacher")
+    model.check_parallel(runtime.parallel)
+    impl = resolve_transformer_impl(transformer_impl, runtime.device.type)
+    config = transformer_config(model, runtime, dtype)
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(config, impl),
+        vocab_size=model.padded_vocab_size(runtime.parallel.tensor_model_parallel_size),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=model.rotary_base,
+    )
+    gpt.to(runtime.device)
+    if role == "teacher":
+        gpt.requires_grad_(False)
+        gpt.eval()
+    return gpt

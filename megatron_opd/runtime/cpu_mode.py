@@ -1,0 +1,167 @@
+"""CPU mode: run unmodified Megatron-Core on CPU tensors with the gloo backend.
+
+Megatron-Core assumes CUDA on the code paths we use (model construction, tensor-
+and sequence-parallel mappings, the pipeline schedules, DDP grad buffers,
+`finalize_model_grads`, the optimizer). It does so in exactly three ways, and this
+module redirects each of them to the CPU, for the whole process:
+
+1. Device placement. Megatron allocates with `device=torch.cuda.current_device()`,
+   also inside autograd backward functions, where torch function modes are not
+   active. So `torch.cuda.current_device()` returns `torch.device("cpu")` (valid
+   wherever Megatron passes it as a device). The remaining forms, `device="cuda"`
+   literals (pipeline schedules, attention masks), `.cuda()` and `.to("cuda")`,
+   are rewritten to CPU by a `TorchFunctionMode`; none of them runs in a backward.
+2. Other `torch.cuda` utilities: `device_count` (1), `set_device`, `synchronize`,
+   `empty_cache` (no-ops). They would otherwise raise on a CPU build.
+3. Random state. Megatron's `CudaRNGStatesTracker` forks the *CUDA* generator so
+   that dropout and weight init differ across TP ranks where they must. On CPU the
+   generator that CPU kernels draw from is the default CPU generator, so the CUDA
+   RNG functions (`torch.cuda.{get,set}_rng_state`, `manual_seed[_all]`, and
+   Megatron's private `_get_cuda_rng_state` / `_set_cuda_rng_state`, whose lazy
+   CUDA call would never run) are backed by it. The tracker's "CPU RNG state
+   changed within GPU RNG context" warning is then true by construction and is
+   filtered out.
+
+Also: `Tensor.type()` with no argument reports `torch.cuda.*Tensor` for CPU tensors,
+because Megatron's optimizer and grad clipping assert those type strings.
+
+Gloo in torch >= 2.6 provides every collective Megatron uses here (all-gather and
+reduce-scatter into tensors, batched isend/irecv), so no collective is redirected.
+
+Install it only when the run is meant for CPU (`install()` refuses when CUDA is
+available unless forced): on a GPU run none of this must be active.
+`megatron_opd.runtime.initialize_runtime` is the one place that calls it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_RNG_WARNING = "CPU RNG state changed within GPU RNG context"
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return True  # a bare index means an accelerator device
+    if isinstance(device, str):
+        return device.split(":")[0] == "cuda"
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments of torch calls to CPU (see module docstring)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            type_name = func(*args)
+            return type_name.replace("torch.", "torch.cuda.", 1) if args[0].device.type == "cpu" else type_name
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": _CPU}
+        if func is torch.Tensor.to and any(_is_cuda_device(arg) for arg in args[1:]):
+            args = tuple(_CPU if _is_cuda_device(arg) else arg for arg in args)
+        return func(*args, **kwargs)
+
+
+class _DropRngWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _RNG_WARNING not in record.getMessage()
+
+
+def _get_rng_state(*args, clone: bool = False, **kwargs) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _set_rng_state(new_state: torch.Tensor, *args, **kwargs) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _seed(seed: int) -> None:
+    # Not torch.manual_seed: it calls torch.cuda.manual_seed_all, i.e. back into us.
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _noop(*args, **kwargs) -> None:
+    return None
+
+
+class _CpuModeState:
+    """What `install()` replaced, so that `uninstall()` can restore it exactly."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[Any, str, Any]] = []
+        self.mode: Optional[_CudaToCpuMode] = None
+        self.log_filter = _DropRngWarning()
+
+    def patch(self, owner: Any, name: str, replacement: Callable) -> None:
+        self.saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, replacement)
+
+
+_state: Optional[_CpuModeState] = None
+
+
+def is_installed() -> bool:
+    return _state is not None
+
+
+def install(force: bool = False) -> None:
+    """Redirect Megatron-Core's CUDA assumptions to the CPU for this process.
+
+    Idempotent. Raises when CUDA is available, unless `force` (the user asked for
+    CPU explicitly with `MEGATRON_OPD_DEVICE=cpu`).
+    """
+    global _state
+    if _state is not None:
+        return
+    if torch.cuda.is_available() and not force:
+        raise RuntimeError(
+            "CPU mode must not be installed on a machine with CUDA; "
+            "set MEGATRON_OPD_DEVICE=cpu to force a CPU run"
+        )
+    import megatron.core.tensor_parallel.random as megatron_random
+
+    state = _CpuModeState()
+    state.patch(torch.cuda, "current_device", lambda: _CPU)
+    state.patch(torch.cuda, "device_count", lambda: 1)
+    for name in ("set_device", "synchronize", "empty_cache"):
+        state.patch(torch.cuda, name, _noop)
+    for owner in (torch.cuda, torch.cuda.random):
+        state.patch(owner, "get_rng_state", _get_rng_state)
+        state.patch(owner, "set_rng_state", _set_rng_state)
+        state.patch(owner, "manual_seed", _seed)
+        state.patch(owner, "manual_seed_all", _seed)
+    state.patch(megatron_random, "_get_cuda_rng_state", _get_rng_state)
+    state.patch(megatron_random, "_set_cuda_rng_state", _set_rng_state)
+    logging.getLogger(megatron_random.__name__).addFilter(state.log_filter)
+    # Megatron's sequence-parallel layers advise a CUDA setting on every construction.
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+    state.mode = _CudaToCpuMode()
+    state.mode.__enter__()
+    _state = state
+
+
+def uninstall() -> None:
+    """Undo `install()` (tests use it to leave the process as they found it)."""
+    global _state
+    if _state is None:
+        return
+    import megatron.core.tensor_parallel.random as megatron_random
+
+    _state.mode.__exit__(None, None, None)
+    logging.getLogger(megatron_random.__name__).removeFilter(_state.log_filter)
+    for owner, name, original in reversed(_state.saved):
+        setattr(owner, name, original)
+    _state = None
