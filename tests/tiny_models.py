@@ -129,7 +129,8 @@ def train_step_on_rank(
             # and at TP=1 the gather returns that same storage.
             full_logits.append(gather_from_tensor_model_parallel_region(logits).detach().clone())
             loss = vocab_parallel_cross_entropy(logits, labels).mean()
-            return loss, {"lm_loss": loss.detach()}
+            # Clone: the schedule divides the returned loss by num_microbatches in place.
+            return loss, {"lm_loss": loss.detach().clone()}
 
         return logits, loss_func
 

@@ -39,6 +39,8 @@ def _coerce(field: str, value: Any, annotation: Any) -> Any:
         if value is None and type(None) in args:
             return None
         candidates = [a for a in args if a is not type(None)]
+        if len(candidates) == 1:  # Optional[X]: X's own, more precise error
+            return _coerce(field, value, candidates[0])
         for candidate in candidates:
             try:
                 return _coerce(field, value, candidate)

@@ -1,0 +1,87 @@
+"""CPU mode redirects exactly what its docstring says, and undoes it."""
+
+import pytest
+import torch
+
+from megatron_opd.config import ParallelConfig
+from megatron_opd.runtime import cpu_mode
+from megatron_opd.testing import run_distributed
+
+
+@pytest.fixture
+def installed():
+    assert not cpu_mode.is_installed()
+    cpu_mode.install()
+    yield
+    cpu_mode.uninstall()
+
+
+def test_cuda_device_arguments_land_on_cpu(installed):
+    assert torch.zeros(2, device="cuda").device.type == "cpu"
+    assert torch.empty(3, device="cuda:0").device.type == "cpu"
+    assert torch.ones(1, device=torch.cuda.current_device()).device.type == "cpu"
+    assert torch.arange(4, device=torch.device("cuda")).tolist() == [0, 1, 2, 3]
+    t = torch.randn(3)
+    assert t.cuda() is t
+    assert t.to("cuda").device.type == "cpu"
+    assert t.to(torch.cuda.current_device(), torch.float64).dtype == torch.float64
+
+
+def test_tensor_type_reports_cuda_type_strings(installed):
+    assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
+    assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+    assert torch.zeros(1).type(torch.float64).dtype == torch.float64  # conversion still works
+
+
+def test_cuda_rng_functions_drive_the_cpu_generator(installed):
+    torch.cuda.manual_seed(7)
+    first = torch.rand(4)
+    state = torch.cuda.get_rng_state()
+    second = torch.rand(4)
+    torch.cuda.set_rng_state(state)
+    assert torch.equal(torch.rand(4), second)
+    torch.manual_seed(7)  # must not recurse through the patched manual_seed_all
+    assert torch.equal(torch.rand(4), first)
+
+
+def test_uninstall_restores_torch():
+    original = torch.cuda.current_device
+    cpu_mode.install()
+    cpu_mode.install()  # idempotent
+    cpu_mode.uninstall()
+    assert torch.cuda.current_device is original
+    assert torch.zeros(1).type() == "torch.FloatTensor"
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.zeros(1, device="cuda")
+
+
+def test_refuses_to_install_where_cuda_is_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match="MEGATRON_OPD_DEVICE=cpu"):
+        cpu_mode.install()
+    assert not cpu_mode.is_installed()
+
+
+def dropout_streams() -> dict:
+    """Dropout masks inside and outside Megatron's model-parallel RNG fork at TP=2."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    from megatron_opd.runtime import initialize_runtime
+
+    initialize_runtime(ParallelConfig(tensor_model_parallel_size=2, seed=11))
+    ones = torch.ones(4096)
+    before = torch.get_rng_state()
+    with get_cuda_rng_tracker().fork():
+        inside = torch.nn.functional.dropout(ones, 0.5)
+    forked_and_back = torch.equal(before, torch.get_rng_state())
+    outside = torch.nn.functional.dropout(ones, 0.5)
+    return {"tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+            "inside": inside, "outside": outside, "restored": forked_and_back}
+
+
+def test_rng_tracker_gives_tp_ranks_their_own_stream_inside_the_fork():
+    rank0, rank1 = run_distributed(dropout_streams, 2)
+    assert rank0["restored"] and rank1["restored"]
+    assert not torch.equal(rank0["inside"], rank1["inside"])  # TP regions: per-rank masks
+    assert torch.equal(rank0["outside"], rank1["outside"])  # replicated regions: same mask

@@ -1,0 +1,75 @@
+"""initialize_runtime: device choice, Megatron's groups, errors for impossible layouts."""
+
+import os
+
+import pytest
+import torch
+
+from megatron_opd.config import ConfigError, ParallelConfig
+from megatron_opd.runtime import resolve_device
+from megatron_opd.testing import DistributedTestError, run_distributed
+
+
+def describe_rank(parallel: ParallelConfig, drop_torchrun_env: bool = False) -> dict:
+    from megatron.core import parallel_state
+
+    from megatron_opd.runtime import cpu_mode, destroy_runtime, initialize_runtime
+
+    if drop_torchrun_env:
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(name)
+    runtime = initialize_runtime(parallel)
+    again = initialize_runtime(parallel)  # idempotent for the same layout
+    info = {
+        "rank": runtime.rank, "backend": runtime.backend, "device": str(runtime.device),
+        "cpu_mode": cpu_mode.is_installed(), "dp": runtime.data_parallel_size,
+        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+        "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+        "same": again == runtime,
+    }
+    if parallel.model_parallel_size > 1:
+        try:
+            initialize_runtime(ParallelConfig())
+        except RuntimeError as error:
+            info["relayout_error"] = str(error)
+    destroy_runtime()
+    return info
+
+
+def test_tp2_pp2_on_four_ranks():
+    ranks = run_distributed(describe_rank, 4, ParallelConfig(tensor_model_parallel_size=2,
+                                                             pipeline_model_parallel_size=2))
+    for rank, info in enumerate(ranks):
+        assert info["backend"] == "gloo" and info["device"] == "cpu" and info["cpu_mode"]
+        assert info["dp"] == 1 and info["same"]
+        # Megatron orders ranks tp-fastest: rank = pp_rank * tp + tp_rank.
+        assert (info["tp_rank"], info["pp_rank"]) == (rank % 2, rank // 2)
+        assert "already initialized with (tp, pp)=(2, 2)" in info["relayout_error"]
+
+
+def test_data_parallel_remainder():
+    ranks = run_distributed(describe_rank, 4, ParallelConfig(tensor_model_parallel_size=2))
+    assert [info["dp"] for info in ranks] == [2, 2, 2, 2]
+
+
+def test_single_process_without_torchrun():
+    (info,) = run_distributed(describe_rank, 1, ParallelConfig(), drop_torchrun_env=True)
+    assert info["rank"] == 0 and info["dp"] == 1
+
+
+def test_layout_that_does_not_divide_the_world_is_refused():
+    with pytest.raises(DistributedTestError, match="a divisor of the world size 2"):
+        run_distributed(describe_rank, 2, ParallelConfig(tensor_model_parallel_size=4))
+
+
+def test_resolve_device(monkeypatch):
+    monkeypatch.setenv("MEGATRON_OPD_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="MEGATRON_OPD_DEVICE='tpu' is invalid"):
+        resolve_device()
+    monkeypatch.setenv("MEGATRON_OPD_DEVICE", "cpu")
+    assert resolve_device() == "cpu"
+    monkeypatch.delenv("MEGATRON_OPD_DEVICE")
+    assert resolve_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sees no CUDA device"):
+            resolve_device("cuda")
