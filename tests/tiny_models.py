@@ -87,23 +87,23 @@ def train_step_on_rank(
     state: dict[str, torch.Tensor],
     tokens: torch.Tensor,
     sabotage: Optional[str] = None,
+    sgd_step: Optional[dict] = None,
 ) -> dict:
-    """One forward/backward of the LM loss with Megatron's schedule, DDP and grad finalization.
+    """One forward/backward of the LM loss with Megatron's schedule, DDP and grad finalization,
+    then, with `sgd_step` (OptimizerConfig fields), one step of Megatron's optimizer.
 
-    Returns this rank's view: full-vocab logits and losses (last stage), and every
-    parameter's gradient re-assembled to its full shape under its global name.
+    Returns this rank's view: full-vocab logits and losses (last stage), every
+    parameter's gradient re-assembled to its full shape under its global name, and
+    after a step the updated weights and the optimizer's global grad norm.
     """
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import (
-        gather_from_tensor_model_parallel_region,
-        vocab_parallel_cross_entropy,
-    )
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_opd.models import build_gpt_model, gather_full_tensors, load_full_state_dict
     from megatron_opd.runtime import initialize_runtime
+    from megatron_opd.trainer import lm_forward_backward
 
     runtime = initialize_runtime(parallel)
     if sabotage == "skip_tp_all_reduce":
@@ -113,44 +113,33 @@ def train_step_on_rank(
     ddp_model = DistributedDataParallel(
         model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     ddp_model.zero_grad_buffer()
+    if sgd_step is not None:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    num_microbatches, micro_batch_size, seq_plus_one = tokens.shape
-    seq_length = seq_plus_one - 1
-    position_ids = torch.arange(seq_length).expand(micro_batch_size, seq_length)
+        optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="sgd", sgd_momentum=0.0, weight_decay=0.0, **sgd_step),
+            [ddp_model])
+
     full_logits = []
 
-    def forward_step(batches, model):
-        batch = next(batches)
-        inputs, labels = batch[:, :-1], batch[:, 1:]
-        logits = model(inputs, position_ids, None)  # [b, s, V/tp]
+    def capture(logits: torch.Tensor) -> None:
+        # Clone: at TP=1 the gather returns `logits` itself, which the loss overwrites.
+        full_logits.append(gather_from_tensor_model_parallel_region(logits).detach().clone())
 
-        def loss_func(logits: torch.Tensor):
-            # Clone: Megatron's vocab_parallel_cross_entropy overwrites its input in place,
-            # and at TP=1 the gather returns that same storage.
-            full_logits.append(gather_from_tensor_model_parallel_region(logits).detach().clone())
-            loss = vocab_parallel_cross_entropy(logits, labels).mean()
-            # Clone: the schedule divides the returned loss by num_microbatches in place.
-            return loss, {"lm_loss": loss.detach().clone()}
-
-        return logits, loss_func
-
-    losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter(tokens),
-        model=[ddp_model],
-        num_microbatches=num_microbatches,
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    losses = lm_forward_backward(ddp_model, tokens, on_logits=capture)
     finalize_model_grads([ddp_model])
     grads = dict(gather_full_tensors(ddp_model, lambda param: param.main_grad))
     last = parallel_state.is_pipeline_last_stage()
+    step = {}
+    if sgd_step is not None:
+        _, grad_norm, _ = optimizer.step()
+        step = {"grad_norm": grad_norm, "weights": dict(gather_full_tensors(ddp_model))}
     return {
+        **step,
         "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
         "logits": torch.stack(full_logits) if last else None,
-        "losses": torch.stack([out["lm_loss"] for out in losses]) if last else None,
+        "losses": losses,
         "grads": grads,
     }
 
