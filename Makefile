@@ -1,0 +1,40 @@
+# One-command set-up and entry points. Works on a fresh clone: `make test`, `make quickstart`.
+#
+# TORCH_SPEC is installed before the package so that pip never resolves `torch` on its
+# own (PyPI's default torch for Linux x86_64 is a multi-GB CUDA build). The default is
+# the CPU wheel this project's CI machines carry; on a GPU machine create the venv
+# with your CUDA torch first, or set TORCH_SPEC.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.megatron_opd-installed
+
+.PHONY: setup test test-all quickstart clean
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(VPY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The default suite (what CI runs). pytest exits 5 when nothing was collected, and
+# make fails on it like on any other non-zero exit.
+test: setup
+	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Everything, including tests marked slow.
+test-all: setup
+	$(VPY) -m pytest $(PYTEST_ARGS)
+
+quickstart: setup
+	PYTHON=$(VPY) bash examples/megatron/quickstart_cpu.sh
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
