@@ -89,7 +89,7 @@ def main() -> None:
                       flush=True)
     elapsed = time.perf_counter() - start
 
-    params = torch.tensor([float(local_params)])
+    params = torch.tensor([float(local_params)], device=runtime.device)  # NCCL needs CUDA tensors
     dist.all_reduce(params)  # replicated params (norms) counted once per rank: an upper bound
     if is_reporter:
         rows = [
