@@ -1,0 +1,15 @@
+"""Vocab-parallel math on tensor-parallel shards of the vocabulary."""
+
+from megatron_opd.ops.divergence import (
+    sparse_teacher_divergence,
+    vocab_parallel_divergence,
+    vocab_parallel_sample,
+    vocab_parallel_token_logprobs,
+)
+
+__all__ = [
+    "sparse_teacher_divergence",
+    "vocab_parallel_divergence",
+    "vocab_parallel_sample",
+    "vocab_parallel_token_logprobs",
+]

@@ -1,0 +1,379 @@
+"""Teacher-student divergences on vocab-sharded logits: forward KL, reverse KL, JSD(beta), top-K.
+
+With P_T = softmax(teacher / tau), P_S = softmax(student / tau) over the true vocab:
+
+    beta = 0      forward KL(P_T || P_S)
+    beta = 1      reverse KL(P_S || P_T)
+    0 < beta < 1  generalized JSD: beta KL(P_T || M) + (1 - beta) KL(P_S || M),
+                  M = beta P_T + (1 - beta) P_S
+
+as ms-swift's and TRL's `generalized_jsd_loss` define them. Temperature divides both
+logits and the result is NOT multiplied by tau^2 (Hinton's convention); scale the
+loss yourself if you want gradients comparable across temperatures.
+
+Full vocab (`vocab_parallel_divergence`): each rank holds `[N, V/tp]`; the softmax
+statistics of both models travel in two all-reduces of `[n, 2]` floats and the
+divergence in one more; nothing of size V crosses ranks. The backward is written by
+hand and needs no collective: with a = dD/dlog p_S, the gradient is
+`(a - p_S * sum(a)) / tau`, and sum(a) is known from the forward (forward KL: -1;
+reverse KL: D + 1; JSD: (1 - beta) KL(P_S || M)). Softmax math is fp32 whatever the
+input dtype, chunk by chunk over tokens; only selected (`mask`) tokens are computed.
+
+Top-K: the teacher's K most likely ids (`sharded_topk`) and the student's logits
+there (`ShardedLogProbsAt`) are `[n, K]` tensors, identical on every rank; the
+divergence over them is plain autograd math in float64 (`sparse_teacher_divergence`,
+also the entry point for a teacher server's top-K logprobs). Normalizations:
+    "renorm"  both renormalized over the K ids (ms-swift `gkd_logits_topk`)
+    "full"    full-vocab log-probs restricted to the K ids (verl's top-K forward KL); not
+              a divergence: it can be negative
+    "tail"    the K ids plus one outcome holding each model's remaining mass
+              1 - sum_K p; a true divergence over K + 1 outcomes, for every beta
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import torch
+
+from megatron_opd.ops.vocab_parallel import (
+    ShardedLogProbsAt,
+    VocabShard,
+    check_ids,
+    check_temperature,
+    combine_logsumexp,
+    compute_dtype,
+    flatten_tokens,
+    local_max_and_sumexp,
+    row_chunks,
+    sharded_topk,
+    tempered,
+    vocab_shard,
+    vocab_parallel_token_logprobs,
+)
+
+TopKNormalize = Literal["renorm", "full", "tail"]
+Reduction = Literal["mean", "sum", "none"]
+_NORMALIZE = ("renorm", "full", "tail")
+_REDUCTIONS = ("mean", "sum", "none")
+
+__all__ = [
+    "sparse_teacher_divergence",
+    "vocab_parallel_divergence",
+    "vocab_parallel_sample",
+    "vocab_parallel_token_logprobs",
+]
+
+
+# ---------------------------------------------------------------------------- the math
+
+
+def _weighted_log_ratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """sum_v p_v (log p_v - log q_v) over the last dim, with 0 log 0 = 0 (gradient-safe)."""
+    present = logp > float("-inf")
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    safe_logp = torch.where(present, logp, zero)
+    safe_logq = torch.where(present, logq, zero)
+    return torch.where(present, safe_logp.exp() * (safe_logp - safe_logq), zero).sum(-1)
+
+
+def _log_mixture(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """log M, M = beta P_T + (1 - beta) P_S (for beta 0 and 1, P_S and P_T themselves)."""
+    if beta == 0.0:
+        return student_logp
+    if beta == 1.0:
+        return teacher_logp
+    return torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log1p(-beta))
+
+
+def mixture_log_ratios(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float
+                       ) -> torch.Tensor:
+    """`[..., 2]`: KL(P_T || M) and KL(P_S || M) summed over the last dim of the inputs.
+
+    On a vocab shard these are partial sums; summed across shards they are exact.
+    """
+    log_m = _log_mixture(student_logp, teacher_logp, beta)
+    return torch.stack([_weighted_log_ratio(teacher_logp, log_m),
+                        _weighted_log_ratio(student_logp, log_m)], dim=-1)
+
+
+def combine_divergence(kl_terms: torch.Tensor, beta: float) -> torch.Tensor:
+    """The divergence from `mixture_log_ratios` (`[..., 2]` -> `[...]`)."""
+    teacher_term, student_term = kl_terms[..., 0], kl_terms[..., 1]
+    if beta == 0.0:
+        return teacher_term
+    if beta == 1.0:
+        return student_term
+    return beta * teacher_term + (1.0 - beta) * student_term
+
+
+def _student_logp_grad(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float
+                       ) -> torch.Tensor:
+    """a = dD / dlog p_S, entrywise (p_S, p_T as functions of their log-probs)."""
+    if beta == 0.0:
+        return -teacher_logp.exp()
+    student_p = student_logp.exp()
+    present = student_p > 0
+    log_m = _log_mixture(student_logp, teacher_logp, beta)
+    log_ratio = torch.where(present, student_logp - log_m, torch.zeros_like(student_logp))
+    if beta == 1.0:
+        return student_p * (log_ratio + 1.0)
+    return (1.0 - beta) * student_p * log_ratio
+
+
+def _sum_of_student_logp_grad(divergence: torch.Tensor, kl_terms: torch.Tensor, beta: float
+                              ) -> torch.Tensor:
+    """sum_v a_v over the full vocab, from forward results (sum p = 1)."""
+    if beta == 0.0:
+        return torch.full_like(divergence, -1.0)
+    if beta == 1.0:
+        return divergence + 1.0
+    return (1.0 - beta) * kl_terms[..., 1]
+
+
+# ------------------------------------------------------------------------- full vocab
+
+
+class _FullVocabDivergence(torch.autograd.Function):
+    """Per selected token D(P_T, P_S): `[N, V/tp]` x2, rows `[n]` -> `[n]` fp32."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, rows, shard: VocabShard, beta: float, tau: float,
+                chunk_size: Optional[int]):
+        num_rows, local_vocab = student.shape
+        chunks = list(row_chunks(rows, num_rows, local_vocab, chunk_size))
+        maxes, sums = [], []
+        for _, src in chunks:
+            stats = [local_max_and_sumexp(tempered(logits[src], shard, tau)) for logits in (student, teacher)]
+            maxes.append(torch.stack([stats[0][0], stats[1][0]], -1))
+            sums.append(torch.stack([stats[0][1], stats[1][1]], -1))
+        empty = student.new_empty(0, 2, dtype=compute_dtype(student.dtype))
+        lse, _ = combine_logsumexp(shard, torch.cat(maxes) if maxes else empty,
+                                   torch.cat(sums) if sums else empty)  # [n, 2]
+        kl_terms = []
+        for out, src in chunks:
+            student_logp = tempered(student[src], shard, tau) - lse[out, 0:1]
+            teacher_logp = tempered(teacher[src], shard, tau) - lse[out, 1:2]
+            kl_terms.append(mixture_log_ratios(student_logp, teacher_logp, beta))
+        kl_terms = shard.all_reduce(torch.cat(kl_terms) if kl_terms else empty)
+        divergence = combine_divergence(kl_terms, beta)
+        ctx.save_for_backward(student, teacher, rows, lse, kl_terms, divergence)
+        ctx.shard, ctx.beta, ctx.tau, ctx.chunk_size = shard, beta, tau, chunk_size
+        return divergence
+
+    @staticmethod
+    def backward(ctx, grad_divergence):
+        student, teacher, rows, lse, kl_terms, divergence = ctx.saved_tensors
+        shard, beta, tau = ctx.shard, ctx.beta, ctx.tau
+        grad = torch.zeros_like(student)
+        grad_sum = _sum_of_student_logp_grad(divergence, kl_terms, beta)
+        scale = grad_divergence.to(lse.dtype) / tau
+        for out, src in row_chunks(rows, student.shape[0], student.shape[1], ctx.chunk_size):
+            student_logp = tempered(student[src], shard, tau) - lse[out, 0:1]
+            teacher_logp = tempered(teacher[src], shard, tau) - lse[out, 1:2]
+            logp_grad = _student_logp_grad(student_logp, teacher_logp, beta)
+            chunk_grad = logp_grad - student_logp.exp() * grad_sum[out].unsqueeze(-1)
+            grad[src] = (chunk_grad * scale[out].unsqueeze(-1)).to(grad.dtype)
+        return grad, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- top-K
+
+
+def _with_tail(logp: torch.Tensor) -> torch.Tensor:
+    """Append log(1 - sum exp(logp)) as outcome K + 1, for a teacher known only at K ids
+    (float64, clamped away from log 0)."""
+    mass = torch.logsumexp(logp, dim=-1, keepdim=True).clamp(max=-1e-12)
+    return torch.cat([logp, torch.log(-torch.expm1(mass))], dim=-1)
+
+
+def _sparse_divergence_rows(student_flat, teacher_logp, ids, rows, shard, beta, tau, normalize,
+                            chunk_size) -> torch.Tensor:
+    """Per selected token divergence over the K ids (+ tail): `[n]` (autograd to `student_flat`).
+
+    `teacher_logp` is `[n, K]`, or `[n, K + 1]` with its tail already appended.
+    """
+    student_logp = ShardedLogProbsAt.apply(student_flat, ids, rows, shard, tau, normalize != "renorm",
+                                           normalize == "tail", chunk_size).double()
+    teacher_logp = teacher_logp.double()
+    if normalize == "renorm":
+        student_logp = torch.log_softmax(student_logp, dim=-1)
+        teacher_logp = torch.log_softmax(teacher_logp, dim=-1)
+    elif normalize == "tail" and teacher_logp.shape[-1] == ids.shape[-1]:
+        teacher_logp = _with_tail(teacher_logp)
+    divergence = combine_divergence(mixture_log_ratios(student_logp, teacher_logp, beta), beta)
+    return divergence.to(compute_dtype(student_flat.dtype))
+
+
+# ----------------------------------------------------------------------- public API
+
+
+def _check_common(beta: float, temperature: float, reduction: str) -> None:
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta!r} is invalid: must be in [0, 1]")
+    check_temperature(temperature)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is invalid: one of {list(_REDUCTIONS)}")
+
+
+def _selected_rows(mask: Optional[torch.Tensor], token_shape: torch.Size, device) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    if mask.shape != token_shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the token shape {tuple(token_shape)}")
+    return mask.reshape(-1).to(device=device, dtype=torch.bool).nonzero().squeeze(-1)
+
+
+def _reduce(per_row: torch.Tensor, rows: Optional[torch.Tensor], token_shape: torch.Size,
+            reduction: str) -> torch.Tensor:
+    if reduction == "sum":
+        return per_row.sum()
+    if reduction == "mean":
+        return per_row.sum() / max(per_row.numel(), 1)
+    if rows is None:
+        return per_row.view(token_shape)
+    full = per_row.new_zeros(token_shape.numel())
+    return full.index_put((rows,), per_row).view(token_shape)
+
+
+def sparse_teacher_divergence(
+    student_logits: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    normalize: TopKNormalize = "renorm",
+    vocab_size: Optional[int] = None,
+    mask: Optional[torch.Tensor] = None,
+    reduction: Reduction = "mean",
+    tp_group=None,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Divergence of the student from a teacher known only at K ids per token.
+
+    `student_logits` `[..., V/tp]` (this rank's shard); `teacher_topk_logprobs`,
+    `teacher_topk_ids` `[..., K]`, the same on every TP rank: the teacher's full-vocab
+    log-probabilities at the distillation temperature, over global ids. For "tail" the
+    logprobs may carry a K+1-th column, log of the teacher's mass outside the K ids
+    (exact where the caller has the full teacher; otherwise it is 1 - sum_K p). For "renorm"
+    any per-token constant is irrelevant, so tempered logits also do; a server that
+    returns logprobs at temperature 1 gives exact "renorm" inputs as `logprobs / tau`.
+    `temperature` divides the student logits. Gradient flows to `student_logits` only.
+    """
+    _check_common(beta, temperature, reduction)
+    if normalize not in _NORMALIZE:
+        raise ValueError(f"normalize={normalize!r} is invalid: one of {list(_NORMALIZE)}")
+    token_shape = student_logits.shape[:-1]
+    num_k = teacher_topk_ids.shape[-1]
+    given_tail = normalize == "tail" and teacher_topk_logprobs.shape[-1] == num_k + 1
+    if (teacher_topk_ids.shape[:-1] != token_shape or teacher_topk_logprobs.shape[:-1] != token_shape
+            or teacher_topk_logprobs.shape[-1] != num_k + given_tail):
+        raise ValueError(f"teacher_topk_logprobs {tuple(teacher_topk_logprobs.shape)} and teacher_topk_ids "
+                         f"{tuple(teacher_topk_ids.shape)} must both be [..., K] over tokens {tuple(token_shape)}"
+                         " (logprobs may be [..., K + 1] with the tail for normalize='tail')")
+    shard = vocab_shard(student_logits.shape[-1], vocab_size, tp_group)
+    ids = teacher_topk_ids.reshape(-1, num_k).long()
+    teacher_logp = teacher_topk_logprobs.reshape(-1, teacher_topk_logprobs.shape[-1])
+    rows = _selected_rows(mask, token_shape, student_logits.device)
+    if rows is not None:
+        ids, teacher_logp = ids[rows], teacher_logp[rows]
+    check_ids(ids, shard, "teacher_topk_ids")
+    per_row = _sparse_divergence_rows(flatten_tokens(student_logits), teacher_logp.detach(), ids, rows,
+                                      shard, beta, float(temperature), normalize, chunk_size)
+    return _reduce(per_row, rows, token_shape, reduction)
+
+
+def vocab_parallel_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    topk: Optional[int] = None,
+    topk_normalize: TopKNormalize = "renorm",
+    vocab_size: Optional[int] = None,
+    mask: Optional[torch.Tensor] = None,
+    reduction: Reduction = "mean",
+    tp_group=None,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Divergence between teacher and student on this rank's vocab shard `[..., V/tp]`.
+
+    `mask` `[...]`: True where the token counts. `vocab_size`: ids >= it are padding,
+    excluded from both distributions. `reduction`: "mean" over counted tokens (0 when
+    none count), "sum", or "none" (`[...]` fp32, 0 at masked tokens). `tp_group=None`:
+    Megatron's TP group when initialized, else no TP. `chunk_size`: tokens per chunk.
+    Gradient flows to `student_logits` only; the value is the same on every TP rank.
+    """
+    _check_common(beta, temperature, reduction)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape (pad both vocabs "
+                         "to one common size)")
+    token_shape = student_logits.shape[:-1]
+    shard = vocab_shard(student_logits.shape[-1], vocab_size, tp_group)
+    student_flat, teacher_flat = flatten_tokens(student_logits), flatten_tokens(teacher_logits.detach())
+    if topk is not None:
+        if not 1 <= topk <= shard.vocab_size:
+            raise ValueError(f"topk={topk!r} is invalid: must be in [1, vocab_size={shard.vocab_size}]")
+        if topk_normalize not in _NORMALIZE:
+            raise ValueError(f"topk_normalize={topk_normalize!r} is invalid: one of {list(_NORMALIZE)}")
+        teacher_values, ids = sharded_topk(teacher_flat, topk, shard, float(temperature), chunk_size)
+        teacher_logp = teacher_values  # enough for "renorm": a per-token shift cancels
+        if topk_normalize != "renorm":
+            teacher_logp = ShardedLogProbsAt.apply(teacher_flat, ids, None, shard, float(temperature), True,
+                                                   topk_normalize == "tail", chunk_size)
+        return sparse_teacher_divergence(
+            student_logits, teacher_logp.view(*token_shape, -1), ids.view(*token_shape, topk),
+            beta=beta, temperature=temperature, normalize=topk_normalize, vocab_size=shard.vocab_size,
+            mask=mask, reduction=reduction, tp_group=shard.group, chunk_size=chunk_size)
+    rows = _selected_rows(mask, token_shape, student_logits.device)
+    per_row = _FullVocabDivergence.apply(student_flat, teacher_flat, rows, shard, float(beta),
+                                         float(temperature), chunk_size)
+    return _reduce(per_row, rows, token_shape, reduction)
+
+
+# -------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def vocab_parallel_sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    tp_group=None,
+) -> torch.Tensor:
+    """Sample global ids from softmax(logits / temperature) over the sharded vocab: `[..., V/tp]` -> `[...]`.
+
+    Gumbel-max: argmax over the vocab of `logits / tau + G`, G ~ Gumbel(0, 1), is an
+    exact sample. The noise for global id v is drawn for the whole vocab from
+    `generator` on every rank and sliced, so with the same generator state every TP
+    rank, and every TP size, picks the same ids. `temperature=0` is greedy. `top_k`
+    keeps the k largest logits (ties at the k-th value are all kept). Two all-reduces
+    of `[N]` values per call.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature!r} is invalid: must be >= 0 (0 is greedy)")
+    shard = vocab_shard(logits.shape[-1], vocab_size, tp_group)
+    token_shape = logits.shape[:-1]
+    scores = tempered(flatten_tokens(logits), shard, temperature or 1.0)
+    if top_k is not None:
+        if not 1 <= top_k <= shard.vocab_size:
+            raise ValueError(f"top_k={top_k!r} is invalid: must be in [1, vocab_size={shard.vocab_size}]")
+        kth_value = sharded_topk(flatten_tokens(logits), top_k, shard, temperature or 1.0)[0][:, -1:]
+        scores = scores.masked_fill(scores < kth_value, float("-inf"))
+    if temperature > 0:
+        uniform = torch.rand(scores.shape[0], shard.padded_vocab, generator=generator,
+                             device=generator.device if generator is not None else scores.device)
+        uniform = uniform[:, shard.start:shard.start + shard.local_vocab].to(scores.device)
+        scores = scores - torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
+    local_best, local_index = scores.max(dim=-1)
+    best = shard.all_reduce(local_best.clone(), torch.distributed.ReduceOp.MAX)
+    candidate = torch.where(local_best == best, local_index + shard.start,
+                            torch.full_like(local_index, shard.padded_vocab))
+    return shard.all_reduce(candidate, torch.distributed.ReduceOp.MIN).view(token_shape)

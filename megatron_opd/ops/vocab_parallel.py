@@ -1,0 +1,288 @@
+"""Softmax statistics and lookups over a vocabulary sharded across tensor-parallel ranks.
+
+Rank r of a TP group of size tp holds logits `[N, V/tp]` for the contiguous global
+ids `[r*V/tp, (r+1)*V/tp)`. Everything here exchanges O(1) or O(K) floats per token,
+never a vocab-sized tensor, and works chunk by chunk over tokens so that no fp32
+copy of `[N, V/tp]` outlives one chunk.
+
+Megatron's `vocab_parallel_cross_entropy` computes `-log p(y)` but overwrites its
+input in place and knows neither temperature nor vocab padding, hence these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+# Elements of one fp32 chunk `[rows, V/tp]`: 4M floats = 16 MiB per temporary.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    """Where this rank's slice of the vocab lies, and which of its ids are real tokens."""
+
+    group: Optional[dist.ProcessGroup]
+    size: int  # TP world size
+    rank: int
+    local_vocab: int  # V/tp
+    vocab_size: int  # true vocab; ids >= it are padding
+
+    @property
+    def start(self) -> int:
+        return self.rank * self.local_vocab
+
+    @property
+    def padded_vocab(self) -> int:
+        return self.size * self.local_vocab
+
+    @property
+    def valid_local(self) -> int:
+        """How many of this shard's ids are real tokens (the rest is padding)."""
+        return max(0, min(self.local_vocab, self.vocab_size - self.start))
+
+    def all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(tensor, op=op, group=self.group)
+        return tensor
+
+    def all_gather_last(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`[..., k]` from every rank -> `[..., k * tp]` (rank-major)."""
+        if self.size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def resolve_tp_group(tp_group: Optional[dist.ProcessGroup]) -> Optional[dist.ProcessGroup]:
+    """`tp_group`, else Megatron's tensor-parallel group when initialized, else None (no TP)."""
+    if tp_group is not None:
+        return tp_group
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return parallel_state.get_tensor_model_parallel_group()
+    return None
+
+
+def vocab_shard(local_vocab: int, vocab_size: Optional[int], tp_group) -> VocabShard:
+    group = resolve_tp_group(tp_group)
+    size = dist.get_world_size(group) if group is not None else 1
+    rank = dist.get_rank(group) if group is not None else 0
+    padded = size * local_vocab
+    if vocab_size is None:
+        vocab_size = padded
+    if not 1 <= vocab_size <= padded:
+        raise ValueError(f"vocab_size={vocab_size} is invalid: between 1 and the sharded vocab {padded}")
+    return VocabShard(group, size, rank, local_vocab, vocab_size)
+
+
+def check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} is invalid: must be > 0")
+
+
+def row_chunks(rows: Optional[torch.Tensor], num_rows: int, local_vocab: int,
+               chunk_size: Optional[int]) -> Iterator[tuple[slice, Union[slice, torch.Tensor]]]:
+    """Chunks of the selected rows: `(out, src)`, where `out` slices the compact per-selected-row
+    results and `src` indexes the full `[N, ...]` input (`rows[out]`, or `out` when all rows).
+
+    About DEFAULT_CHUNK_ELEMENTS fp32 elements per chunk unless `chunk_size` (rows) is given.
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} is invalid: must be >= 1")
+    step = chunk_size or max(1, DEFAULT_CHUNK_ELEMENTS // max(1, local_vocab))
+    count = num_rows if rows is None else rows.numel()
+    for start in range(0, count, step):
+        out = slice(start, min(start + step, count))
+        yield out, (out if rows is None else rows[out])
+
+
+def source_rows(rows: Optional[torch.Tensor], num_rows: int, device) -> torch.Tensor:
+    return torch.arange(num_rows, device=device) if rows is None else rows
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs (softmax statistics never in half precision), fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def tempered(logits: torch.Tensor, shard: VocabShard, temperature: float) -> torch.Tensor:
+    """`logits / temperature` in the compute dtype, padding ids at -inf (a new chunk-sized tensor)."""
+    x = logits.to(compute_dtype(logits.dtype)) / temperature
+    if shard.valid_local < shard.local_vocab:
+        x[..., shard.valid_local:] = float("-inf")
+    return x
+
+
+def local_max_and_sumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: max over this shard and sum(exp(x - max)); rows of -inf give (-inf, 0)."""
+    row_max = x.amax(dim=-1)
+    safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    return row_max, torch.exp(x - safe_max.unsqueeze(-1)).sum(dim=-1)
+
+
+def combine_logsumexp(shard: VocabShard, row_max: torch.Tensor, sumexp: torch.Tensor,
+                      extra_sum: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Global logsumexp from per-shard (max, sumexp), `[...]` each, in two all-reduces.
+
+    `extra_sum` `[..., k]` rides along in the SUM all-reduce (saves a collective).
+    """
+    global_max = shard.all_reduce(row_max.clone(), dist.ReduceOp.MAX)
+    safe_max = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
+    scaled = sumexp * torch.exp(row_max - safe_max)  # exp(-inf) = 0 for empty shards
+    if extra_sum is None:
+        total = shard.all_reduce(scaled)
+        return safe_max + torch.log(total), None
+    packed = shard.all_reduce(torch.cat([scaled.unsqueeze(-1), extra_sum], dim=-1))
+    return safe_max + torch.log(packed[..., 0]), packed[..., 1:]
+
+
+def logsumexp_rows(logits: torch.Tensor, rows: Optional[torch.Tensor], shard: VocabShard,
+                   temperature: float, chunk_size: Optional[int],
+                   extra_sum: Optional[torch.Tensor] = None):
+    """logsumexp over the full vocab of `logits / temperature` for the selected rows:
+    `[N, V/tp] -> [n]` fp32 (`extra_sum` `[n, k]` is summed across ranks in the same call)."""
+    maxes, sums = [], []
+    for _, src in row_chunks(rows, logits.shape[0], shard.local_vocab, chunk_size):
+        row_max, sumexp = local_max_and_sumexp(tempered(logits[src], shard, temperature))
+        maxes.append(row_max)
+        sums.append(sumexp)
+    empty = logits.new_empty(0, dtype=compute_dtype(logits.dtype))
+    return combine_logsumexp(shard, torch.cat(maxes) if maxes else empty,
+                             torch.cat(sums) if sums else empty, extra_sum)
+
+
+def owned_positions(ids: torch.Tensor, shard: VocabShard) -> tuple[torch.Tensor, torch.Tensor]:
+    """For global `ids`: whether this shard holds each one, and its local index (0 where not)."""
+    local = ids - shard.start
+    owned = (local >= 0) & (local < shard.local_vocab)
+    return owned, torch.where(owned, local, torch.zeros_like(local))
+
+
+def check_ids(ids: torch.Tensor, shard: VocabShard, name: str) -> None:
+    if ids.numel() and (ids.min() < 0 or ids.max() >= shard.vocab_size):
+        raise ValueError(f"{name} contains ids outside [0, {shard.vocab_size}): "
+                         f"min {ids.min().item()}, max {ids.max().item()}")
+
+
+def _outside_ids(probs: torch.Tensor, owned: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """`probs` `[n, V/tp]` with the entries at this shard's ids (`owned`, `local` `[n, K]`) set to 0."""
+    is_id = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
+    row_index = torch.arange(probs.shape[0], device=probs.device).unsqueeze(-1).expand_as(local)
+    is_id[row_index[owned], local[owned]] = True
+    return probs.masked_fill(is_id, 0.0)
+
+
+class ShardedLogProbsAt(torch.autograd.Function):
+    """log softmax(logits / tau) at global ids, for selected rows:
+    `[N, V/tp]`, ids `[n, K]` (distinct per row), rows `[n]` (None: all N) -> `[n, K]`,
+    or `[n, K + 1]` with `with_tail`: the last column is log of the mass outside the ids,
+    summed directly over the other entries (1 - sum_K p loses all precision in fp32
+    when the K ids hold nearly all the mass).
+
+    With `normalized=False` it returns `logits / tau` at the ids (no logsumexp: enough
+    when the caller renormalizes over the K ids). Forward: two all-reduces of
+    `[n, 1 + K]` floats, plus one of `[n]` for the tail. Backward: none (the upstream
+    gradient is the same on every rank, so each rank computes its own shard's
+    gradient locally): d/dx_v = (1[v in ids] g_v + 1[v not in ids] p_v g_tail / tail
+    - p_v (sum_k g_k + g_tail)) / tau; unselected rows get 0.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ids, rows, shard: VocabShard, temperature: float, normalized: bool,
+                with_tail: bool, chunk_size: Optional[int]):
+        if with_tail and not normalized:
+            raise ValueError("with_tail needs normalized log-probabilities")
+        owned, local = owned_positions(ids, shard)
+        src = source_rows(rows, logits.shape[0], logits.device).unsqueeze(-1)
+        dtype = compute_dtype(logits.dtype)
+        picked = torch.where(owned, logits[src, local].to(dtype) / temperature,
+                             torch.zeros((), dtype=dtype, device=logits.device))
+        lse = tail = None
+        if not normalized:
+            result = shard.all_reduce(picked)
+        else:
+            lse, picked = logsumexp_rows(logits, rows, shard, temperature, chunk_size, extra_sum=picked)
+            result = picked - lse.unsqueeze(-1)
+            if with_tail:
+                tail = torch.zeros_like(lse)
+                for out, src_rows in row_chunks(rows, logits.shape[0], shard.local_vocab, chunk_size):
+                    probs = torch.exp(tempered(logits[src_rows], shard, temperature) - lse[out].unsqueeze(-1))
+                    tail[out] = _outside_ids(probs, owned[out], local[out]).sum(-1)
+                tail = shard.all_reduce(tail)
+                result = torch.cat([result, torch.log(tail).unsqueeze(-1)], dim=-1)
+        ctx.save_for_backward(logits, ids, rows, lse, tail)
+        ctx.shard, ctx.temperature, ctx.chunk_size = shard, temperature, chunk_size
+        return result
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, ids, rows, lse, tail = ctx.saved_tensors
+        shard, tau = ctx.shard, ctx.temperature
+        owned, local = owned_positions(ids, shard)
+        grad_out = grad_out.to(compute_dtype(logits.dtype))
+        grad_ids = grad_out[:, :ids.shape[-1]]
+        grad = torch.zeros(logits.shape, dtype=grad_out.dtype, device=logits.device)
+        src = source_rows(rows, logits.shape[0], logits.device).unsqueeze(-1).expand_as(local)
+        grad.index_put_((src, local), torch.where(owned, grad_ids, torch.zeros_like(grad_ids)),
+                        accumulate=True)
+        if lse is not None:
+            total = grad_out.sum(-1)
+            if tail is not None:
+                grad_tail = grad_out[:, -1]
+                tail_scale = torch.where(tail > 0, grad_tail / tail, torch.zeros_like(tail))
+            for out, src_rows in row_chunks(rows, logits.shape[0], shard.local_vocab, ctx.chunk_size):
+                probs = torch.exp(tempered(logits[src_rows], shard, tau) - lse[out].unsqueeze(-1))
+                chunk_grad = -probs * total[out].unsqueeze(-1)
+                if tail is not None:
+                    chunk_grad += _outside_ids(probs, owned[out], local[out]) * tail_scale[out].unsqueeze(-1)
+                grad[src_rows] += chunk_grad
+        grad /= tau
+        return grad.to(logits.dtype), None, None, None, None, None, None, None
+
+
+def flatten_tokens(tensor: torch.Tensor) -> torch.Tensor:
+    """`[..., V]` -> `[N, V]` without copying when possible."""
+    return tensor.reshape(-1, tensor.shape[-1])
+
+
+def vocab_parallel_token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, *,
+                                  temperature: float = 1.0, vocab_size: Optional[int] = None,
+                                  tp_group=None, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """log softmax(logits / temperature)[token_ids] over the sharded vocab: `[..., V/tp]`, `[...]` -> `[...]` fp32.
+
+    Differentiable with respect to `logits`; the same value on every TP rank.
+    """
+    check_temperature(temperature)
+    shard = vocab_shard(logits.shape[-1], vocab_size, tp_group)
+    check_ids(token_ids, shard, "token_ids")
+    flat = ShardedLogProbsAt.apply(flatten_tokens(logits), token_ids.reshape(-1, 1).long(), None,
+                                   shard, float(temperature), True, False, chunk_size)
+    return flat.view(token_ids.shape)
+
+
+def sharded_topk(logits: torch.Tensor, k: int, shard: VocabShard, temperature: float,
+                 chunk_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of `logits / tau` over the whole vocab: `[N, V/tp]` -> values, global ids `[N, k]`.
+
+    Local top-min(k, V/tp) per shard (chunk by chunk), one all-gather each of the
+    `[N, min(k, V/tp) * tp]` values and ids, then top-k of those.
+    """
+    local_k = min(k, shard.local_vocab)
+    values, ids = [], []
+    for _, rows in row_chunks(None, logits.shape[0], shard.local_vocab, chunk_size):
+        chunk_values, chunk_ids = tempered(logits[rows], shard, temperature).topk(local_k, dim=-1)
+        values.append(chunk_values)
+        ids.append(chunk_ids + shard.start)
+    if not values:
+        values = [logits.new_empty(0, local_k, dtype=compute_dtype(logits.dtype))]
+        ids = [torch.empty(0, local_k, dtype=torch.long, device=logits.device)]
+    gathered_values = shard.all_gather_last(torch.cat(values))
+    gathered_ids = shard.all_gather_last(torch.cat(ids))
+    top_values, position = gathered_values.topk(k, dim=-1, sorted=True)
+    return top_values, gathered_ids.gather(-1, position)
