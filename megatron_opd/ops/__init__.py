@@ -1,6 +1,7 @@
 """Vocab-parallel math on tensor-parallel shards of the vocabulary."""
 
 from megatron_opd.ops.divergence import (
+    fused_linear_divergence,
     sparse_teacher_divergence,
     vocab_parallel_divergence,
     vocab_parallel_sample,
@@ -8,6 +9,7 @@ from megatron_opd.ops.divergence import (
 )
 
 __all__ = [
+    "fused_linear_divergence",
     "sparse_teacher_divergence",
     "vocab_parallel_divergence",
     "vocab_parallel_sample",

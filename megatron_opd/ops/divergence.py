@@ -32,11 +32,13 @@ also the entry point for a teacher server's top-K logprobs). Normalizations:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, Optional
 
 import torch
 
+from megatron_opd.ops.logits_source import DenseLogits, LinearLogits
 from megatron_opd.ops.vocab_parallel import (
     ShardedLogProbsAt,
     VocabShard,
@@ -59,6 +61,7 @@ _NORMALIZE = ("renorm", "full", "tail")
 _REDUCTIONS = ("mean", "sum", "none")
 
 __all__ = [
+    "fused_linear_divergence",
     "sparse_teacher_divergence",
     "vocab_parallel_divergence",
     "vocab_parallel_sample",
@@ -136,46 +139,50 @@ def _sum_of_student_logp_grad(divergence: torch.Tensor, kl_terms: torch.Tensor, 
 
 
 class _FullVocabDivergence(torch.autograd.Function):
-    """Per selected token D(P_T, P_S): `[N, V/tp]` x2, rows `[n]` -> `[n]` fp32."""
+    """Per selected token D(P_T, P_S) -> `[n]`, from logits sources (see `logits_source`):
+    the student's built by `make_student(*student_tensors)` (gradients flow to those
+    tensors), the teacher's given as an object (no gradient)."""
 
     @staticmethod
-    def forward(ctx, student, teacher, rows, shard: VocabShard, beta: float, tau: float,
-                chunk_size: Optional[int]):
-        num_rows, local_vocab = student.shape
-        chunks = list(row_chunks(rows, num_rows, local_vocab, chunk_size))
+    def forward(ctx, rows, shard: VocabShard, beta: float, tau: float, chunk_size: Optional[int],
+                teacher, make_student, *student_tensors):
+        student = make_student(*student_tensors)
+        chunks = list(row_chunks(rows, student.num_rows, shard.local_vocab, chunk_size))
         maxes, sums = [], []
         for _, src in chunks:
-            stats = [local_max_and_sumexp(tempered(logits[src], shard, tau)) for logits in (student, teacher)]
+            stats = [local_max_and_sumexp(tempered(source.chunk(src), shard, tau)) for source in (student, teacher)]
             maxes.append(torch.stack([stats[0][0], stats[1][0]], -1))
             sums.append(torch.stack([stats[0][1], stats[1][1]], -1))
-        empty = student.new_empty(0, 2, dtype=compute_dtype(student.dtype))
+        empty = torch.empty(0, 2, dtype=compute_dtype(student.dtype), device=student.device)
         lse, _ = combine_logsumexp(shard, torch.cat(maxes) if maxes else empty,
                                    torch.cat(sums) if sums else empty)  # [n, 2]
         kl_terms = []
         for out, src in chunks:
-            student_logp = tempered(student[src], shard, tau) - lse[out, 0:1]
-            teacher_logp = tempered(teacher[src], shard, tau) - lse[out, 1:2]
+            student_logp = tempered(student.chunk(src), shard, tau) - lse[out, 0:1]
+            teacher_logp = tempered(teacher.chunk(src), shard, tau) - lse[out, 1:2]
             kl_terms.append(mixture_log_ratios(student_logp, teacher_logp, beta))
         kl_terms = shard.all_reduce(torch.cat(kl_terms) if kl_terms else empty)
         divergence = combine_divergence(kl_terms, beta)
-        ctx.save_for_backward(student, teacher, rows, lse, kl_terms, divergence)
+        ctx.save_for_backward(rows, lse, kl_terms, divergence, *student_tensors)
         ctx.shard, ctx.beta, ctx.tau, ctx.chunk_size = shard, beta, tau, chunk_size
+        ctx.teacher, ctx.make_student = teacher, make_student
         return divergence
 
     @staticmethod
     def backward(ctx, grad_divergence):
-        student, teacher, rows, lse, kl_terms, divergence = ctx.saved_tensors
+        rows, lse, kl_terms, divergence, *student_tensors = ctx.saved_tensors
+        student, teacher = ctx.make_student(*student_tensors), ctx.teacher
         shard, beta, tau = ctx.shard, ctx.beta, ctx.tau
-        grad = torch.zeros_like(student)
+        student.start_backward(lse.dtype)
         grad_sum = _sum_of_student_logp_grad(divergence, kl_terms, beta)
         scale = grad_divergence.to(lse.dtype) / tau
-        for out, src in row_chunks(rows, student.shape[0], student.shape[1], ctx.chunk_size):
-            student_logp = tempered(student[src], shard, tau) - lse[out, 0:1]
-            teacher_logp = tempered(teacher[src], shard, tau) - lse[out, 1:2]
+        for out, src in row_chunks(rows, student.num_rows, shard.local_vocab, ctx.chunk_size):
+            student_logp = tempered(student.chunk(src), shard, tau) - lse[out, 0:1]
+            teacher_logp = tempered(teacher.chunk(src), shard, tau) - lse[out, 1:2]
             logp_grad = _student_logp_grad(student_logp, teacher_logp, beta)
             chunk_grad = logp_grad - student_logp.exp() * grad_sum[out].unsqueeze(-1)
-            grad[src] = (chunk_grad * scale[out].unsqueeze(-1)).to(grad.dtype)
-        return grad, None, None, None, None, None, None
+            student.add_chunk_grad(src, chunk_grad * scale[out].unsqueeze(-1))
+        return (None,) * 7 + student.grads()
 
 
 # ----------------------------------------------------------------------------- top-K
@@ -188,22 +195,38 @@ def _with_tail(logp: torch.Tensor) -> torch.Tensor:
     return torch.cat([logp, torch.log(-torch.expm1(mass))], dim=-1)
 
 
-def _sparse_divergence_rows(student_flat, teacher_logp, ids, rows, shard, beta, tau, normalize,
-                            chunk_size) -> torch.Tensor:
-    """Per selected token divergence over the K ids (+ tail): `[n]` (autograd to `student_flat`).
-
-    `teacher_logp` is `[n, K]`, or `[n, K + 1]` with its tail already appended.
-    """
-    student_logp = ShardedLogProbsAt.apply(student_flat, ids, rows, shard, tau, normalize != "renorm",
-                                           normalize == "tail", chunk_size).double()
+def _sparse_divergence(make_student, student_tensors, local_vocab: int, token_shape: torch.Size,
+                       teacher_logp: torch.Tensor, teacher_ids: torch.Tensor, *, beta, temperature,
+                       normalize, vocab_size, mask, reduction, tp_group, chunk_size) -> torch.Tensor:
+    """Divergence over the teacher's K ids (+ tail): `teacher_logp` `[..., K]` or `[..., K + 1]`."""
+    _check_common(beta, temperature, reduction)
+    if normalize not in _NORMALIZE:
+        raise ValueError(f"normalize={normalize!r} is invalid: one of {list(_NORMALIZE)}")
+    num_k = teacher_ids.shape[-1]
+    given_tail = normalize == "tail" and teacher_logp.shape[-1] == num_k + 1
+    if (teacher_ids.shape[:-1] != token_shape or teacher_logp.shape[:-1] != token_shape
+            or teacher_logp.shape[-1] != num_k + given_tail):
+        raise ValueError(f"teacher_topk_logprobs {tuple(teacher_logp.shape)} and teacher_topk_ids "
+                         f"{tuple(teacher_ids.shape)} must both be [..., K] over tokens {tuple(token_shape)}"
+                         " (logprobs may be [..., K + 1] with the tail for normalize='tail')")
+    shard = vocab_shard(local_vocab, vocab_size, tp_group)
+    ids = teacher_ids.reshape(-1, num_k).long()
+    teacher_logp = teacher_logp.detach().reshape(-1, teacher_logp.shape[-1])
+    rows = _selected_rows(mask, token_shape, ids.device)
+    if rows is not None:
+        ids, teacher_logp = ids[rows], teacher_logp[rows]
+    check_ids(ids, shard, "teacher_topk_ids")
+    student_logp = ShardedLogProbsAt.apply(ids, rows, shard, float(temperature), normalize != "renorm",
+                                           normalize == "tail", chunk_size, make_student,
+                                           *student_tensors).double()
     teacher_logp = teacher_logp.double()
     if normalize == "renorm":
         student_logp = torch.log_softmax(student_logp, dim=-1)
         teacher_logp = torch.log_softmax(teacher_logp, dim=-1)
-    elif normalize == "tail" and teacher_logp.shape[-1] == ids.shape[-1]:
+    elif normalize == "tail" and not given_tail:
         teacher_logp = _with_tail(teacher_logp)
-    divergence = combine_divergence(mixture_log_ratios(student_logp, teacher_logp, beta), beta)
-    return divergence.to(compute_dtype(student_flat.dtype))
+    per_row = combine_divergence(mixture_log_ratios(student_logp, teacher_logp, beta), beta)
+    return _reduce(per_row.to(compute_dtype(student_tensors[0].dtype)), rows, token_shape, reduction)
 
 
 # ----------------------------------------------------------------------- public API
@@ -237,6 +260,35 @@ def _reduce(per_row: torch.Tensor, rows: Optional[torch.Tensor], token_shape: to
     return full.index_put((rows,), per_row).view(token_shape)
 
 
+def _divergence(make_student, student_tensors, teacher, token_shape: torch.Size, *, beta, temperature,
+                topk, topk_normalize, vocab_size, mask, reduction, tp_group, chunk_size) -> torch.Tensor:
+    """The shared body of `vocab_parallel_divergence` and `fused_linear_divergence`."""
+    _check_common(beta, temperature, reduction)
+    local_vocab = teacher.local_vocab
+    shard = vocab_shard(local_vocab, vocab_size, tp_group)
+    if topk is not None:
+        if not 1 <= topk <= shard.vocab_size:
+            raise ValueError(f"topk={topk!r} is invalid: must be in [1, vocab_size={shard.vocab_size}]")
+        if topk_normalize not in _NORMALIZE:
+            raise ValueError(f"topk_normalize={topk_normalize!r} is invalid: one of {list(_NORMALIZE)}")
+        with torch.no_grad():
+            teacher_logp, ids = sharded_topk(teacher, topk, shard, float(temperature), chunk_size)
+            # "renorm" needs only the tempered logits: a per-token shift cancels.
+            if topk_normalize != "renorm":
+                teacher_logp = ShardedLogProbsAt.apply(ids, None, shard, float(temperature), True,
+                                                       topk_normalize == "tail", chunk_size,
+                                                       teacher.rebuild(), *teacher.tensors)
+        return _sparse_divergence(
+            make_student, student_tensors, local_vocab, token_shape, teacher_logp.view(*token_shape, -1),
+            ids.view(*token_shape, topk), beta=beta, temperature=temperature, normalize=topk_normalize,
+            vocab_size=shard.vocab_size, mask=mask, reduction=reduction, tp_group=shard.group,
+            chunk_size=chunk_size)
+    rows = _selected_rows(mask, token_shape, teacher.device)
+    per_row = _FullVocabDivergence.apply(rows, shard, float(beta), float(temperature), chunk_size, teacher,
+                                         make_student, *student_tensors)
+    return _reduce(per_row, rows, token_shape, reduction)
+
+
 def sparse_teacher_divergence(
     student_logits: torch.Tensor,
     teacher_topk_logprobs: torch.Tensor,
@@ -262,27 +314,10 @@ def sparse_teacher_divergence(
     returns logprobs at temperature 1 gives exact "renorm" inputs as `logprobs / tau`.
     `temperature` divides the student logits. Gradient flows to `student_logits` only.
     """
-    _check_common(beta, temperature, reduction)
-    if normalize not in _NORMALIZE:
-        raise ValueError(f"normalize={normalize!r} is invalid: one of {list(_NORMALIZE)}")
-    token_shape = student_logits.shape[:-1]
-    num_k = teacher_topk_ids.shape[-1]
-    given_tail = normalize == "tail" and teacher_topk_logprobs.shape[-1] == num_k + 1
-    if (teacher_topk_ids.shape[:-1] != token_shape or teacher_topk_logprobs.shape[:-1] != token_shape
-            or teacher_topk_logprobs.shape[-1] != num_k + given_tail):
-        raise ValueError(f"teacher_topk_logprobs {tuple(teacher_topk_logprobs.shape)} and teacher_topk_ids "
-                         f"{tuple(teacher_topk_ids.shape)} must both be [..., K] over tokens {tuple(token_shape)}"
-                         " (logprobs may be [..., K + 1] with the tail for normalize='tail')")
-    shard = vocab_shard(student_logits.shape[-1], vocab_size, tp_group)
-    ids = teacher_topk_ids.reshape(-1, num_k).long()
-    teacher_logp = teacher_topk_logprobs.reshape(-1, teacher_topk_logprobs.shape[-1])
-    rows = _selected_rows(mask, token_shape, student_logits.device)
-    if rows is not None:
-        ids, teacher_logp = ids[rows], teacher_logp[rows]
-    check_ids(ids, shard, "teacher_topk_ids")
-    per_row = _sparse_divergence_rows(flatten_tokens(student_logits), teacher_logp.detach(), ids, rows,
-                                      shard, beta, float(temperature), normalize, chunk_size)
-    return _reduce(per_row, rows, token_shape, reduction)
+    return _sparse_divergence(
+        DenseLogits, (flatten_tokens(student_logits),), student_logits.shape[-1], student_logits.shape[:-1],
+        teacher_topk_logprobs, teacher_topk_ids, beta=beta, temperature=temperature, normalize=normalize,
+        vocab_size=vocab_size, mask=mask, reduction=reduction, tp_group=tp_group, chunk_size=chunk_size)
 
 
 def vocab_parallel_divergence(
@@ -307,32 +342,52 @@ def vocab_parallel_divergence(
     Megatron's TP group when initialized, else no TP. `chunk_size`: tokens per chunk.
     Gradient flows to `student_logits` only; the value is the same on every TP rank.
     """
-    _check_common(beta, temperature, reduction)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape (pad both vocabs "
                          "to one common size)")
-    token_shape = student_logits.shape[:-1]
-    shard = vocab_shard(student_logits.shape[-1], vocab_size, tp_group)
-    student_flat, teacher_flat = flatten_tokens(student_logits), flatten_tokens(teacher_logits.detach())
-    if topk is not None:
-        if not 1 <= topk <= shard.vocab_size:
-            raise ValueError(f"topk={topk!r} is invalid: must be in [1, vocab_size={shard.vocab_size}]")
-        if topk_normalize not in _NORMALIZE:
-            raise ValueError(f"topk_normalize={topk_normalize!r} is invalid: one of {list(_NORMALIZE)}")
-        teacher_values, ids = sharded_topk(teacher_flat, topk, shard, float(temperature), chunk_size)
-        teacher_logp = teacher_values  # enough for "renorm": a per-token shift cancels
-        if topk_normalize != "renorm":
-            teacher_logp = ShardedLogProbsAt.apply(teacher_flat, ids, None, shard, float(temperature), True,
-                                                   topk_normalize == "tail", chunk_size)
-        return sparse_teacher_divergence(
-            student_logits, teacher_logp.view(*token_shape, -1), ids.view(*token_shape, topk),
-            beta=beta, temperature=temperature, normalize=topk_normalize, vocab_size=shard.vocab_size,
-            mask=mask, reduction=reduction, tp_group=shard.group, chunk_size=chunk_size)
-    rows = _selected_rows(mask, token_shape, student_logits.device)
-    per_row = _FullVocabDivergence.apply(student_flat, teacher_flat, rows, shard, float(beta),
-                                         float(temperature), chunk_size)
-    return _reduce(per_row, rows, token_shape, reduction)
+    return _divergence(
+        DenseLogits, (flatten_tokens(student_logits),), DenseLogits(flatten_tokens(teacher_logits.detach())),
+        student_logits.shape[:-1], beta=beta, temperature=temperature, topk=topk,
+        topk_normalize=topk_normalize, vocab_size=vocab_size, mask=mask, reduction=reduction,
+        tp_group=tp_group, chunk_size=chunk_size)
+
+
+def fused_linear_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    topk: Optional[int] = None,
+    topk_normalize: TopKNormalize = "renorm",
+    vocab_size: Optional[int] = None,
+    mask: Optional[torch.Tensor] = None,
+    reduction: Reduction = "mean",
+    tp_group=None,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """`vocab_parallel_divergence(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T)`
+    without ever holding the `[N, V/tp]` logits for all N.
+
+    Hidden states `[N, H]` (teacher and student may differ in H), LM-head shards
+    `[V/tp, H]` (row-sharded as Megatron's output layer). Logits are computed chunk by
+    chunk, again in the backward, which returns gradients for `student_hidden` and
+    `student_weight`. With sequence parallelism, gather the hidden states along the
+    sequence first, as Megatron's output layer does.
+    """
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1] or student_weight.shape[0] != teacher_weight.shape[0]:
+        raise ValueError(f"student hidden {tuple(student_hidden.shape)} / head {tuple(student_weight.shape)} and "
+                         f"teacher hidden {tuple(teacher_hidden.shape)} / head {tuple(teacher_weight.shape)} "
+                         "must have the same tokens and the same vocab shard size")
+    teacher = LinearLogits(flatten_tokens(teacher_hidden.detach()), teacher_weight.detach(), chunk_size)
+    return _divergence(
+        functools.partial(LinearLogits, chunk_rows=chunk_size), (flatten_tokens(student_hidden), student_weight),
+        teacher, student_hidden.shape[:-1],
+        beta=beta, temperature=temperature, topk=topk, topk_normalize=topk_normalize, vocab_size=vocab_size,
+        mask=mask, reduction=reduction, tp_group=tp_group, chunk_size=chunk_size)
 
 
 # -------------------------------------------------------------------------- sampling
@@ -365,7 +420,7 @@ def vocab_parallel_sample(
     if top_k is not None:
         if not 1 <= top_k <= shard.vocab_size:
             raise ValueError(f"top_k={top_k!r} is invalid: must be in [1, vocab_size={shard.vocab_size}]")
-        kth_value = sharded_topk(flatten_tokens(logits), top_k, shard, temperature or 1.0)[0][:, -1:]
+        kth_value = sharded_topk(DenseLogits(flatten_tokens(logits)), top_k, shard, temperature or 1.0)[0][:, -1:]
         scores = scores.masked_fill(scores < kth_value, float("-inf"))
     if temperature > 0:
         uniform = torch.rand(scores.shape[0], shard.padded_vocab, generator=generator,

@@ -17,8 +17,8 @@ from typing import Iterator, Optional, Union
 import torch
 import torch.distributed as dist
 
-# Elements of one fp32 chunk `[rows, V/tp]`: 4M floats = 16 MiB per temporary.
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+from megatron_opd.ops.logits_source import DEFAULT_CHUNK_ELEMENTS, DenseLogits
+
 
 
 @dataclass(frozen=True)
@@ -142,17 +142,17 @@ def combine_logsumexp(shard: VocabShard, row_max: torch.Tensor, sumexp: torch.Te
     return safe_max + torch.log(packed[..., 0]), packed[..., 1:]
 
 
-def logsumexp_rows(logits: torch.Tensor, rows: Optional[torch.Tensor], shard: VocabShard,
+def logsumexp_rows(source, rows: Optional[torch.Tensor], shard: VocabShard,
                    temperature: float, chunk_size: Optional[int],
                    extra_sum: Optional[torch.Tensor] = None):
-    """logsumexp over the full vocab of `logits / temperature` for the selected rows:
-    `[N, V/tp] -> [n]` fp32 (`extra_sum` `[n, k]` is summed across ranks in the same call)."""
+    """logsumexp over the full vocab of `logits / temperature` for the selected rows of a
+    logits source: `[n]` (`extra_sum` `[n, k]` is summed across ranks in the same call)."""
     maxes, sums = [], []
-    for _, src in row_chunks(rows, logits.shape[0], shard.local_vocab, chunk_size):
-        row_max, sumexp = local_max_and_sumexp(tempered(logits[src], shard, temperature))
+    for _, src in row_chunks(rows, source.num_rows, shard.local_vocab, chunk_size):
+        row_max, sumexp = local_max_and_sumexp(tempered(source.chunk(src), shard, temperature))
         maxes.append(row_max)
         sums.append(sumexp)
-    empty = logits.new_empty(0, dtype=compute_dtype(logits.dtype))
+    empty = torch.empty(0, dtype=compute_dtype(source.dtype), device=source.device)
     return combine_logsumexp(shard, torch.cat(maxes) if maxes else empty,
                              torch.cat(sums) if sums else empty, extra_sum)
 
@@ -179,11 +179,11 @@ def _outside_ids(probs: torch.Tensor, owned: torch.Tensor, local: torch.Tensor) 
 
 
 class ShardedLogProbsAt(torch.autograd.Function):
-    """log softmax(logits / tau) at global ids, for selected rows:
-    `[N, V/tp]`, ids `[n, K]` (distinct per row), rows `[n]` (None: all N) -> `[n, K]`,
-    or `[n, K + 1]` with `with_tail`: the last column is log of the mass outside the ids,
-    summed directly over the other entries (1 - sum_K p loses all precision in fp32
-    when the K ids hold nearly all the mass).
+    """log softmax(logits / tau) at global ids, for selected rows of a logits source
+    (`make_source(*tensors)`, see `logits_source`): ids `[n, K]` (distinct per row),
+    rows `[n]` (None: all N) -> `[n, K]`, or `[n, K + 1]` with `with_tail`: the last
+    column is log of the mass outside the ids, summed directly over the other entries
+    (1 - sum_K p loses all precision in fp32 when the K ids hold nearly all the mass).
 
     With `normalized=False` it returns `logits / tau` at the ids (no logsumexp: enough
     when the caller renormalizes over the K ids). Forward: two all-reduces of
@@ -194,56 +194,57 @@ class ShardedLogProbsAt(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ids, rows, shard: VocabShard, temperature: float, normalized: bool,
-                with_tail: bool, chunk_size: Optional[int]):
+    def forward(ctx, ids, rows, shard: VocabShard, temperature: float, normalized: bool,
+                with_tail: bool, chunk_size: Optional[int], make_source, *tensors):
         if with_tail and not normalized:
             raise ValueError("with_tail needs normalized log-probabilities")
+        source = make_source(*tensors)
         owned, local = owned_positions(ids, shard)
-        src = source_rows(rows, logits.shape[0], logits.device).unsqueeze(-1)
-        dtype = compute_dtype(logits.dtype)
-        picked = torch.where(owned, logits[src, local].to(dtype) / temperature,
-                             torch.zeros((), dtype=dtype, device=logits.device))
+        src = source_rows(rows, source.num_rows, source.device).unsqueeze(-1)
+        dtype = compute_dtype(source.dtype)
+        picked = torch.where(owned, source.at(src, local).to(dtype) / temperature,
+                             torch.zeros((), dtype=dtype, device=source.device))
         lse = tail = None
         if not normalized:
             result = shard.all_reduce(picked)
         else:
-            lse, picked = logsumexp_rows(logits, rows, shard, temperature, chunk_size, extra_sum=picked)
+            lse, picked = logsumexp_rows(source, rows, shard, temperature, chunk_size, extra_sum=picked)
             result = picked - lse.unsqueeze(-1)
             if with_tail:
                 tail = torch.zeros_like(lse)
-                for out, src_rows in row_chunks(rows, logits.shape[0], shard.local_vocab, chunk_size):
-                    probs = torch.exp(tempered(logits[src_rows], shard, temperature) - lse[out].unsqueeze(-1))
+                for out, src_rows in row_chunks(rows, source.num_rows, shard.local_vocab, chunk_size):
+                    probs = torch.exp(tempered(source.chunk(src_rows), shard, temperature) - lse[out].unsqueeze(-1))
                     tail[out] = _outside_ids(probs, owned[out], local[out]).sum(-1)
                 tail = shard.all_reduce(tail)
                 result = torch.cat([result, torch.log(tail).unsqueeze(-1)], dim=-1)
-        ctx.save_for_backward(logits, ids, rows, lse, tail)
-        ctx.shard, ctx.temperature, ctx.chunk_size = shard, temperature, chunk_size
+        ctx.save_for_backward(ids, rows, lse, tail, *tensors)
+        ctx.shard, ctx.temperature, ctx.chunk_size, ctx.make_source = shard, temperature, chunk_size, make_source
         return result
 
     @staticmethod
     def backward(ctx, grad_out):
-        logits, ids, rows, lse, tail = ctx.saved_tensors
+        ids, rows, lse, tail, *tensors = ctx.saved_tensors
+        source = ctx.make_source(*tensors)
         shard, tau = ctx.shard, ctx.temperature
         owned, local = owned_positions(ids, shard)
-        grad_out = grad_out.to(compute_dtype(logits.dtype))
-        grad_ids = grad_out[:, :ids.shape[-1]]
-        grad = torch.zeros(logits.shape, dtype=grad_out.dtype, device=logits.device)
-        src = source_rows(rows, logits.shape[0], logits.device).unsqueeze(-1).expand_as(local)
-        grad.index_put_((src, local), torch.where(owned, grad_ids, torch.zeros_like(grad_ids)),
-                        accumulate=True)
-        if lse is not None:
-            total = grad_out.sum(-1)
-            if tail is not None:
-                grad_tail = grad_out[:, -1]
-                tail_scale = torch.where(tail > 0, grad_tail / tail, torch.zeros_like(tail))
-            for out, src_rows in row_chunks(rows, logits.shape[0], shard.local_vocab, ctx.chunk_size):
-                probs = torch.exp(tempered(logits[src_rows], shard, tau) - lse[out].unsqueeze(-1))
+        grad_out = grad_out.to(compute_dtype(source.dtype)) / tau
+        grad_ids = torch.where(owned, grad_out[:, :ids.shape[-1]], torch.zeros_like(local, dtype=grad_out.dtype))
+        total = grad_out.sum(-1)
+        if tail is not None:
+            tail_scale = torch.where(tail > 0, grad_out[:, -1] / tail, torch.zeros_like(tail))
+        source.start_backward(grad_out.dtype)
+        for out, src_rows in row_chunks(rows, source.num_rows, shard.local_vocab, ctx.chunk_size):
+            if lse is None:
+                chunk_grad = torch.zeros(out.stop - out.start, shard.local_vocab, dtype=grad_out.dtype,
+                                         device=source.device)
+            else:
+                probs = torch.exp(tempered(source.chunk(src_rows), shard, tau) - lse[out].unsqueeze(-1))
                 chunk_grad = -probs * total[out].unsqueeze(-1)
                 if tail is not None:
                     chunk_grad += _outside_ids(probs, owned[out], local[out]) * tail_scale[out].unsqueeze(-1)
-                grad[src_rows] += chunk_grad
-        grad /= tau
-        return grad.to(logits.dtype), None, None, None, None, None, None, None
+            chunk_grad.scatter_add_(-1, local[out], grad_ids[out])
+            source.add_chunk_grad(src_rows, chunk_grad)
+        return (None,) * 8 + source.grads()
 
 
 def flatten_tokens(tensor: torch.Tensor) -> torch.Tensor:
@@ -261,27 +262,28 @@ def vocab_parallel_token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
     check_temperature(temperature)
     shard = vocab_shard(logits.shape[-1], vocab_size, tp_group)
     check_ids(token_ids, shard, "token_ids")
-    flat = ShardedLogProbsAt.apply(flatten_tokens(logits), token_ids.reshape(-1, 1).long(), None,
-                                   shard, float(temperature), True, False, chunk_size)
+    flat = ShardedLogProbsAt.apply(token_ids.reshape(-1, 1).long(), None, shard, float(temperature),
+                                   True, False, chunk_size, DenseLogits, flatten_tokens(logits))
     return flat.view(token_ids.shape)
 
 
-def sharded_topk(logits: torch.Tensor, k: int, shard: VocabShard, temperature: float,
+def sharded_topk(source, k: int, shard: VocabShard, temperature: float,
                  chunk_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest of `logits / tau` over the whole vocab: `[N, V/tp]` -> values, global ids `[N, k]`.
+    """The k largest of `logits / tau` over the whole vocab, for every row of a logits
+    source: values and global ids `[N, k]`.
 
     Local top-min(k, V/tp) per shard (chunk by chunk), one all-gather each of the
     `[N, min(k, V/tp) * tp]` values and ids, then top-k of those.
     """
     local_k = min(k, shard.local_vocab)
     values, ids = [], []
-    for _, rows in row_chunks(None, logits.shape[0], shard.local_vocab, chunk_size):
-        chunk_values, chunk_ids = tempered(logits[rows], shard, temperature).topk(local_k, dim=-1)
+    for _, rows in row_chunks(None, source.num_rows, shard.local_vocab, chunk_size):
+        chunk_values, chunk_ids = tempered(source.chunk(rows), shard, temperature).topk(local_k, dim=-1)
         values.append(chunk_values)
         ids.append(chunk_ids + shard.start)
     if not values:
-        values = [logits.new_empty(0, local_k, dtype=compute_dtype(logits.dtype))]
-        ids = [torch.empty(0, local_k, dtype=torch.long, device=logits.device)]
+        values = [torch.empty(0, local_k, dtype=compute_dtype(source.dtype), device=source.device)]
+        ids = [torch.empty(0, local_k, dtype=torch.long, device=source.device)]
     gathered_values = shard.all_gather_last(torch.cat(values))
     gathered_ids = shard.all_gather_last(torch.cat(ids))
     top_values, position = gathered_values.topk(k, dim=-1, sorted=True)

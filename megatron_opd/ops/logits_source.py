@@ -1,0 +1,99 @@
+"""Where the vocab-parallel kernels read logits from: a tensor, or an LM head applied on the fly.
+
+The kernels only ever touch logits one row chunk at a time (`chunk(rows)`) or at a
+few ids per row (`at(rows, local_ids)`), and hand back gradients one row chunk at a
+time (`add_chunk_grad`). `DenseLogits` reads a materialized `[N, V/tp]`
+tensor. `LinearLogits` computes `hidden[rows] @ weight.T` for each chunk, so the
+fused path never holds `[N, V/tp]` for all N, and turns logit gradients into
+gradients of the hidden states and the LM-head weight (cf. Liger's fused linear
+JSD).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Union
+
+import torch
+
+# Elements of one fp32 logits chunk `[rows, V/tp]`: 4M floats = 16 MiB per temporary.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+Rows = Union[slice, torch.Tensor]
+
+
+class DenseLogits:
+    """Logits given as a tensor `[N, V/tp]`."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+        self.tensors = (logits,)
+        self.num_rows, self.local_vocab = logits.shape
+        self.dtype = logits.dtype
+        self.device = logits.device
+        self.grad = None
+
+    def rebuild(self):
+        """A constructor that turns `self.tensors` back into an equivalent source."""
+        return DenseLogits
+
+    def chunk(self, rows: Rows) -> torch.Tensor:
+        return self.logits[rows]
+
+    def at(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        """`rows` `[n, 1]`, `local_ids` `[n, K]` -> `[n, K]`."""
+        return self.logits[rows, local_ids]
+
+    def start_backward(self, dtype: torch.dtype) -> None:
+        self.grad = torch.zeros(self.logits.shape, dtype=dtype, device=self.device)
+
+    def add_chunk_grad(self, rows: Rows, grad: torch.Tensor) -> None:
+        self.grad[rows] += grad
+
+    def grads(self) -> tuple[torch.Tensor]:
+        return (self.grad.to(self.dtype),)
+
+
+class LinearLogits:
+    """Logits `hidden @ weight.T` from hidden states `[N, H]` and an LM-head shard `[V/tp, H]`.
+
+    `chunk_rows` bounds the rows of every logits block it computes, lookups included.
+    """
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, chunk_rows: Optional[int] = None):
+        if hidden.shape[-1] != weight.shape[-1]:
+            raise ValueError(f"hidden {tuple(hidden.shape)} and LM-head weight {tuple(weight.shape)} "
+                             "must share the hidden size")
+        self.hidden, self.weight = hidden, weight
+        self.tensors = (hidden, weight)
+        self.num_rows, self.local_vocab = hidden.shape[0], weight.shape[0]
+        self.chunk_rows = chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // max(1, self.local_vocab))
+        self.dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        self.device = hidden.device
+        self.grad_hidden = self.grad_weight = None
+
+    def rebuild(self):
+        """A constructor that turns `self.tensors` back into an equivalent source."""
+        return functools.partial(LinearLogits, chunk_rows=self.chunk_rows)
+
+    def chunk(self, rows: Rows) -> torch.Tensor:
+        return self.hidden[rows] @ self.weight.T
+
+    def at(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        """Through chunked logits blocks: gathering K head rows per token would cost `[n, K, H]`."""
+        row_index = rows.reshape(-1)
+        parts = [self.chunk(row_index[start:start + self.chunk_rows]).gather(-1, local_ids[start:start + self.chunk_rows])
+                 for start in range(0, row_index.numel(), self.chunk_rows)]
+        return torch.cat(parts) if parts else local_ids.new_empty(local_ids.shape, dtype=self.dtype)
+
+    def start_backward(self, dtype: torch.dtype) -> None:
+        self.grad_hidden = torch.zeros(self.hidden.shape, dtype=dtype, device=self.device)
+        self.grad_weight = torch.zeros(self.weight.shape, dtype=dtype, device=self.device)
+
+    def add_chunk_grad(self, rows: Rows, grad: torch.Tensor) -> None:
+        """`grad` `[rows, V/tp]`: the gradient of this chunk's logits."""
+        self.grad_hidden[rows] += grad @ self.weight.to(grad.dtype)
+        self.grad_weight += grad.T @ self.hidden[rows].to(grad.dtype)
+
+    def grads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.grad_hidden.to(self.hidden.dtype), self.grad_weight.to(self.weight.dtype)
