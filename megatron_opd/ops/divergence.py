@@ -40,6 +40,7 @@ import torch
 
 from megatron_opd.ops.logits_source import DenseLogits, LinearLogits
 from megatron_opd.ops.vocab_parallel import (
+    NEG_INF,
     ShardedLogProbsAt,
     VocabShard,
     check_ids,
@@ -73,12 +74,9 @@ __all__ = [
 
 
 def _weighted_log_ratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """sum_v p_v (log p_v - log q_v) over the last dim, with 0 log 0 = 0 (gradient-safe)."""
-    present = logp > float("-inf")
-    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-    safe_logp = torch.where(present, logp, zero)
-    safe_logq = torch.where(present, logq, zero)
-    return torch.where(present, safe_logp.exp() * (safe_logp - safe_logq), zero).sum(-1)
+    """sum_v p_v (log p_v - log q_v) over the last dim. Inputs are finite (-inf is
+    NEG_INF, see `vocab_parallel.tempered`), so p = 0 contributes exactly 0."""
+    return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def _log_mixture(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
@@ -116,13 +114,10 @@ def _student_logp_grad(student_logp: torch.Tensor, teacher_logp: torch.Tensor, b
     """a = dD / dlog p_S, entrywise (p_S, p_T as functions of their log-probs)."""
     if beta == 0.0:
         return -teacher_logp.exp()
-    student_p = student_logp.exp()
-    present = student_p > 0
-    log_m = _log_mixture(student_logp, teacher_logp, beta)
-    log_ratio = torch.where(present, student_logp - log_m, torch.zeros_like(student_logp))
+    log_ratio = student_logp - _log_mixture(student_logp, teacher_logp, beta)
     if beta == 1.0:
-        return student_p * (log_ratio + 1.0)
-    return (1.0 - beta) * student_p * log_ratio
+        return student_logp.exp() * (log_ratio + 1.0)
+    return (1.0 - beta) * student_logp.exp() * log_ratio
 
 
 def _sum_of_student_logp_grad(divergence: torch.Tensor, kl_terms: torch.Tensor, beta: float
@@ -192,7 +187,7 @@ def _with_tail(logp: torch.Tensor) -> torch.Tensor:
     """Append log(1 - sum exp(logp)) as outcome K + 1, for a teacher known only at K ids
     (float64, clamped away from log 0)."""
     mass = torch.logsumexp(logp, dim=-1, keepdim=True).clamp(max=-1e-12)
-    return torch.cat([logp, torch.log(-torch.expm1(mass))], dim=-1)
+    return torch.cat([logp, torch.log(-torch.expm1(mass)).clamp(min=NEG_INF)], dim=-1)
 
 
 def _sparse_divergence(make_student, student_tensors, local_vocab: int, token_shape: torch.Size,
@@ -219,7 +214,7 @@ def _sparse_divergence(make_student, student_tensors, local_vocab: int, token_sh
     student_logp = ShardedLogProbsAt.apply(ids, rows, shard, float(temperature), normalize != "renorm",
                                            normalize == "tail", chunk_size, make_student,
                                            *student_tensors).double()
-    teacher_logp = teacher_logp.double()
+    teacher_logp = teacher_logp.double().clamp(min=NEG_INF)
     if normalize == "renorm":
         student_logp = torch.log_softmax(student_logp, dim=-1)
         teacher_logp = torch.log_softmax(teacher_logp, dim=-1)

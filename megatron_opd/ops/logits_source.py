@@ -16,8 +16,9 @@ from typing import Optional, Union
 
 import torch
 
-# Elements of one fp32 logits chunk `[rows, V/tp]`: 4M floats = 16 MiB per temporary.
-DEFAULT_CHUNK_ELEMENTS = 1 << 22
+# Elements of one fp32 logits chunk `[rows, V/tp]`: 1M floats = 4 MiB per temporary (the
+# forward and backward keep about twenty such temporaries alive at once).
+DEFAULT_CHUNK_ELEMENTS = 1 << 20
 
 Rows = Union[slice, torch.Tensor]
 

@@ -111,11 +111,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The stand-in for -inf: exp() of it is exactly 0, and p * (log p - log q) with p = 0 is
+# 0 without the guards (torch.where, several times the cost of an exp) that -inf needs.
+# A token one model rules out and the other gives mass then has a huge, finite cost.
+NEG_INF = -1e30
+
+
 def tempered(logits: torch.Tensor, shard: VocabShard, temperature: float) -> torch.Tensor:
-    """`logits / temperature` in the compute dtype, padding ids at -inf (a new chunk-sized tensor)."""
-    x = logits.to(compute_dtype(logits.dtype)) / temperature
+    """`logits / temperature` in the compute dtype, -inf and padding ids at NEG_INF
+    (a new chunk-sized tensor)."""
+    x = (logits.to(compute_dtype(logits.dtype)) / temperature).clamp_(min=NEG_INF)
     if shard.valid_local < shard.local_vocab:
-        x[..., shard.valid_local:] = float("-inf")
+        x[..., shard.valid_local:] = NEG_INF
     return x
 
 
@@ -202,7 +209,7 @@ class ShardedLogProbsAt(torch.autograd.Function):
         owned, local = owned_positions(ids, shard)
         src = source_rows(rows, source.num_rows, source.device).unsqueeze(-1)
         dtype = compute_dtype(source.dtype)
-        picked = torch.where(owned, source.at(src, local).to(dtype) / temperature,
+        picked = torch.where(owned, (source.at(src, local).to(dtype) / temperature).clamp(min=NEG_INF),
                              torch.zeros((), dtype=dtype, device=source.device))
         lse = tail = None
         if not normalized:
