@@ -55,3 +55,44 @@ def test_timeout_dumps_the_stacks_of_hung_ranks():
 def test_world_size_is_checked():
     with pytest.raises(ValueError, match="world_size=0"):
         run_distributed(sum_of_ranks, 0)
+
+
+def write_pid_and_sleep(path: str) -> None:
+    import os
+
+    with open(path, "w") as handle:
+        handle.write(str(os.getpid()))
+    sleeps_forever()
+
+
+def test_ranks_end_when_the_caller_is_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    pid_file = tmp_path / "rank.pid"
+    caller = subprocess.Popen(
+        [sys.executable, "-c",
+         "from megatron_opd.testing import run_distributed\n"
+         "from tests.test_harness import write_pid_and_sleep\n"
+         f"run_distributed(write_pid_and_sleep, 1, {str(pid_file)!r}, timeout=120)\n"],
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline and caller.poll() is None, "the rank never started"
+        time.sleep(0.1)
+    rank_pid = int(pid_file.read_text())
+    caller.send_signal(signal.SIGKILL)
+    caller.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:  # gone, or a zombie nobody has reaped yet (state Z)
+            state = open(f"/proc/{rank_pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        if state == "Z":
+            return
+        time.sleep(0.2)
+    os.kill(rank_pid, signal.SIGKILL)
+    raise AssertionError("the rank outlived its caller")

@@ -19,6 +19,7 @@ import torch
 # Elements of one fp32 logits chunk `[rows, V/tp]`: 1M floats = 4 MiB per temporary (the
 # forward and backward keep about twenty such temporaries alive at once).
 DEFAULT_CHUNK_ELEMENTS = 1 << 20
+MIN_LINEAR_CHUNK_ROWS = 64
 
 Rows = Union[slice, torch.Tensor]
 
@@ -68,7 +69,9 @@ class LinearLogits:
         self.hidden, self.weight = hidden, weight
         self.tensors = (hidden, weight)
         self.num_rows, self.local_vocab = hidden.shape[0], weight.shape[0]
-        self.chunk_rows = chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // max(1, self.local_vocab))
+        # At least MIN_LINEAR_CHUNK_ROWS rows: each chunk reads the whole head shard, so
+        # thin chunks make the matmul bound by memory bandwidth.
+        self.chunk_rows = chunk_rows or max(MIN_LINEAR_CHUNK_ROWS, DEFAULT_CHUNK_ELEMENTS // max(1, self.local_vocab))
         self.dtype = torch.promote_types(hidden.dtype, weight.dtype)
         self.device = hidden.device
         self.grad_hidden = self.grad_weight = None

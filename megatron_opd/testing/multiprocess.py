@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -55,9 +56,24 @@ def _context() -> multiprocessing.context.BaseContext:
     return context
 
 
+def _exit_when_caller_dies(caller_pid: int) -> None:
+    """Ranks are children of the forkserver, not of the caller: end with the caller."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(caller_pid, 0)
+            except ProcessLookupError:
+                os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="caller-watchdog").start()
+
+
 def _rank_main(
     fn: Callable, args: tuple, kwargs: dict, rank: int, env: dict[str, str], out_dir: str
 ) -> None:
+    _exit_when_caller_dies(int(env["MEGATRON_OPD_CALLER_PID"]))
     os.environ.update(env)
     os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(rank)
     out = Path(out_dir)
@@ -105,6 +121,7 @@ def run_distributed(
         "LOCAL_WORLD_SIZE": str(world_size),
         "GLOO_SOCKET_IFNAME": "lo",
         "MEGATRON_OPD_DEVICE": "cpu",
+        "MEGATRON_OPD_CALLER_PID": str(os.getpid()),
         "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world_size)),
         **(env or {}),
     }
