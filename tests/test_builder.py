@@ -1,9 +1,8 @@
 """build_gpt_model: roles, layer-spec choice, vocab padding, refusals."""
 
 import pytest
-import torch
 
-from megatron_opd.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_opd.config import ModelConfig, ParallelConfig
 from megatron_opd.models.layer_specs import resolve_transformer_impl
 from megatron_opd.testing import DistributedTestError, run_distributed
 from tests.tiny_models import GQA_QKNORM

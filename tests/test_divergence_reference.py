@@ -5,7 +5,6 @@ distributions over the true vocab and evaluates the textbook formulas; gradients
 come from autograd through it. Nothing of the kernel is reused.
 """
 
-import math
 
 import pytest
 import torch

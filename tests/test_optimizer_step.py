@@ -13,7 +13,7 @@ import torch
 from megatron_opd.config import ParallelConfig
 from megatron_opd.testing import run_distributed
 from tests.dense_reference import dense_loss_and_grads
-from tests.tiny_models import TIED, merge_ranks, reference_state_dict, scaled_diff, token_batches, train_step_on_rank
+from tests.tiny_models import TIED, reference_state_dict, scaled_diff, token_batches, train_step_on_rank
 
 LR, CLIP = 0.5, 0.25
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from megatron_opd.config import ConfigError, ParallelConfig
+from megatron_opd.config import ParallelConfig
 from megatron_opd.runtime import resolve_device
 from megatron_opd.testing import DistributedTestError, run_distributed
 
