@@ -46,6 +46,7 @@ from megatron_opd.ops.vocab_parallel import (
     check_ids,
     check_temperature,
     combine_logsumexp,
+    log_softmax_with,
     compute_dtype,
     flatten_tokens,
     local_max_and_sumexp,
@@ -149,31 +150,32 @@ class _FullVocabDivergence(torch.autograd.Function):
             maxes.append(torch.stack([stats[0][0], stats[1][0]], -1))
             sums.append(torch.stack([stats[0][1], stats[1][1]], -1))
         empty = torch.empty(0, 2, dtype=compute_dtype(student.dtype), device=student.device)
-        lse, _ = combine_logsumexp(shard, torch.cat(maxes) if maxes else empty,
-                                   torch.cat(sums) if sums else empty)  # [n, 2]
+        (shift, log_total), _ = combine_logsumexp(shard, torch.cat(maxes) if maxes else empty,
+                                                  torch.cat(sums) if sums else empty)  # [n, 2] each
         kl_terms = []
         for out, src in chunks:
-            student_logp = tempered(student.chunk(src), shard, tau) - lse[out, 0:1]
-            teacher_logp = tempered(teacher.chunk(src), shard, tau) - lse[out, 1:2]
+            student_logp = log_softmax_with(tempered(student.chunk(src), shard, tau), shift[out, 0], log_total[out, 0])
+            teacher_logp = log_softmax_with(tempered(teacher.chunk(src), shard, tau), shift[out, 1], log_total[out, 1])
             kl_terms.append(mixture_log_ratios(student_logp, teacher_logp, beta))
         kl_terms = shard.all_reduce(torch.cat(kl_terms) if kl_terms else empty)
         divergence = combine_divergence(kl_terms, beta)
-        ctx.save_for_backward(rows, lse, kl_terms, divergence, *student_tensors)
+        ctx.save_for_backward(rows, shift, log_total, kl_terms, divergence, *student_tensors)
         ctx.shard, ctx.beta, ctx.tau, ctx.chunk_size = shard, beta, tau, chunk_size
         ctx.teacher, ctx.make_student = teacher, make_student
-        return divergence
+        # A true divergence: rounding must not make it negative (identical models give ~-1e-8).
+        return divergence.clamp(min=0.0)
 
     @staticmethod
     def backward(ctx, grad_divergence):
-        rows, lse, kl_terms, divergence, *student_tensors = ctx.saved_tensors
+        rows, shift, log_total, kl_terms, divergence, *student_tensors = ctx.saved_tensors
         student, teacher = ctx.make_student(*student_tensors), ctx.teacher
         shard, beta, tau = ctx.shard, ctx.beta, ctx.tau
-        student.start_backward(lse.dtype)
+        student.start_backward(shift.dtype)
         grad_sum = _sum_of_student_logp_grad(divergence, kl_terms, beta)
-        scale = grad_divergence.to(lse.dtype) / tau
+        scale = grad_divergence.to(shift.dtype) / tau
         for out, src in row_chunks(rows, student.num_rows, shard.local_vocab, ctx.chunk_size):
-            student_logp = tempered(student.chunk(src), shard, tau) - lse[out, 0:1]
-            teacher_logp = tempered(teacher.chunk(src), shard, tau) - lse[out, 1:2]
+            student_logp = log_softmax_with(tempered(student.chunk(src), shard, tau), shift[out, 0], log_total[out, 0])
+            teacher_logp = log_softmax_with(tempered(teacher.chunk(src), shard, tau), shift[out, 1], log_total[out, 1])
             logp_grad = _student_logp_grad(student_logp, teacher_logp, beta)
             chunk_grad = logp_grad - student_logp.exp() * grad_sum[out].unsqueeze(-1)
             student.add_chunk_grad(src, chunk_grad * scale[out].unsqueeze(-1))
@@ -221,6 +223,8 @@ def _sparse_divergence(make_student, student_tensors, local_vocab: int, token_sh
     elif normalize == "tail" and not given_tail:
         teacher_logp = _with_tail(teacher_logp)
     per_row = combine_divergence(mixture_log_ratios(student_logp, teacher_logp, beta), beta)
+    if normalize != "full":  # a true divergence there; "full" may legitimately be negative
+        per_row = per_row.clamp(min=0.0)
     return _reduce(per_row.to(compute_dtype(student_tensors[0].dtype)), rows, token_shape, reduction)
 
 

@@ -127,26 +127,31 @@ def tempered(logits: torch.Tensor, shard: VocabShard, temperature: float) -> tor
 
 
 def local_max_and_sumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: max over this shard and sum(exp(x - max)); rows of -inf give (-inf, 0)."""
+    """Per row: max over this shard and sum(exp(x - max)) (x is finite, see `tempered`)."""
     row_max = x.amax(dim=-1)
-    safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    return row_max, torch.exp(x - safe_max.unsqueeze(-1)).sum(dim=-1)
+    return row_max, torch.exp(x - row_max.unsqueeze(-1)).sum(dim=-1)
 
 
 def combine_logsumexp(shard: VocabShard, row_max: torch.Tensor, sumexp: torch.Tensor,
-                      extra_sum: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Global logsumexp from per-shard (max, sumexp), `[...]` each, in two all-reduces.
+                      extra_sum: Optional[torch.Tensor] = None):
+    """Global log-normalizer from per-shard (max, sumexp), `[...]` each, in two all-reduces.
 
-    `extra_sum` `[..., k]` rides along in the SUM all-reduce (saves a collective).
+    Returns `(shift, log_total)` with logsumexp = shift + log_total, kept apart: log p
+    is `(x - shift) - log_total`, never `x - (shift + log_total)`, which would round the
+    logsumexp at the magnitude of the logits (ulp 0.002 at 2e4). `extra_sum` `[..., k]`
+    rides along in the SUM all-reduce (saves a collective) and is returned second.
     """
-    global_max = shard.all_reduce(row_max.clone(), dist.ReduceOp.MAX)
-    safe_max = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
-    scaled = sumexp * torch.exp(row_max - safe_max)  # exp(-inf) = 0 for empty shards
+    shift = shard.all_reduce(row_max.clone(), dist.ReduceOp.MAX)
+    scaled = sumexp * torch.exp(row_max - shift)
     if extra_sum is None:
-        total = shard.all_reduce(scaled)
-        return safe_max + torch.log(total), None
+        return (shift, torch.log(shard.all_reduce(scaled))), None
     packed = shard.all_reduce(torch.cat([scaled.unsqueeze(-1), extra_sum], dim=-1))
-    return safe_max + torch.log(packed[..., 0]), packed[..., 1:]
+    return (shift, torch.log(packed[..., 0])), packed[..., 1:]
+
+
+def log_softmax_with(x: torch.Tensor, shift: torch.Tensor, log_total: torch.Tensor) -> torch.Tensor:
+    """log p for logits `x` `[..., v]` under the normalizer `(shift, log_total)` `[...]`."""
+    return (x - shift.unsqueeze(-1)) - log_total.unsqueeze(-1)
 
 
 def logsumexp_rows(source, rows: Optional[torch.Tensor], shard: VocabShard,
@@ -177,12 +182,12 @@ def check_ids(ids: torch.Tensor, shard: VocabShard, name: str) -> None:
                          f"min {ids.min().item()}, max {ids.max().item()}")
 
 
-def _outside_ids(probs: torch.Tensor, owned: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """`probs` `[n, V/tp]` with the entries at this shard's ids (`owned`, `local` `[n, K]`) set to 0."""
-    is_id = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
-    row_index = torch.arange(probs.shape[0], device=probs.device).unsqueeze(-1).expand_as(local)
+def _id_mask(shape: torch.Size, owned: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """Bool `[n, V/tp]`, True at this shard's ids (`owned`, `local` `[n, K]`)."""
+    is_id = torch.zeros(shape, dtype=torch.bool, device=local.device)
+    row_index = torch.arange(shape[0], device=local.device).unsqueeze(-1).expand_as(local)
     is_id[row_index[owned], local[owned]] = True
-    return probs.masked_fill(is_id, 0.0)
+    return is_id
 
 
 class ShardedLogProbsAt(torch.autograd.Function):
@@ -194,7 +199,7 @@ class ShardedLogProbsAt(torch.autograd.Function):
 
     With `normalized=False` it returns `logits / tau` at the ids (no logsumexp: enough
     when the caller renormalizes over the K ids). Forward: two all-reduces of
-    `[n, 1 + K]` floats, plus one of `[n]` for the tail. Backward: none (the upstream
+    `[n, 1 + K]` floats, plus two of `[n]` for the tail. Backward: none (the upstream
     gradient is the same on every rank, so each rank computes its own shard's
     gradient locally): d/dx_v = (1[v in ids] g_v + 1[v not in ids] p_v g_tail / tail
     - p_v (sum_k g_k + g_tail)) / tau; unselected rows get 0.
@@ -211,44 +216,59 @@ class ShardedLogProbsAt(torch.autograd.Function):
         dtype = compute_dtype(source.dtype)
         picked = torch.where(owned, (source.at(src, local).to(dtype) / temperature).clamp(min=NEG_INF),
                              torch.zeros((), dtype=dtype, device=source.device))
-        lse = tail = None
+        shift = log_total = tail = None
         if not normalized:
             result = shard.all_reduce(picked)
         else:
-            lse, picked = logsumexp_rows(source, rows, shard, temperature, chunk_size, extra_sum=picked)
-            result = picked - lse.unsqueeze(-1)
+            (shift, log_total), picked = logsumexp_rows(source, rows, shard, temperature, chunk_size,
+                                                        extra_sum=picked)
+            result = log_softmax_with(picked, shift, log_total)
             if with_tail:
-                tail = torch.zeros_like(lse)
+                # log of the mass outside the ids, as a sharded logsumexp in log space: the
+                # tail can be far below fp32's smallest number (logits spread 1e4) while
+                # its log is an ordinary value. An empty tail (K = vocab) is NEG_INF.
+                maxes, sums = [], []
                 for out, src_rows in row_chunks(rows, source.num_rows, shard.local_vocab, chunk_size):
-                    probs = torch.exp(tempered(source.chunk(src_rows), shard, temperature) - lse[out].unsqueeze(-1))
-                    tail[out] = _outside_ids(probs, owned[out], local[out]).sum(-1)
-                tail = shard.all_reduce(tail)
-                result = torch.cat([result, torch.log(tail).unsqueeze(-1)], dim=-1)
-        ctx.save_for_backward(ids, rows, lse, tail, *tensors)
+                    logp = log_softmax_with(tempered(source.chunk(src_rows), shard, temperature),
+                                            shift[out], log_total[out])
+                    outside = logp.masked_fill(_id_mask(logp.shape, owned[out], local[out]), NEG_INF)
+                    row_max, sumexp = local_max_and_sumexp(outside)
+                    maxes.append(row_max)
+                    sums.append(sumexp)
+                empty = shift.new_empty(0)
+                (tail_shift, tail_log_total), _ = combine_logsumexp(
+                    shard, torch.cat(maxes) if maxes else empty, torch.cat(sums) if sums else empty)
+                tail = (tail_shift + tail_log_total).clamp(min=NEG_INF)  # log tail mass
+                result = torch.cat([result, tail.unsqueeze(-1)], dim=-1)
+        ctx.save_for_backward(ids, rows, shift, log_total, tail, *tensors)
         ctx.shard, ctx.temperature, ctx.chunk_size, ctx.make_source = shard, temperature, chunk_size, make_source
         return result
 
     @staticmethod
     def backward(ctx, grad_out):
-        ids, rows, lse, tail, *tensors = ctx.saved_tensors
+        ids, rows, shift, log_total, tail, *tensors = ctx.saved_tensors
         source = ctx.make_source(*tensors)
         shard, tau = ctx.shard, ctx.temperature
         owned, local = owned_positions(ids, shard)
         grad_out = grad_out.to(compute_dtype(source.dtype)) / tau
         grad_ids = torch.where(owned, grad_out[:, :ids.shape[-1]], torch.zeros_like(local, dtype=grad_out.dtype))
         total = grad_out.sum(-1)
-        if tail is not None:
-            tail_scale = torch.where(tail > 0, grad_out[:, -1] / tail, torch.zeros_like(tail))
         source.start_backward(grad_out.dtype)
         for out, src_rows in row_chunks(rows, source.num_rows, shard.local_vocab, ctx.chunk_size):
-            if lse is None:
+            if shift is None:
                 chunk_grad = torch.zeros(out.stop - out.start, shard.local_vocab, dtype=grad_out.dtype,
                                          device=source.device)
             else:
-                probs = torch.exp(tempered(source.chunk(src_rows), shard, tau) - lse[out].unsqueeze(-1))
+                probs = torch.exp(log_softmax_with(tempered(source.chunk(src_rows), shard, tau),
+                                                   shift[out], log_total[out]))
                 chunk_grad = -probs * total[out].unsqueeze(-1)
                 if tail is not None:
-                    chunk_grad += _outside_ids(probs, owned[out], local[out]) * tail_scale[out].unsqueeze(-1)
+                    # d log tail / dx_v = p_v / tail for v outside the ids: exp(log p_v - log tail).
+                    logp = log_softmax_with(tempered(source.chunk(src_rows), shard, tau),
+                                            shift[out], log_total[out])
+                    relative = torch.exp(logp - tail[out].unsqueeze(-1))
+                    relative = relative.masked_fill(_id_mask(logp.shape, owned[out], local[out]), 0.0)
+                    chunk_grad += relative * grad_out[out, -1].unsqueeze(-1)
             chunk_grad.scatter_add_(-1, local[out], grad_ids[out])
             source.add_chunk_grad(src_rows, chunk_grad)
         return (None,) * 8 + source.grads()
