@@ -259,13 +259,10 @@ class ShardedLogProbsAt(torch.autograd.Function):
                 chunk_grad = torch.zeros(out.stop - out.start, shard.local_vocab, dtype=grad_out.dtype,
                                          device=source.device)
             else:
-                probs = torch.exp(log_softmax_with(tempered(source.chunk(src_rows), shard, tau),
-                                                   shift[out], log_total[out]))
-                chunk_grad = -probs * total[out].unsqueeze(-1)
+                logp = log_softmax_with(tempered(source.chunk(src_rows), shard, tau), shift[out], log_total[out])
+                chunk_grad = -logp.exp() * total[out].unsqueeze(-1)
                 if tail is not None:
                     # d log tail / dx_v = p_v / tail for v outside the ids: exp(log p_v - log tail).
-                    logp = log_softmax_with(tempered(source.chunk(src_rows), shard, tau),
-                                            shift[out], log_total[out])
                     relative = torch.exp(logp - tail[out].unsqueeze(-1))
                     relative = relative.masked_fill(_id_mask(logp.shape, owned[out], local[out]), 0.0)
                     chunk_grad += relative * grad_out[out, -1].unsqueeze(-1)
