@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from megatron_opd.config.parallel import ParallelConfig
 from megatron_opd.config.schema import check
@@ -13,8 +14,12 @@ from megatron_opd.config.schema import check
 class ModelConfig:
     """A pre-norm RMSNorm decoder with RoPE, grouped-query attention and a (Swi)GLU MLP.
 
-    `vocab_size` is the tokenizer's true vocabulary; the embedding is padded to
-    `padded_vocab_size(tp)` rows so that it splits evenly across TP ranks.
+    `vocab_size` is the number of real embedding rows (HF's `config.vocab_size`); the
+    embedding is padded to `padded_vocab_size(tp)` rows so that it splits evenly across
+    TP ranks. `pad_vocab_size_to` fixes that padded size instead: a teacher and a student
+    of one tokenizer with different vocab sizes (Qwen2.5-7B 152064, 0.5B 151936) must
+    share it so their vocab shards line up, and a checkpoint keeps the size it was saved
+    with when loaded at another TP.
     """
 
     num_layers: int
@@ -27,11 +32,15 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     norm_epsilon: float = 1e-6
     rotary_base: float = 10000.0
+    # Llama 3.1 RoPE scaling by this factor (low/high frequency factors 1 and 4, original
+    # context 8192: the variant Megatron-Core implements); None means plain RoPE.
+    rope_scaling_factor: Optional[float] = None
     swiglu: bool = True
     add_qkv_bias: bool = False
     qk_layernorm: bool = False
     tie_word_embeddings: bool = False
     make_vocab_size_divisible_by: int = 128
+    pad_vocab_size_to: Optional[int] = None
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_method_std: float = 0.02
@@ -51,6 +60,12 @@ class ModelConfig:
               self.num_query_groups, f"a divisor of num_attention_heads={self.num_attention_heads}")
         check(self.norm_epsilon > 0, "model.norm_epsilon", self.norm_epsilon, "a number > 0")
         check(self.rotary_base > 0, "model.rotary_base", self.rotary_base, "a number > 0")
+        if self.rope_scaling_factor is not None:
+            check(self.rope_scaling_factor > 0, "model.rope_scaling_factor",
+                  self.rope_scaling_factor, "a number > 0, or null for plain RoPE")
+        if self.pad_vocab_size_to is not None:
+            check(self.pad_vocab_size_to >= self.vocab_size, "model.pad_vocab_size_to",
+                  self.pad_vocab_size_to, f"an integer >= vocab_size={self.vocab_size}")
         for name in ("hidden_dropout", "attention_dropout"):
             check(0.0 <= getattr(self, name) < 1.0, f"model.{name}", getattr(self, name), "in [0, 1)")
         check(self.init_method_std > 0, "model.init_method_std", self.init_method_std, "a number > 0")
@@ -64,7 +79,13 @@ class ModelConfig:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
-        """Vocab rounded up to a multiple of `make_vocab_size_divisible_by * tp`, as Megatron-LM does."""
+        """`pad_vocab_size_to` when set, else the vocab rounded up to a multiple of
+        `make_vocab_size_divisible_by * tp`, as Megatron-LM does."""
+        if self.pad_vocab_size_to is not None:
+            check(self.pad_vocab_size_to % tensor_model_parallel_size == 0,
+                  "model.pad_vocab_size_to", self.pad_vocab_size_to,
+                  f"a multiple of parallel.tensor_model_parallel_size={tensor_model_parallel_size}")
+            return self.pad_vocab_size_to
         multiple = self.make_vocab_size_divisible_by * tensor_model_parallel_size
         return -(-self.vocab_size // multiple) * multiple
 
@@ -78,3 +99,15 @@ class ModelConfig:
                   f"a multiple of parallel.tensor_model_parallel_size={tp}")
         check(self.num_layers % pp == 0, "model.num_layers", self.num_layers,
               f"a multiple of parallel.pipeline_model_parallel_size={pp}")
+
+
+def with_common_padded_vocab(
+    configs: Sequence[ModelConfig], tensor_model_parallel_size: int
+) -> list[ModelConfig]:
+    """The configs with one padded vocab size, the largest any of them needs at this TP.
+
+    Every padded size is a multiple of `make_vocab_size_divisible_by * tp`, hence of tp,
+    so the largest is a valid padding for all of them.
+    """
+    padded = max(config.padded_vocab_size(tensor_model_parallel_size) for config in configs)
+    return [dataclasses.replace(config, pad_vocab_size_to=padded) for config in configs]

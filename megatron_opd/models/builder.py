@@ -80,6 +80,8 @@ def build_gpt_model(
         share_embeddings_and_output_weights=model.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
+        rope_scaling=model.rope_scaling_factor is not None,
+        rope_scaling_factor=model.rope_scaling_factor or 1.0,
     )
     gpt.to(runtime.device)
     if role == "teacher":

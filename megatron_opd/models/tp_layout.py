@@ -9,6 +9,9 @@ word embeddings as `output_layer.weight`.
 
 `load_full_state_dict` copies full tensors into this rank's shards and
 `gather_full_tensors` re-assembles full tensors (weights or gradients) from them.
+Global names are the local layer spec's: Transformer Engine's norms fused into
+`linear_qkv` / `linear_fc1` are named as the local spec's separate norms, so one
+name means one tensor whichever spec built the model.
 Megatron's dist-checkpointing does this for checkpoints on disk; this module is for
 in-memory tensors (tests, HF weights, export).
 """
@@ -25,6 +28,10 @@ from megatron.core.models.gpt import GPTModel
 _LOCAL_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _TIED_OUTPUT = "output_layer.weight"
 _WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
+_TE_FUSED_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
 
 
 def unwrap(model: torch.nn.Module) -> GPTModel:
@@ -41,7 +48,8 @@ def global_name(model: GPTModel, local_name: str) -> str:
     match = _LOCAL_LAYER.match(local_name)
     if match:
         layer = model.decoder.layers[int(match.group(1))]
-        return f"decoder.layers.{layer.layer_number - 1}." + local_name[match.end():]
+        suffix = local_name[match.end():]
+        return f"decoder.layers.{layer.layer_number - 1}." + _TE_FUSED_NORMS.get(suffix, suffix)
     if local_name == _TIED_OUTPUT and model.share_embeddings_and_output_weights:
         return _WORD_EMBEDDINGS
     return local_name

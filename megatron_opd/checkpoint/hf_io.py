@@ -1,0 +1,161 @@
+"""Read and write HF safetensors checkpoints one tensor at a time.
+
+Reading uses `safetensors.safe_open` (memory-mapped, one tensor materialized at a time).
+
+Writing is by hand: safetensors' own writers (`save_file`, `save_model`) take a
+whole dict of tensors per file, so a 5 GB shard would sit in memory next to the
+model it comes from. The format is a little-endian u64 header length, a JSON header
+(dtype, shape, byte offsets of every tensor) and the raw bytes in header order. As
+every tensor's name, shape and dtype are known before the first byte is written (from
+the model's config), the header is written first and each tensor streamed after it;
+peak memory is one tensor. Files and `model.safetensors.index.json` follow HF's
+naming, so `transformers` and `safetensors` read them as their own.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import BinaryIO, Iterator, Optional, Sequence
+
+import torch
+from safetensors import safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Non-parameter buffers some older checkpoints carry; recomputed, never converted.
+IGNORED_HF_TENSORS = (".rotary_emb.inv_freq",)
+
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+class HFWeightReader:
+    """The tensors of an HF model directory's safetensors files, by name."""
+
+    def __init__(self, directory: Path | str):
+        self.directory = Path(directory)
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._file_of = {name: self.directory / file for name, file in weight_map.items()}
+        elif (self.directory / SINGLE_FILE).is_file():
+            with safe_open(self.directory / SINGLE_FILE, framework="pt") as handle:
+                self._file_of = {name: self.directory / SINGLE_FILE for name in handle.keys()}
+        else:
+            found = sorted(p.name for p in self.directory.glob("*")) if self.directory.is_dir() else []
+            raise FileNotFoundError(
+                f"no {SINGLE_FILE} or {INDEX_FILE} in {self.directory} (found: {found or 'nothing'}); "
+                "only safetensors checkpoints are read: convert pytorch_model.bin with "
+                "transformers' save_pretrained(..., safe_serialization=True) first")
+        missing_files = sorted({str(f) for f in self._file_of.values() if not f.is_file()})
+        if missing_files:
+            raise FileNotFoundError(f"{self.directory}: the index names missing files {missing_files}")
+        self._handles: dict[Path, object] = {}
+
+    def names(self) -> list[str]:
+        return [name for name in self._file_of if not name.endswith(IGNORED_HF_TENSORS)]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._file_of
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self._file_of:
+            raise KeyError(f"{self.directory} has no tensor {name!r}")
+        file = self._file_of[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="pt")
+        return self._handles[file].get_tensor(name)
+
+    def dtype(self) -> Optional[torch.dtype]:
+        """The dtype of the first floating tensor (the checkpoint's storage dtype)."""
+        for name in self.names():
+            tensor = self.get(name)
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return None
+
+
+def _header(entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[bytes, int]:
+    """The safetensors header for tensors in this order, and the data size after it."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in entries:
+        size = torch.Size(shape).numel() * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return encoded, offset
+
+
+class StreamingSafetensorsWriter:
+    """Writes `plan` (name, shape, dtype), in order, into HF-named shards of at most
+    `max_shard_bytes` each (a tensor larger than that gets a shard of its own).
+
+        writer = StreamingSafetensorsWriter(out_dir, plan)
+        for name, tensor in tensors:   # in plan order
+            writer.write(name, tensor)
+        writer.close()                 # index file; raises if a tensor was not written
+    """
+
+    def __init__(self, directory: Path | str, plan: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int = 5 * 2**30):
+        self.directory = Path(directory)
+        self._shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        shard_bytes = 0
+        for name, shape, dtype in plan:
+            size = torch.Size(shape).numel() * dtype.itemsize
+            if self._shards[-1] and shard_bytes + size > max_shard_bytes:
+                self._shards.append([])
+                shard_bytes = 0
+            self._shards[-1].append((name, tuple(shape), dtype))
+            shard_bytes += size
+        count = len(self._shards)
+        self._files = ([SINGLE_FILE] if count == 1 else
+                       [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
+        self._pending: Iterator[tuple[int, tuple[str, tuple[int, ...], torch.dtype]]] = (
+            (shard, entry) for shard, entries in enumerate(self._shards) for entry in entries)
+        self._open_shard = -1
+        self._handle: Optional[BinaryIO] = None
+        self._total_bytes = 0
+
+    def _open(self, shard: int) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        header, _ = _header(self._shards[shard])
+        self._handle = open(self.directory / self._files[shard], "wb")
+        self._handle.write(struct.pack("<Q", len(header)))
+        self._handle.write(header)
+        self._open_shard = shard
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        try:
+            shard, (expected_name, shape, dtype) = next(self._pending)
+        except StopIteration:
+            raise ValueError(f"{name}: every planned tensor was already written") from None
+        if (name, tuple(tensor.shape), tensor.dtype) != (expected_name, shape, dtype):
+            raise ValueError(f"expected {expected_name} {shape} {dtype} next, got {name} "
+                             f"{tuple(tensor.shape)} {tensor.dtype}")
+        if shard != self._open_shard:
+            self._open(shard)
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._handle.write(data.numpy().data)
+        self._total_bytes += data.numel()
+
+    def close(self) -> None:
+        unwritten = [entry[0] for _, entry in self._pending]
+        if self._handle is not None:
+            self._handle.close()
+        if unwritten:
+            raise ValueError(f"{len(unwritten)} planned tensor(s) never written, first {unwritten[0]}")
+        if len(self._files) > 1:
+            weight_map = {name: self._files[shard]
+                          for shard, entries in enumerate(self._shards) for name, _, _ in entries}
+            index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
+            (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,159 @@
+"""HF weights into a live TP/PP-sharded GPTModel, and out of it, one tensor at a time.
+
+`load_hf_weights` reads, for each local parameter, the HF tensors it is made of
+(memory-mapped safetensors), builds the full Megatron tensor and copies this rank's
+shard: peak memory is the model shard plus one full tensor.
+
+`export_hf_weights` is the reverse for a model that may be split over TP and PP: for
+each HF tensor in HF order, the owning stage all-gathers it across TP, its first TP
+rank sends it to the destination rank, which yields it. The destination never holds
+more than one full tensor, so it serves `megatron-to-hf` and a streaming weight sync
+into a rollout engine alike.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, Optional
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_opd.checkpoint.hf_io import HFWeightReader
+from megatron_opd.checkpoint.weight_map import WeightRule, to_hf, to_megatron, weight_rules
+from megatron_opd.config.model import ModelConfig
+from megatron_opd.models.tp_layout import full_to_local, global_name, local_to_full, unwrap
+
+Progress = Callable[[str], None]
+
+
+def check_hf_tensor_names(reader: HFWeightReader, config: ModelConfig) -> None:
+    """Every tensor the map needs is in the checkpoint, and nothing the map would drop."""
+    expected = {name for rule in weight_rules(config) for name in rule.hf_names}
+    present = set(reader.names())
+    if config.tie_word_embeddings:
+        # Tied checkpoints may still store the head; it must then equal the embedding.
+        present.discard("lm_head.weight")
+    missing, unused = sorted(expected - present), sorted(present - expected)
+    if missing:
+        raise KeyError(f"{reader.directory} lacks {len(missing)} tensor(s) the config needs, "
+                       f"first {missing[:3]}")
+    if unused:
+        raise ValueError(f"{reader.directory} has {len(unused)} tensor(s) the model would not use, "
+                         f"first {unused[:3]}: the config does not describe this checkpoint")
+    if config.tie_word_embeddings and "lm_head.weight" in reader:
+        if not torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+            raise ValueError(f"{reader.directory}: tie_word_embeddings is true but lm_head.weight "
+                             "differs from model.embed_tokens.weight")
+
+
+@torch.no_grad()
+def load_hf_weights(model: torch.nn.Module, config: ModelConfig, reader: HFWeightReader,
+                    progress: Optional[Progress] = None) -> None:
+    """Copy the HF checkpoint's weights into this rank's parameters (cast to their dtype)."""
+    gpt = unwrap(model)
+    check_hf_tensor_names(reader, config)
+    rules = {rule.megatron_name: rule for rule in weight_rules(config)}
+    for name, param in gpt.named_parameters():
+        rule = rules[global_name(gpt, name)]
+        hf_tensors = [reader.get(hf_name) for hf_name in rule.hf_names]
+        try:
+            full = to_megatron(rule, hf_tensors, config, gpt.vocab_size)
+            shard = full_to_local(gpt, name, param, full.to(param.dtype))
+        except RuntimeError as error:
+            shapes = {n: tuple(t.shape) for n, t in zip(rule.hf_names, hf_tensors)}
+            raise ValueError(f"HF tensors {shapes} do not fit {rule.megatron_name} of this config: "
+                             f"{error}") from error
+        if shard.shape != param.shape:
+            shapes = {n: tuple(t.shape) for n, t in zip(rule.hf_names, hf_tensors)}
+            raise ValueError(f"HF tensors {shapes} give a {rule.megatron_name} shard of "
+                             f"{tuple(shard.shape)}, the model's is {tuple(param.shape)}")
+        param.copy_(shard)
+        if progress is not None:
+            progress(rule.megatron_name)
+
+
+def _full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+    return tuple(shape)
+
+
+def hf_tensor_plan(config: ModelConfig, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of every HF tensor `export_hf_weights` yields, in order."""
+    hidden, head_dim, ffn = config.hidden_size, config.head_dim, config.ffn_hidden_size
+    q_rows, kv_rows = config.num_attention_heads * head_dim, config.query_groups * head_dim
+    shapes = {
+        "model.embed_tokens.weight": (config.vocab_size, hidden),
+        "lm_head.weight": (config.vocab_size, hidden),
+        "model.norm.weight": (hidden,),
+    }
+    per_layer = {
+        "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (q_rows, hidden), "self_attn.k_proj.weight": (kv_rows, hidden),
+        "self_attn.v_proj.weight": (kv_rows, hidden), "self_attn.q_proj.bias": (q_rows,),
+        "self_attn.k_proj.bias": (kv_rows,), "self_attn.v_proj.bias": (kv_rows,),
+        "self_attn.q_norm.weight": (head_dim,), "self_attn.k_norm.weight": (head_dim,),
+        "self_attn.o_proj.weight": (hidden, q_rows), "mlp.gate_proj.weight": (ffn, hidden),
+        "mlp.up_proj.weight": (ffn, hidden), "mlp.down_proj.weight": (hidden, ffn),
+    }
+    plan = []
+    for rule in weight_rules(config):
+        for name in rule.hf_names:
+            key = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
+            plan.append((name, shapes[name] if name in shapes else per_layer[key], dtype))
+    return plan
+
+
+def export_hf_weights(
+    model: torch.nn.Module, config: ModelConfig, dst_rank: int = 0
+) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+    """Yield `(hf_name, full_tensor)` for every HF tensor, in `hf_tensor_plan` order.
+
+    Collective over the whole world: every rank must iterate to the end. The tensors
+    arrive on global rank `dst_rank` (padding rows stripped); other ranks get `None`.
+    Data-parallel replicas other than the first only take part in the bookkeeping.
+    """
+    gpt = unwrap(model)
+    rank = torch.distributed.get_rank()
+    local = {global_name(gpt, name): (name, param) for name, param in gpt.named_parameters()}
+    # Which rank holds which tensor: a few KB of names and shapes, once.
+    mine = {key: (_full_shape(param), param.dtype) for key, (_, param) in local.items()}
+    is_source_candidate = (parallel_state.get_tensor_model_parallel_rank() == 0
+                           and parallel_state.get_data_parallel_rank() == 0)
+    holdings: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(holdings, (rank, is_source_candidate, mine))
+    source: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+    for holder, candidate, tensors in sorted(holdings, key=lambda item: item[0]):
+        for key, (shape, dtype) in tensors.items():
+            if candidate and key not in source:
+                source[key] = (holder, shape, dtype)
+    tp_group_ranks = set(torch.distributed.get_process_group_ranks(
+        parallel_state.get_tensor_model_parallel_group()))
+
+    for rule in weight_rules(config):
+        if rule.megatron_name not in source:
+            raise KeyError(f"no rank holds {rule.megatron_name}: the model does not match the config")
+        src, shape, dtype = source[rule.megatron_name]
+        full = None
+        if src in tp_group_ranks:  # this rank's stage owns the tensor: gather it across TP
+            name, param = local[rule.megatron_name]
+            full = local_to_full(gpt, name, param, param.detach())
+        if rank == dst_rank:
+            if full is None:
+                full = torch.empty(shape, dtype=dtype, device=_device(gpt))
+                torch.distributed.recv(full, src)
+            yield from zip(rule.hf_names, _to_hf_cpu(rule, full, config))
+        else:
+            if rank == src:
+                torch.distributed.send(full.contiguous(), dst_rank)
+            for hf_name in rule.hf_names:
+                yield hf_name, None
+
+
+def _device(gpt: torch.nn.Module) -> torch.device:
+    return next(gpt.parameters()).device
+
+
+def _to_hf_cpu(rule: WeightRule, full: torch.Tensor, config: ModelConfig) -> list[torch.Tensor]:
+    return [tensor.to("cpu").contiguous() for tensor in to_hf(rule, full, config)]

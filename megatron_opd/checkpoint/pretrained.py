@@ -1,0 +1,87 @@
+"""Build a student or teacher from a pretrained model: an HF directory or our Megatron checkpoint.
+
+An HF directory is converted on load, in memory (`load_hf_weights`); a Megatron
+checkpoint is loaded with dist-checkpointing at whatever TP/PP the run uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+
+from megatron_opd.checkpoint.hf_io import HFWeightReader
+from megatron_opd.checkpoint.hf_weights import load_hf_weights
+from megatron_opd.checkpoint.megatron_checkpoint import (
+    DTYPES,
+    is_megatron_checkpoint,
+    load_model_checkpoint,
+    read_checkpoint_info,
+)
+from megatron_opd.config.model import ModelConfig
+from megatron_opd.models.builder import Role, build_gpt_model
+from megatron_opd.models.hf_config import hf_family, model_config_from_hf, read_hf_config
+from megatron_opd.runtime.distributed import Runtime
+
+
+@dataclass
+class Pretrained:
+    """A pretrained model directory and the architecture it holds."""
+
+    path: Path
+    kind: Literal["hf", "megatron"]
+    model: ModelConfig
+    family: str
+    hf_config: dict[str, Any]
+    dtype: Optional[torch.dtype]  # the stored weights' dtype, when known
+
+
+def inspect_pretrained(path: Path | str, make_vocab_size_divisible_by: int = 128) -> Pretrained:
+    """What is at `path`, checked without loading weights.
+
+    Raises `FileNotFoundError` for a directory that is neither kind, and the config
+    errors of `model_config_from_hf` for an unsupported HF model.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"pretrained model {path} does not exist (or is not a directory)")
+    if is_megatron_checkpoint(path):
+        info = read_checkpoint_info(path)
+        return Pretrained(path, "megatron", info.model, info.family, info.hf_config, DTYPES[info.dtype])
+    if (path / "config.json").is_file():
+        hf_config = read_hf_config(path)
+        model = model_config_from_hf(hf_config, make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+        reader = HFWeightReader(path)  # fails now, not after the model is built, if weights are missing
+        return Pretrained(path, "hf", model, hf_family(hf_config).model_type, hf_config, reader.dtype())
+    found = sorted(p.name for p in path.iterdir())
+    raise FileNotFoundError(f"{path} is neither an HF model directory (config.json + *.safetensors) nor a "
+                            f"megatron_opd checkpoint (megatron_opd_model.json); it holds {found or 'nothing'}")
+
+
+def load_pretrained(
+    source: Pretrained | Path | str,
+    runtime: Runtime,
+    role: Role = "student",
+    dtype: torch.dtype = torch.float32,
+    pad_vocab_size_to: Optional[int] = None,
+    progress=None,
+) -> torch.nn.Module:
+    """This rank's part of the pretrained model as a Megatron GPTModel (see `build_gpt_model`).
+
+    `pad_vocab_size_to` overrides the padded vocab size, e.g. the one a teacher and a
+    student share (`with_common_padded_vocab`).
+    """
+    if not isinstance(source, Pretrained):
+        source = inspect_pretrained(source)
+    model_config = source.model
+    if pad_vocab_size_to is not None:
+        model_config = dataclasses.replace(model_config, pad_vocab_size_to=pad_vocab_size_to)
+    model = build_gpt_model(model_config, runtime, role=role, dtype=dtype)
+    if source.kind == "hf":
+        load_hf_weights(model, model_config, HFWeightReader(source.path), progress)
+    else:
+        load_model_checkpoint(model, source.path)
+    return model

@@ -1,0 +1,25 @@
+"""`megatron-opd <command>`: the command-line entry point.
+
+    megatron-opd convert hf-to-megatron | megatron-to-hf | verify ...
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+COMMANDS = {"convert": "megatron_opd.checkpoint.convert"}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: megatron-opd {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        return 2
+    import importlib
+
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
