@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-from megatron.core import dist_checkpointing
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedTensor
 
 from megatron_opd.config.model import ModelConfig
@@ -142,7 +142,10 @@ def load_model_checkpoint(model: torch.nn.Module, path: Path | str) -> Checkpoin
                 saved = sharded[key]
                 buffer = torch.empty(saved_vocab, *saved.global_shape[1:], dtype=saved.dtype,
                                      device=saved.data.device)
-                sharded[key] = ShardedTensor.from_rank_offsets(saved.key, buffer, replica_id=0)
+                # Every TP rank now reads the whole tensor: one main replica among them.
+                replica = saved.replica_id if isinstance(saved.replica_id, tuple) else (saved.replica_id,)
+                tp_rank = parallel_state.get_tensor_model_parallel_rank()
+                sharded[key] = ShardedTensor.from_rank_offsets(saved.key, buffer, replica_id=(*replica, tp_rank))
                 repadded[key] = buffer
     loaded = dist_checkpointing.load(sharded, str(path / DIST_DIR))
     params = dict(gpt.named_parameters())

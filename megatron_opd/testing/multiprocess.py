@@ -127,9 +127,11 @@ def run_distributed(
     }
     with tempfile.TemporaryDirectory(prefix="megatron_opd_ranks_") as out_dir:
         out = Path(out_dir)
+        # Not daemonic: ranks may start processes of their own (dist-checkpointing's
+        # writers); the watchdog and the failure path below end them instead.
         procs = [
             context.Process(target=_rank_main, args=(fn, args, kwargs, rank, rank_env, out_dir),
-                            name=f"rank{rank}", daemon=True)
+                            name=f"rank{rank}", daemon=False)
             for rank in range(world_size)
         ]
         for proc in procs:
