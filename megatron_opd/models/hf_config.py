@@ -63,9 +63,12 @@ def read_hf_config(path: Union[str, Path]) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"no HF config at {file}: expected an HF model directory with config.json")
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except json.JSONDecodeError as error:
         raise ConfigError(f"{file} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file} must hold a JSON object of config fields, not {type(config).__name__}")
+    return config
 
 
 def hf_family(hf_config: Mapping[str, Any]) -> Family:
@@ -106,6 +109,8 @@ def _rope(hf_config: Mapping[str, Any]) -> tuple[float, Optional[float]]:
         if float(parameters.get(key, expected)) != expected:
             _refuse(f"rope_parameters.{key}", parameters[key],
                     f"Megatron-Core's llama3 RoPE scaling fixes it at {expected}")
+    if "factor" not in parameters:
+        raise ConfigError("HF config rope_parameters.factor is missing: llama3 RoPE scaling needs it")
     return theta, float(parameters["factor"])
 
 
@@ -114,8 +119,13 @@ def _check_attention_window(family: Family, hf_config: Mapping[str, Any]) -> Non
     if any(kind != "full_attention" for kind in layer_types):
         _refuse("layer_types", sorted(set(layer_types)), "only 'full_attention' layers are built")
     window = hf_config.get("sliding_window")
-    uses_window = (hf_config.get("use_sliding_window", False) if family.model_type in ("qwen2", "qwen3")
-                   else window is not None)
+    if family.model_type in ("qwen2", "qwen3"):
+        # Qwen windows only the layers from max_window_layers on, and only when asked to.
+        first_windowed = hf_config.get("max_window_layers") or 0
+        uses_window = (hf_config.get("use_sliding_window", False)
+                       and first_windowed < hf_config.get("num_hidden_layers", 0))
+    else:
+        uses_window = True
     if uses_window and window is not None:
         _refuse("sliding_window", window,
                 "sliding-window attention is not built; the model would differ from HF on "
@@ -143,12 +153,12 @@ def model_config_from_hf(
         hf_config = read_hf_config(hf_config)
     family = hf_family(hf_config)
     activation = hf_config.get("hidden_act", "silu")
-    if activation != "silu":
+    if activation not in ("silu", "swish"):  # one function under two names in transformers
         _refuse("hidden_act", activation, "only 'silu' (SwiGLU) is built")
     for field in ("attention_bias", "mlp_bias"):
         if hf_config.get(field):
             _refuse(field, hf_config[field], f"{family.architecture} is built without it")
-    if float(hf_config.get("partial_rotary_factor", 1.0)) != 1.0:
+    if float(hf_config.get("partial_rotary_factor") or 1.0) != 1.0:
         _refuse("partial_rotary_factor", hf_config["partial_rotary_factor"], "only 1.0 is built")
     _check_attention_window(family, hf_config)
     _scan_unhandled(hf_config)
