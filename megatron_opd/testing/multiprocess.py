@@ -88,7 +88,12 @@ def _rank_main(
     except BaseException:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
         exit_code = 1
-    # Skip interpreter and process-group teardown: a peer may already be gone.
+    # Skip interpreter and process-group teardown (a peer may already be gone), but end
+    # this rank's own children, e.g. the Manager process dist-checkpointing keeps for its
+    # writers, which normal interpreter exit would have shut down.
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join(5.0)
     stacks.close()
     os._exit(exit_code)
 
