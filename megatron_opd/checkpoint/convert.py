@@ -111,7 +111,7 @@ def hf_to_megatron(hf_path: Path, out: Path, tp: int = 1, pp: int = 1, dtype: Op
     _log(f"hf-to-megatron: {source.family} from {hf_path}, {source.model.num_layers} layers, "
          f"{dtype_name(torch_dtype)}, tp={tp} pp={pp}")
     with atomic_output_dir(out, force) as staging:
-        model = build_gpt_model(source.model, runtime, dtype=torch_dtype)
+        model = build_gpt_model(source.model, runtime, dtype=torch_dtype, initialize=False)
         progress = Progress(sum(1 for _ in model.parameters()), "reading HF weights")
         load_hf_weights(model, source.model, HFWeightReader(hf_path), progress)
         progress.finish()

@@ -79,7 +79,8 @@ def load_pretrained(
     model_config = source.model
     if pad_vocab_size_to is not None:
         model_config = dataclasses.replace(model_config, pad_vocab_size_to=pad_vocab_size_to)
-    model = build_gpt_model(model_config, runtime, role=role, dtype=dtype)
+    # No random init: every weight is loaded below (both loaders fail on a missing one).
+    model = build_gpt_model(model_config, runtime, role=role, dtype=dtype, initialize=False)
     if source.kind == "hf":
         load_hf_weights(model, model_config, HFWeightReader(source.path), progress)
     else:

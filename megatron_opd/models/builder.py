@@ -18,9 +18,14 @@ Role = Literal["student", "teacher"]
 
 
 def transformer_config(
-    model: ModelConfig, runtime: Runtime, dtype: torch.dtype = torch.float32
+    model: ModelConfig, runtime: Runtime, dtype: torch.dtype = torch.float32, initialize: bool = True
 ) -> TransformerConfig:
-    """Megatron's config for `model` split as `runtime.parallel`, with parameters in `dtype`."""
+    """Megatron's config for `model` split as `runtime.parallel`, with parameters in `dtype`.
+
+    `initialize=False` skips the random draws, for a model whose every weight is loaded
+    next. (Megatron's own `perform_initialization=False` would also skip marking the
+    tensor-parallel attributes of some weights, which the optimizer and grad norm need.)
+    """
     parallel = runtime.parallel
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -49,7 +54,13 @@ def transformer_config(
         # On CPU, Megatron's CPU init draws the full master weight and splits it, so
         # weights do not depend on the TP size.
         use_cpu_initialization=runtime.is_cpu,
+        **({} if initialize else {"init_method": _leave_uninitialized,
+                                   "output_layer_init_method": _leave_uninitialized}),
     )
+
+
+def _leave_uninitialized(weight: torch.Tensor) -> torch.Tensor:
+    return weight
 
 
 def build_gpt_model(
@@ -58,17 +69,18 @@ def build_gpt_model(
     role: Role = "student",
     dtype: torch.dtype = torch.float32,
     transformer_impl: TransformerImpl = "auto",
+    initialize: bool = True,
 ) -> GPTModel:
     """This pipeline stage's part of the model, its weights sharded over this TP rank.
 
     Logits stay vocab-parallel (`[b, s, V/tp]`). A teacher comes back frozen and in
-    eval mode.
+    eval mode. `initialize=False`: weights uninitialized, to be loaded by the caller.
     """
     if role not in ("student", "teacher"):
         raise ValueError(f"role={role!r} is invalid: one of student, teacher")
     model.check_parallel(runtime.parallel)
     impl = resolve_transformer_impl(transformer_impl, runtime.device.type)
-    config = transformer_config(model, runtime, dtype)
+    config = transformer_config(model, runtime, dtype, initialize)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, impl),

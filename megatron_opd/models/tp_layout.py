@@ -78,8 +78,14 @@ def local_to_full(model: GPTModel, name: str, param: torch.Tensor, local: torch.
     dim = param.partition_dim
     group = parallel_state.get_tensor_model_parallel_group()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    if tp_size == 1:
+        return local
 
     def gather(shard: torch.Tensor) -> torch.Tensor:
+        if dim == 0:  # straight into the full tensor: no per-rank copies to concatenate
+            full = shard.new_empty(shard.shape[0] * tp_size, *shard.shape[1:])
+            torch.distributed.all_gather_into_tensor(full, shard.contiguous(), group=group)
+            return full
         shards = [torch.empty_like(shard) for _ in range(tp_size)]
         torch.distributed.all_gather(shards, shard.contiguous(), group=group)
         return torch.cat(shards, dim)
