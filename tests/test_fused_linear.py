@@ -92,3 +92,43 @@ def test_fused_never_materializes_all_logits(topk):
     # [N, H] hidden states and gradients, [V, H] heads and [4, V] logit chunks.
     assert tracker.largest <= max(N * H_TEACHER, VOCAB * H_TEACHER, 4 * VOCAB)
     assert tracker.largest < N * VOCAB / 2
+
+
+def token_logprobs_on_rank(tp: int) -> tuple:
+    """fused_linear_token_logprobs on this rank's head shard: value and grads (float64)."""
+    from megatron_opd.ops import fused_linear_token_logprobs
+
+    rank = 0
+    if tp > 1:
+        from megatron.core import parallel_state
+
+        from megatron_opd.config import ParallelConfig
+        from megatron_opd.runtime import initialize_runtime
+
+        initialize_runtime(ParallelConfig(tensor_model_parallel_size=tp))
+        rank = parallel_state.get_tensor_model_parallel_rank()
+    hidden, weight, _, _, _ = tensors()
+    ids = torch.randint(0, VOCAB - 3, (N,), generator=torch.Generator().manual_seed(4))
+    hidden = hidden.clone().requires_grad_()
+    shard = weight.chunk(tp)[rank].clone().requires_grad_()
+    logp = fused_linear_token_logprobs(hidden, shard, ids, temperature=0.8, vocab_size=VOCAB - 3, chunk_size=5)
+    (logp * torch.linspace(-1, 1, N, dtype=logp.dtype)).sum().backward()
+    return logp.detach(), hidden.grad, shard.grad, ids
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fused_token_logprobs_match_log_softmax(tp):
+    results = run_distributed(token_logprobs_on_rank, tp, tp) if tp > 1 else [token_logprobs_on_rank(1)]
+    hidden, weight, _, _, _ = tensors()
+    hidden.requires_grad_(), weight.requires_grad_()
+    logits = (hidden @ weight.T)[:, : VOCAB - 3] / 0.8
+    ids = results[0][3]
+    expected = torch.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)
+    (expected * torch.linspace(-1, 1, N, dtype=expected.dtype)).sum().backward()
+    for logp, _, _, _ in results:
+        torch.testing.assert_close(logp.double(), expected.detach(), rtol=1e-6, atol=1e-6)
+    # Each rank's hidden grad comes from its vocab shard; the caller all-reduces them, as
+    # Megatron's column-parallel output layer does.
+    torch.testing.assert_close(sum(result[1] for result in results), hidden.grad, rtol=1e-6, atol=1e-6)
+    weight_grad = torch.cat([result[2] for result in results])
+    torch.testing.assert_close(weight_grad, weight.grad, rtol=1e-6, atol=1e-6)

@@ -5,11 +5,13 @@ from megatron_opd.ops.divergence import (
     sparse_teacher_divergence,
     vocab_parallel_divergence,
     vocab_parallel_sample,
+    fused_linear_token_logprobs,
     vocab_parallel_token_logprobs,
 )
 
 __all__ = [
     "fused_linear_divergence",
+    "fused_linear_token_logprobs",
     "sparse_teacher_divergence",
     "vocab_parallel_divergence",
     "vocab_parallel_sample",

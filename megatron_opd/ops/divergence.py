@@ -54,6 +54,7 @@ from megatron_opd.ops.vocab_parallel import (
     sharded_topk,
     tempered,
     vocab_shard,
+    fused_linear_token_logprobs,
     vocab_parallel_token_logprobs,
 )
 
@@ -64,6 +65,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 __all__ = [
     "fused_linear_divergence",
+    "fused_linear_token_logprobs",
     "sparse_teacher_divergence",
     "vocab_parallel_divergence",
     "vocab_parallel_sample",

@@ -11,13 +11,14 @@ input in place and knows neither temperature nor vocab padding, hence these.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 import torch
 import torch.distributed as dist
 
-from megatron_opd.ops.logits_source import DEFAULT_CHUNK_ELEMENTS, DenseLogits
+from megatron_opd.ops.logits_source import DEFAULT_CHUNK_ELEMENTS, DenseLogits, LinearLogits
 
 
 
@@ -283,11 +284,32 @@ def vocab_parallel_token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
 
     Differentiable with respect to `logits`; the same value on every TP rank.
     """
+    return _token_logprobs(DenseLogits, (flatten_tokens(logits),), logits.shape[-1], token_ids,
+                           temperature, vocab_size, tp_group, chunk_size)
+
+
+def fused_linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor, *,
+                                temperature: float = 1.0, vocab_size: Optional[int] = None,
+                                tp_group=None, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """`vocab_parallel_token_logprobs(hidden @ weight.T, token_ids)` without holding the logits:
+    hidden `[..., H]`, LM-head shard `[V/tp, H]`, ids `[...]` -> `[...]` fp32.
+
+    Differentiable with respect to `hidden` and `weight` (logits recomputed per chunk).
+    The gradient of `hidden` is this shard's part: pass `hidden` through Megatron's
+    `copy_to_tensor_model_parallel_region` to sum it over TP, as its output layer does.
+    """
+    source = functools.partial(LinearLogits, chunk_rows=chunk_size)
+    return _token_logprobs(source, (flatten_tokens(hidden), weight), weight.shape[0], token_ids,
+                           temperature, vocab_size, tp_group, chunk_size)
+
+
+def _token_logprobs(make_source, tensors, local_vocab: int, token_ids: torch.Tensor, temperature: float,
+                    vocab_size: Optional[int], tp_group, chunk_size: Optional[int]) -> torch.Tensor:
     check_temperature(temperature)
-    shard = vocab_shard(logits.shape[-1], vocab_size, tp_group)
+    shard = vocab_shard(local_vocab, vocab_size, tp_group)
     check_ids(token_ids, shard, "token_ids")
     flat = ShardedLogProbsAt.apply(token_ids.reshape(-1, 1).long(), None, shard, float(temperature),
-                                   True, False, chunk_size, DenseLogits, flatten_tokens(logits))
+                                   True, False, chunk_size, make_source, *tensors)
     return flat.view(token_ids.shape)
 
 
