@@ -1,0 +1,196 @@
+"""The training config: one schema for every algorithm, loaded from YAML with overrides.
+
+    config = load_train_config("configs/gkd.yaml", ["beta=0.0", "training.train_iters=10"])
+
+Algorithm parameters sit at the top level under ms-swift's names (`beta`, `lmbda`,
+`sft_alpha`, `temperature`, `max_completion_length`, `gkd_logits_topk`, `seq_kd`,
+`teacher_model`, `teacher_model_server`, `offload_teacher_model`) so that a recipe
+reads the same in both; the machinery (parallel layout, data, optimizer, training
+schedule, checkpoints, logging) is in sections.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+
+from megatron_opd.config.data import DataConfig
+from megatron_opd.config.parallel import ParallelConfig
+from megatron_opd.config.schema import ConfigError, check, from_dict
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `2e-5` (no dot) as a string; read it as the float everyone means."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[0-9][0-9_]*[eE][-+]?[0-9]+
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?|\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+@dataclass
+class OptimizerConfig:
+    """Megatron-Core's optimizer and LR schedule (names as in Megatron-LM's arguments)."""
+
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "cosine"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # global grad-norm clip; 0 disables it
+    use_distributed_optimizer: bool = True
+
+    def __post_init__(self) -> None:
+        check(self.lr > 0, "optimizer.lr", self.lr, "a number > 0")
+        check(0 <= self.min_lr <= self.lr, "optimizer.min_lr", self.min_lr, f"in [0, optimizer.lr={self.lr}]")
+        check(self.lr_warmup_iters >= 0, "optimizer.lr_warmup_iters", self.lr_warmup_iters, "an integer >= 0")
+        check(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "a number >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            check(0 <= getattr(self, name) < 1, f"optimizer.{name}", getattr(self, name), "in [0, 1)")
+        check(self.adam_eps > 0, "optimizer.adam_eps", self.adam_eps, "a number > 0")
+        check(self.clip_grad >= 0, "optimizer.clip_grad", self.clip_grad, "a number >= 0 (0 disables)")
+
+
+@dataclass
+class TrainingConfig:
+    """Batch sizes, length of the run, precision, checkpoints and logging."""
+
+    train_iters: int = 1000
+    micro_batch_size: int = 1
+    global_batch_size: int = 8  # sequences per optimizer step, over all microbatches and DP ranks
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    output_dir: str = "outputs/run"
+    save_interval: int = 0  # dist-checkpoint every N steps (0: only at the end)
+    resume: bool = True  # continue from the latest checkpoint in output_dir, if there is one
+    export_hf: bool = True  # write an HF directory of the final student
+    log_interval: int = 1
+    eval_interval: int = 0  # held-out divergence every N steps (0: never)
+    eval_iters: int = 1
+    tensorboard: bool = True
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        for name in ("train_iters", "micro_batch_size", "global_batch_size", "log_interval", "eval_iters"):
+            check(getattr(self, name) >= 1, f"training.{name}", getattr(self, name), "an integer >= 1")
+        for name in ("save_interval", "eval_interval"):
+            check(getattr(self, name) >= 0, f"training.{name}", getattr(self, name), "an integer >= 0 (0: off)")
+        check(self.global_batch_size % self.micro_batch_size == 0, "training.global_batch_size",
+              self.global_batch_size, f"a multiple of training.micro_batch_size={self.micro_batch_size}")
+
+    def num_microbatches(self, data_parallel_size: int) -> int:
+        per_step = self.micro_batch_size * data_parallel_size
+        check(self.global_batch_size % per_step == 0, "training.global_batch_size", self.global_batch_size,
+              f"a multiple of micro_batch_size * data-parallel size = {per_step}")
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class TrainConfig:
+    model: str  # the student: an HF model directory or a megatron_opd checkpoint
+    data: DataConfig
+    algorithm: Literal["gkd"] = "gkd"
+    teacher_model: Optional[str] = None
+    teacher_model_server: Optional[str] = None
+    offload_teacher_model: bool = False
+    beta: float = 0.5  # 0 forward KL(teacher || student), 1 reverse KL, between: generalized JSD
+    lmbda: float = 0.5  # probability that a step trains on student samples (on-policy)
+    sft_alpha: float = 0.0  # weight of the CE on dataset responses
+    temperature: float = 0.9  # divides both models' logits in the divergence, and sampling
+    max_completion_length: int = 512
+    gkd_logits_topk: Optional[int] = None  # None: full vocab; K: teacher's top-K, renormalized
+    seq_kd: bool = False  # off-policy steps train on teacher samples instead of dataset responses
+    make_vocab_size_divisible_by: int = 128
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("beta", "lmbda"):
+            check(0.0 <= getattr(self, name) <= 1.0, name, getattr(self, name), "in [0, 1]")
+        check(self.sft_alpha >= 0, "sft_alpha", self.sft_alpha, "a number >= 0")
+        check(self.temperature > 0, "temperature", self.temperature, "a number > 0")
+        check(self.max_completion_length >= 1, "max_completion_length", self.max_completion_length,
+              "an integer >= 1")
+        if self.gkd_logits_topk is not None:
+            check(self.gkd_logits_topk >= 1, "gkd_logits_topk", self.gkd_logits_topk,
+                  "an integer >= 1, or null for the full vocabulary")
+        check(self.make_vocab_size_divisible_by >= 1, "make_vocab_size_divisible_by",
+              self.make_vocab_size_divisible_by, "an integer >= 1")
+        if self.teacher_model_server is not None:
+            check(self.teacher_model is None, "teacher_model", self.teacher_model,
+                  "null when teacher_model_server is set (one teacher source)")
+            check(self.gkd_logits_topk is not None, "gkd_logits_topk", self.gkd_logits_topk,
+                  "an integer >= 1 when teacher_model_server is set (the server returns top-K logprobs)")
+
+    def check_world(self, world_size: int) -> int:
+        """The data-parallel size for `world_size` ranks; raises when the layout does not fit."""
+        data_parallel = self.parallel.data_parallel_size(world_size)
+        self.training.num_microbatches(data_parallel)
+        return data_parallel
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is invalid: write key=value, e.g. training.train_iters=10")
+    key, value = text.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path):
+        raise ConfigError(f"override {text!r} is invalid: empty key in {key!r}")
+    try:
+        return path, _load_yaml(value) if value.strip() else None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {error}") from error
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`raw` with each `a.b.c=value` set; values are parsed as YAML (`0.5`, `true`, `[a, b]`)."""
+    for text in overrides:
+        path, value = _parse_override(text)
+        node = raw
+        for depth, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(path[:depth + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_train_config(path: Optional[Path | str], overrides: Sequence[str] = (),
+                      world_size: Optional[int] = None) -> TrainConfig:
+    """Read YAML at `path` (or start empty), apply overrides, build and validate the config.
+
+    With `world_size` (default: $WORLD_SIZE when set) the layout is checked against it too.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            raw = _load_yaml(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from error
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(raw).__name__}")
+    config = from_dict(TrainConfig, apply_overrides(raw, overrides))
+    if world_size is None and "WORLD_SIZE" in os.environ:
+        world_size = int(os.environ["WORLD_SIZE"])
+    if world_size is not None:
+        config.check_world(world_size)
+    return config

@@ -1,0 +1,109 @@
+"""The training config: YAML + key=value overrides, every bad value named with its field."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_opd.config import ConfigError
+from megatron_opd.config.train import TrainConfig, apply_overrides, load_train_config
+
+MINIMAL = "model: /models/student\ndata:\n  dataset: [train.jsonl]\n"
+
+
+@pytest.fixture
+def yaml_file(tmp_path):
+    def write(text: str = MINIMAL):
+        path = tmp_path / "run.yaml"
+        path.write_text(text)
+        return path
+    return write
+
+
+def test_defaults_follow_ms_swift(yaml_file):
+    config = load_train_config(yaml_file(), world_size=1)
+    assert isinstance(config, TrainConfig)
+    assert (config.beta, config.lmbda, config.sft_alpha, config.temperature) == (0.5, 0.5, 0.0, 0.9)
+    assert (config.max_completion_length, config.gkd_logits_topk, config.seq_kd) == (512, None, False)
+    assert config.teacher_model is None and config.data.dataset == ["train.jsonl"]
+
+
+def test_overrides_are_typed_by_yaml(yaml_file):
+    config = load_train_config(yaml_file(), [
+        "beta=0", "lmbda=1.0", "gkd_logits_topk=64", "teacher_model=/models/teacher",
+        "parallel.tensor_model_parallel_size=2", "training.train_iters=7",
+        "data.dataset=[a.jsonl, b.parquet]", "optimizer.lr=2e-5"], world_size=2)
+    assert config.beta == 0.0 and isinstance(config.beta, float) and config.lmbda == 1.0
+    assert config.gkd_logits_topk == 64 and config.teacher_model == "/models/teacher"
+    assert config.parallel.tensor_model_parallel_size == 2 and config.training.train_iters == 7
+    assert config.data.dataset == ["a.jsonl", "b.parquet"] and config.optimizer.lr == 2e-5
+
+
+def test_override_creates_missing_sections():
+    raw = apply_overrides({}, ["training.micro_batch_size=2", "model=x"])
+    assert raw == {"training": {"micro_batch_size": 2}, "model": "x"}
+
+
+@pytest.mark.parametrize("override,message", [
+    ("beta=1.5", "beta=1.5 is invalid: in [0, 1]"),
+    ("lmbda=-0.1", "lmbda=-0.1 is invalid: in [0, 1]"),
+    ("temperature=0", "temperature=0.0 is invalid: a number > 0"),
+    ("gkd_logits_topk=0", "gkd_logits_topk=0 is invalid"),
+    ("sft_alpha=-1", "sft_alpha=-1.0 is invalid"),
+    ("max_completion_length=0", "max_completion_length=0 is invalid"),
+    ("beta=high", "beta='high' is invalid: a number"),
+    ("algorithm=ppo", "algorithm='ppo' is invalid: one of ['gkd']"),
+    ("optimizer.lr=0", "optimizer.lr=0.0 is invalid"),
+    ("optimizer.min_lr=1", "optimizer.min_lr=1.0 is invalid"),
+    ("training.global_batch_size=7", "training.global_batch_size=7 is invalid: a multiple of "
+                                     "training.micro_batch_size=2"),
+    ("training.precision=fp8", "training.precision='fp8' is invalid"),
+    ("parallel.tensor_model_parallel_size=0", "parallel.tensor_model_parallel_size=0 is invalid"),
+    ("trainig.train_iters=3", "unknown key(s) trainig"),
+    ("training.iters=3", "unknown key(s) training.iters"),
+    ("teacher_model_server=http://localhost:8000", "gkd_logits_topk=None is invalid: an integer >= 1 when "
+                                                   "teacher_model_server is set"),
+    ("beta", "write key=value"),
+])
+def test_bad_values_name_the_field(yaml_file, override, message):
+    with pytest.raises(ConfigError) as raised:
+        load_train_config(yaml_file(), ["training.micro_batch_size=2", override], world_size=1)
+    assert message in str(raised.value)
+
+
+def test_server_and_local_teacher_exclude_each_other(yaml_file):
+    with pytest.raises(ConfigError, match="teacher_model='t' is invalid: null when teacher_model_server"):
+        load_train_config(yaml_file(), ["teacher_model=t", "teacher_model_server=http://h:1",
+                                        "gkd_logits_topk=8"], world_size=1)
+
+
+@pytest.mark.parametrize("world,overrides,message", [
+    (3, ["parallel.tensor_model_parallel_size=2"], "a divisor of the world size 3"),
+    (4, ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"], None),
+    (4, ["training.global_batch_size=6", "training.micro_batch_size=2"],
+     "a multiple of micro_batch_size * data-parallel size = 8"),
+])
+def test_layout_checked_against_world_size(yaml_file, world, overrides, message):
+    if message is None:
+        assert load_train_config(yaml_file(), overrides, world_size=world).check_world(world) == 1
+        return
+    with pytest.raises(ConfigError, match=message.replace("*", r"\*")):
+        load_train_config(yaml_file(), overrides, world_size=world)
+
+
+def test_missing_required_and_bad_files(yaml_file, tmp_path):
+    with pytest.raises(ConfigError, match="missing required key model"):
+        load_train_config(yaml_file("data:\n  dataset: [a.jsonl]\n"), world_size=1)
+    with pytest.raises(ConfigError, match="missing required key data.dataset"):
+        load_train_config(yaml_file("model: m\ndata: {}\n"), world_size=1)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_train_config(yaml_file("model: [unclosed\n"), world_size=1)
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_train_config(yaml_file("- a\n- b\n"), world_size=1)
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_train_config(tmp_path / "nope.yaml")
+
+
+def test_exponent_without_dot_is_a_float(yaml_file):
+    """PyYAML alone reads `2e-5` as a string; Megatron users write learning rates that way."""
+    config = load_train_config(yaml_file(MINIMAL + "optimizer:\n  lr: 2e-5\n  min_lr: 1E-6\n"), world_size=1)
+    assert config.optimizer.lr == 2e-5 and config.optimizer.min_lr == 1e-6
