@@ -1,6 +1,7 @@
 """`megatron-opd <command>`: the command-line entry point.
 
     megatron-opd convert hf-to-megatron | megatron-to-hf | verify ...
+    megatron-opd train --config X.yaml [key=value ...]
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = {"convert": "megatron_opd.checkpoint.convert"}
+COMMANDS = {"convert": "megatron_opd.checkpoint.convert", "train": "megatron_opd.train"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

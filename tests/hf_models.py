@@ -71,7 +71,7 @@ def make_tokenizer(directory: Path) -> None:
     vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"<unk>": VOCAB - 1}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(directory)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="w0", pad_token="<unk>").save_pretrained(directory)
 
 
 def hf_logits(directory: Path, token_ids: torch.Tensor) -> torch.Tensor:

@@ -103,9 +103,15 @@ def copy_hf_side_files(hf_dir: Path, out: Path) -> list[str]:
 
 @torch.no_grad()
 def save_model_checkpoint(model: torch.nn.Module, info: CheckpointInfo, out: Path,
-                          hf_dir: Optional[Path] = None) -> None:
+                          hf_dir: Optional[Path] = None, extra_sharded: Optional[dict] = None,
+                          extra_files: Optional[dict[str, Any]] = None) -> None:
     """Write the model (collective: every rank calls) and, from rank 0, the HF side files
-    and the metadata JSON, last. `out` must exist and be empty."""
+    and the metadata JSON, last. `out` must exist and be empty.
+
+    `extra_sharded`: more of a sharded state dict saved in the same dist-checkpoint (a
+    trainer's optimizer); `extra_files`: name -> JSON-able object, written by rank 0
+    before the metadata (a trainer's state).
+    """
     gpt = unwrap(model)
     info = dataclasses.replace(info, model=dataclasses.replace(info.model, pad_vocab_size_to=gpt.vocab_size))
     if _rank() == 0:
@@ -116,9 +122,11 @@ def save_model_checkpoint(model: torch.nn.Module, info: CheckpointInfo, out: Pat
             (out / HF_DIR).mkdir()
         (out / HF_DIR / "config.json").write_text(json.dumps(info.hf_config, indent=2) + "\n")
     _barrier()
-    dist_checkpointing.save(gpt.sharded_state_dict(), str(out / DIST_DIR))
+    dist_checkpointing.save({"model": gpt.sharded_state_dict(), **(extra_sharded or {})}, str(out / DIST_DIR))
     _barrier()
     if _rank() == 0:
+        for name, content in (extra_files or {}).items():
+            (out / name).write_text(json.dumps(content, indent=2) + "\n")
         record = {"format_version": FORMAT_VERSION, "family": info.family, "dtype": info.dtype,
                   "model": to_dict(info.model), "hf_config": info.hf_config}
         (out / METADATA_FILE).write_text(json.dumps(record, indent=2) + "\n")

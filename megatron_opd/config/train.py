@@ -82,7 +82,6 @@ class TrainingConfig:
     eval_interval: int = 0  # held-out divergence every N steps (0: never)
     eval_iters: int = 1
     tensorboard: bool = True
-    seed: int = 1234
 
     def __post_init__(self) -> None:
         for name in ("train_iters", "micro_batch_size", "global_batch_size", "log_interval", "eval_iters"):

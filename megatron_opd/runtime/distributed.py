@@ -71,7 +71,7 @@ def _join_process_group(backend: str, timeout: datetime.timedelta) -> None:
     dist.init_process_group(backend, timeout=timeout)
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     # As Megatron-LM: one seed per pipeline stage; Megatron's tracker then derives
     # the tensor-parallel streams from it.
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
@@ -115,7 +115,7 @@ def initialize_runtime(
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
         )
-    _seed_everything(parallel.seed)
+    seed_everything(parallel.seed)
     return Runtime(
         device=torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda"
         else torch.device("cpu"),

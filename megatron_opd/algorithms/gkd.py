@@ -1,0 +1,59 @@
+"""GKD's loss on one microbatch: generalized JSD(beta) to the teacher + `sft_alpha` * CE.
+
+    loss = sum over counted tokens of [ D_beta(P_T || P_S)(t) + sft_alpha * (-log P_S(y_t)) ]
+
+Sums, not means: the trainer runs Megatron's schedule with per-token loss
+(`calculate_per_token_loss`), which adds the token counts of every microbatch and
+data-parallel rank and divides the gradient once by the global batch's count. So
+every counted token of the global batch weighs the same, however the batch is split
+(peers that average per-microbatch means weigh a token of a short microbatch more).
+
+The divergence is `ops.fused_linear_divergence` on the two models' final hidden
+states and LM-head shards (temperature on both; top-K of the teacher when
+`gkd_logits_topk`), the CE `ops.fused_linear_token_logprobs` at temperature 1, only on
+dataset (or teacher) responses, never on the student's own samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_opd.ops import fused_linear_divergence, fused_linear_token_logprobs
+from megatron_opd.teachers.local import TeacherHidden
+
+
+@dataclass(frozen=True)
+class GKDLoss:
+    beta: float
+    temperature: float
+    sft_alpha: float
+    topk: Optional[int]
+    vocab_size: int  # ids >= this are padding in both models' heads
+
+    def __call__(self, student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor,
+                 loss_mask: torch.Tensor, teacher: TeacherHidden, with_sft: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Summed loss, counted tokens and metric sums for one microbatch.
+
+        student_hidden `[b, s, H]` (after `models.outputs.head_input`), student_head
+        `[V/tp, H]`, labels and loss_mask `[b, s]`, teacher hidden `[b, s, H_T]`.
+        """
+        mask = loss_mask.bool()
+        divergence = fused_linear_divergence(
+            student_hidden, student_head, teacher.hidden, teacher.head_weight, beta=self.beta,
+            temperature=self.temperature, topk=self.topk, vocab_size=self.vocab_size, mask=mask,
+            reduction="sum")
+        loss = divergence
+        metrics = {"divergence_sum": divergence.detach().clone()}
+        if with_sft and self.sft_alpha > 0:
+            logprobs = fused_linear_token_logprobs(student_hidden[mask], student_head, labels[mask],
+                                                   vocab_size=self.vocab_size)
+            cross_entropy = -logprobs.sum()
+            loss = loss + self.sft_alpha * cross_entropy
+            metrics["sft_loss_sum"] = cross_entropy.detach().clone()
+        num_tokens = mask.sum().to(torch.int)
+        metrics["tokens"] = num_tokens.detach().clone()
+        return loss, num_tokens, metrics

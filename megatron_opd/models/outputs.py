@@ -1,0 +1,57 @@
+"""What the last pipeline stage hands to a distillation loss: final hidden states and the LM head.
+
+Distillation losses apply the LM head themselves, chunk by chunk (`ops.fused_linear_*`),
+so the model must stop before its output layer. Megatron-Core's `GPTModel.forward`
+returns the decoder output (final norm applied) when `post_process` is False; the
+stage keeps `post_process=True` for everything else (checkpoints, tied weights) and
+turns it off only for the duration of the forward call.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.tensor_parallel import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+
+from megatron_opd.models.tp_layout import unwrap
+
+
+def forward_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor
+                          ) -> torch.Tensor:
+    """Run this stage; on the last stage return the final hidden states instead of logits.
+
+    `input_ids`, `position_ids` `[b, s]`. Returns `[s, b, H]` (`[s/tp, b, H]` under
+    sequence parallelism), the tensor any stage sends to the next one.
+    """
+    gpt = unwrap(model)
+    if not gpt.post_process:
+        return model(input_ids, position_ids, None)
+    gpt.post_process = False
+    try:
+        return model(input_ids, position_ids, None)
+    finally:
+        gpt.post_process = True
+
+
+def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The last stage's LM-head shard `[V/tp, H]` (the embedding when tied)."""
+    gpt = unwrap(model)
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+def head_input(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """`[s(/tp), b, H]` final hidden states -> `[b, s, H]`, as the LM head consumes them.
+
+    Gathers the sequence under sequence parallelism and marks the tensor so that its
+    gradient is summed over TP in the backward, exactly as Megatron's column-parallel
+    output layer does with its input.
+    """
+    if unwrap(model).config.sequence_parallel:
+        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+    else:
+        hidden = copy_to_tensor_model_parallel_region(hidden)
+    return hidden.transpose(0, 1)

@@ -1,0 +1,70 @@
+"""An in-process Megatron teacher, run forward-only over a step's microbatches before the student.
+
+The last pipeline stage keeps, per microbatch, the teacher's final hidden states
+`[b, s, H_T]` and uses the teacher's LM-head shard inside the student's loss
+(`ops.fused_linear_divergence`), so the teacher's `[b, s, V/tp]` logits never exist
+for a whole microbatch: hidden states are V/H (about 40x for Qwen) smaller. Top-K
+distillation computes the teacher's top-K from them in the loss, at the cost of one
+chunked LM-head matmul, so one cache serves both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron_opd.models.outputs import head_input, lm_head_weight
+from megatron_opd.trainer.schedule import Microbatch, run_microbatches
+
+
+@dataclass
+class TeacherHidden:
+    """A teacher's output for one microbatch on the last stage."""
+
+    hidden: torch.Tensor  # [b, s, H_T], no grad
+    head_weight: torch.Tensor  # [V/tp, H_T], no grad
+
+
+class LocalTeacher:
+    """A frozen Megatron `GPTModel` with the student's TP/PP layout.
+
+    `offload`: keep the weights on the CPU between steps (GPU only); the LM-head shard
+    stays on the device, since the student's loss needs it after the teacher pass.
+    """
+
+    def __init__(self, model: torch.nn.Module, offload: bool = False):
+        if any(param.requires_grad for param in model.parameters()):
+            raise ValueError("the teacher must be frozen: build it with role='teacher'")
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.offload = offload and self.device.type == "cuda"
+        self._head: Optional[torch.Tensor] = None
+        if self.offload:
+            self._head = lm_head_weight(model).detach().clone() if _is_last_stage() else None
+            self.model.to("cpu")
+
+    @torch.no_grad()
+    def forward(self, microbatches: list[Microbatch]) -> Optional[list[TeacherHidden]]:
+        """The teacher's output per microbatch on the last stage, None elsewhere."""
+        if self.offload:
+            self.model.to(self.device)
+        self.model.eval()
+        outputs: list[Optional[TeacherHidden]] = [None] * len(microbatches)
+
+        def keep(index: int, batch: Microbatch, hidden: torch.Tensor):
+            head = self._head if self._head is not None else lm_head_weight(self.model).detach()
+            outputs[index] = TeacherHidden(head_input(self.model, hidden).detach(), head)
+            return hidden.new_zeros(()), {}
+
+        result = run_microbatches(self.model, microbatches, keep, forward_only=True)
+        if self.offload:
+            self.model.to("cpu")
+        return outputs if result is not None else None
+
+
+def _is_last_stage() -> bool:
+    from megatron.core import parallel_state
+
+    return parallel_state.is_pipeline_last_stage()

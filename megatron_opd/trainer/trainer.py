@@ -1,0 +1,278 @@
+"""The shared training loop: data -> teacher signal -> student forward-backward -> optimizer step.
+
+One step on every rank:
+  1. the global batch's example ids (`DataIterator`, identical on all ranks), padded to
+     one length, this DP rank's contiguous share split into microbatches;
+  2. the teacher forward-only over those microbatches (`LocalTeacher`), its final
+     hidden states kept on the last stage;
+  3. the student's forward-backward through Megatron's schedule with the algorithm's
+     loss reading the teacher's output for its microbatch; per-token normalization
+     over the whole global batch (`calculate_per_token_loss`);
+  4. Megatron's optimizer step (grad clipping, fp32 master weights) and LR schedule.
+Metrics each `log_interval`, held-out divergence each `eval_interval`, atomic
+dist-checkpoints each `save_interval` and at the end, resume from the latest, and a
+final HF export of the student.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_opd.algorithms.gkd import GKDLoss
+from megatron_opd.checkpoint.convert import Progress
+from megatron_opd.checkpoint.hf_io import StreamingSafetensorsWriter
+from megatron_opd.checkpoint.hf_weights import export_hf_weights, hf_tensor_plan
+from megatron_opd.checkpoint.megatron_checkpoint import (
+    HF_DIR,
+    CheckpointInfo,
+    atomic_output_dir,
+    copy_hf_side_files,
+    dtype_name,
+)
+from megatron_opd.checkpoint.pretrained import Pretrained, inspect_pretrained, load_pretrained
+from megatron_opd.config.model import with_common_padded_vocab
+from megatron_opd.config.schema import ConfigError, to_dict
+from megatron_opd.config.train import TrainConfig
+from megatron_opd.data import DataIterator, OUTPUT_COLUMNS, build_dataset, collate, pad_token_id
+from megatron_opd.models.outputs import head_input, lm_head_weight
+from megatron_opd.runtime.distributed import Runtime, initialize_runtime, seed_everything
+from megatron_opd.teachers.local import LocalTeacher
+from megatron_opd.trainer.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from megatron_opd.trainer.metrics import MetricsWriter
+from megatron_opd.trainer.optim import build_optimizer, wrap_student
+from megatron_opd.trainer.schedule import Microbatch, run_microbatches
+
+_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def check_supported(config: TrainConfig) -> None:
+    """Refuse settings whose machinery is not built yet, naming the field (never a silent fallback)."""
+    if config.lmbda > 0:
+        raise ConfigError(f"lmbda={config.lmbda} is invalid here: on-policy steps need the student "
+                          "sampler, which this trainer does not have yet; set lmbda: 0 (off-policy GKD)")
+    if config.seq_kd:
+        raise ConfigError("seq_kd=True is invalid here: teacher sampling is not built yet; set seq_kd: false")
+    if config.teacher_model_server is not None:
+        raise ConfigError("teacher_model_server is not supported by this trainer yet; use teacher_model")
+    if config.teacher_model is None:
+        raise ConfigError("teacher_model=None is invalid: GKD needs a teacher (an HF dir or megatron_opd checkpoint)")
+
+
+def resolve_dtype(precision: str, runtime: Runtime) -> torch.dtype:
+    if precision == "auto":
+        return torch.bfloat16 if runtime.device.type == "cuda" else torch.float32
+    return _PRECISION[precision]
+
+
+def tokenizer_dir(pretrained: Pretrained) -> Path:
+    return pretrained.path / HF_DIR if pretrained.kind == "megatron" else pretrained.path
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, runtime: Optional[Runtime] = None):
+        check_supported(config)
+        self.config = config
+        student_source = inspect_pretrained(config.model, config.make_vocab_size_divisible_by)
+        teacher_source = inspect_pretrained(config.teacher_model, config.make_vocab_size_divisible_by)
+        for name, source in (("model", student_source), ("teacher_model", teacher_source)):
+            try:
+                source.model.check_parallel(config.parallel)
+            except ConfigError as error:
+                raise ConfigError(f"{name} {source.path}: {error}") from error
+        self.runtime = runtime or initialize_runtime(config.parallel)
+        tp = config.parallel.tensor_model_parallel_size
+        student_model, teacher_model = with_common_padded_vocab([student_source.model, teacher_source.model], tp)
+        self.dtype = resolve_dtype(config.training.precision, self.runtime)
+        self.student_source = dataclasses.replace(student_source, model=student_model)
+
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or tokenizer_dir(student_source))
+        self.vocab_size = min(student_source.model.vocab_size, teacher_source.model.vocab_size)
+        if len(self.tokenizer) > self.vocab_size:
+            raise ConfigError(f"data.tokenizer has {len(self.tokenizer)} tokens, more than the models' "
+                              f"vocab ({self.vocab_size}): student and teacher must share the tokenizer")
+
+        student = load_pretrained(student_source, self.runtime, "student", self.dtype, student_model.pad_vocab_size_to)
+        self.model = wrap_student(student, config.optimizer.use_distributed_optimizer)
+        teacher = load_pretrained(teacher_source, self.runtime, "teacher", self.dtype, teacher_model.pad_vocab_size_to)
+        self.teacher = LocalTeacher(teacher, offload=config.offload_teacher_model)
+        self.optimizer, self.scheduler = build_optimizer(self.model, config.optimizer, config.training.train_iters)
+        self.loss = GKDLoss(beta=config.beta, temperature=config.temperature, sft_alpha=config.sft_alpha,
+                            topk=config.gkd_logits_topk, vocab_size=self.vocab_size)
+
+        self.train_data = self._dataset("train")
+        self.eval_data = self._dataset("val") if config.data.val_dataset else None
+        self.data_iterator = DataIterator(self.train_data, config.training.global_batch_size,
+                                          seed=config.data.seed, shuffle=config.data.shuffle)
+        self.pad_id = pad_token_id(self.tokenizer)
+        self.data_parallel_size = config.check_world(self.runtime.world_size)
+        self.iteration = 0
+        self.metrics = MetricsWriter(config.training.output_dir, enabled=self._is_logging_rank(),
+                                     tensorboard=config.training.tensorboard, total_steps=config.training.train_iters)
+        if config.training.resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ setup
+
+    def _dataset(self, split: str):
+        """Rank 0 tokenizes first (filling the datasets cache), the others then read it."""
+        if self.runtime.rank != 0:
+            torch.distributed.barrier()
+        dataset, stats = build_dataset(self.config.data, self.tokenizer, split)
+        if self.runtime.rank == 0:
+            print(f"data ({split}): {stats.summary()}", flush=True)
+            torch.distributed.barrier()
+        if len(dataset) < self.config.training.global_batch_size and split == "train":
+            raise ConfigError(f"training.global_batch_size={self.config.training.global_batch_size} is invalid: "
+                              f"the training data has only {len(dataset)} usable rows")
+        return dataset.select_columns(list(OUTPUT_COLUMNS))
+
+    def _is_logging_rank(self) -> bool:
+        return (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+                and parallel_state.get_data_parallel_rank() == 0)
+
+    def _checkpoint_info(self) -> CheckpointInfo:
+        source = self.student_source
+        return CheckpointInfo(model=source.model, family=source.family, dtype=dtype_name(self.dtype),
+                              hf_config=source.hf_config)
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self.config.training.output_dir)
+        if path is None:
+            return
+        state = load_training_checkpoint(path, self.model, self.optimizer)
+        self.iteration = state["iteration"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data_iterator.load_state_dict(state["data"])
+        if self.runtime.rank == 0:
+            print(f"resumed from {path} at iteration {self.iteration}", flush=True)
+
+    # ------------------------------------------------------------------ batches
+
+    def microbatches(self, indices: list[int], dataset) -> list[Microbatch]:
+        """This DP rank's share of a global batch, padded to the global batch's longest
+        sequence (a multiple of 8, and of TP under sequence parallelism)."""
+        multiple = 8 * (self.config.parallel.tensor_model_parallel_size if self.config.parallel.sequence_parallel else 1)
+        batch = collate([dataset[i] for i in indices], self.pad_id, pad_to_multiple_of=multiple)
+        tokens, loss_mask = batch["tokens"], batch["loss_mask"].bool()
+        share = len(indices) // self.data_parallel_size
+        rank = parallel_state.get_data_parallel_rank()
+        tokens, loss_mask = tokens[rank * share:(rank + 1) * share], loss_mask[rank * share:(rank + 1) * share]
+        size = self.config.training.micro_batch_size
+        return [Microbatch(tokens[start:start + size], loss_mask[start:start + size])
+                for start in range(0, share, size)]
+
+    # ------------------------------------------------------------------ one step
+
+    def _student_pass(self, microbatches: list[Microbatch], teacher_outputs, forward_only: bool,
+                      with_sft: bool) -> Optional[list[dict]]:
+        def loss(index: int, batch: Microbatch, hidden: torch.Tensor):
+            return self.loss(head_input(self.model, hidden), lm_head_weight(self.model), batch.labels,
+                             batch.loss_mask, teacher_outputs[index], with_sft=with_sft)
+
+        return run_microbatches(self.model, microbatches, loss, forward_only=forward_only)
+
+    def _reduce(self, outputs: Optional[list[dict]]) -> dict[str, float]:
+        """Sums over microbatches and DP ranks, divided by the global token count (last stage)."""
+        if outputs is None:
+            return {}
+        keys = ("divergence_sum", "sft_loss_sum", "tokens")
+        sums = torch.stack([sum((out[key].double() for out in outputs if key in out), torch.zeros((), dtype=torch.float64))
+                            for key in keys]).to(self.runtime.device)
+        torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
+        divergence, sft, tokens = sums.tolist()
+        result = {"divergence": divergence / max(tokens, 1), "tokens": int(tokens)}
+        if self.config.sft_alpha > 0:
+            result["sft_loss"] = sft / max(tokens, 1)
+        result["loss"] = result["divergence"] + self.config.sft_alpha * result.get("sft_loss", 0.0)
+        return result
+
+    def train_step(self) -> dict[str, float]:
+        # Every draw of a step is a function of (seed, iteration): resuming needs no RNG state.
+        seed_everything(self.config.parallel.seed + 1000 * self.iteration)
+        indices = next(self.data_iterator)
+        microbatches = self.microbatches(indices, self.train_data)
+        started = time.monotonic()
+        teacher_outputs = self.teacher.forward(microbatches)
+        teacher_time = time.monotonic() - started
+        self.model.train()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._student_pass(microbatches, teacher_outputs, forward_only=False, with_sft=True)
+        updated, grad_norm, _ = self.optimizer.step()
+        if not updated:
+            raise FloatingPointError(f"iteration {self.iteration + 1}: the optimizer skipped the step "
+                                     f"(grad norm {grad_norm}): non-finite gradients")
+        self.scheduler.step(increment=1)
+        student_time = time.monotonic() - started - teacher_time
+        self.iteration += 1
+        metrics = self._reduce(outputs)
+        if metrics:
+            metrics.update(grad_norm=float(grad_norm), lr=self.optimizer.param_groups[0]["lr"],
+                           teacher_s=teacher_time, student_s=student_time,
+                           tokens_per_s=metrics["tokens"] / max(teacher_time + student_time, 1e-9))
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean divergence per response token over `eval_iters` batches of the val data."""
+        iterator = DataIterator(self.eval_data, self.config.training.global_batch_size, shuffle=False)
+        self.model.eval()
+        outputs: list = []
+        for _ in range(self.config.training.eval_iters):
+            microbatches = self.microbatches(next(iterator), self.eval_data)
+            step_outputs = self._student_pass(microbatches, self.teacher.forward(microbatches),
+                                              forward_only=True, with_sft=False)
+            outputs.extend(step_outputs or [])
+        return self._reduce(outputs if parallel_state.is_pipeline_last_stage() else None)
+
+    # ------------------------------------------------------------------ the run
+
+    def save(self) -> Path:
+        state = {"scheduler": self.scheduler.state_dict(), "data": self.data_iterator.state_dict(),
+                 "config": to_dict(self.config)}
+        return save_training_checkpoint(self.config.training.output_dir, self.iteration, self.model,
+                                        self.optimizer, self._checkpoint_info(), tokenizer_dir(self.student_source),
+                                        state)
+
+    def export_hf(self, out: Path) -> None:
+        """The student as an HF directory (streamed, one tensor at a time, to rank 0)."""
+        model_config = self.student_source.model
+        plan = hf_tensor_plan(model_config, self.dtype)
+        with atomic_output_dir(out, force=True) as staging:
+            writer = None
+            if self.runtime.rank == 0:
+                copy_hf_side_files(tokenizer_dir(self.student_source), staging)
+                writer = StreamingSafetensorsWriter(staging, plan)
+            progress = Progress(len(plan), "exporting the student to HF")
+            for name, tensor in export_hf_weights(self.model, model_config):
+                if writer is not None:
+                    writer.write(name, tensor.to(self.dtype))
+                progress(name)
+            if writer is not None:
+                writer.close()
+
+    def train(self) -> dict[str, Any]:
+        training = self.config.training
+        last: dict[str, float] = {}
+        while self.iteration < training.train_iters:
+            last = self.train_step()
+            if last and self.iteration % training.log_interval == 0:
+                self.metrics.log(self.iteration, last)
+            if self.eval_data is not None and training.eval_interval and self.iteration % training.eval_interval == 0:
+                self.metrics.log(self.iteration, self.evaluate(), prefix="eval")
+            if training.save_interval and self.iteration % training.save_interval == 0:
+                self.save()
+        latest = latest_checkpoint(training.output_dir)
+        final = latest if latest is not None and latest.name == f"iter_{self.iteration:07d}" else self.save()
+        if training.export_hf:
+            self.export_hf(Path(training.output_dir) / "hf")
+        self.metrics.close()
+        return {"iteration": self.iteration, "checkpoint": str(final), **last}
