@@ -63,6 +63,9 @@ def test_override_creates_missing_sections():
     ("teacher_model_server=http://localhost:8000", "gkd_logits_topk=None is invalid: an integer >= 1 when "
                                                    "teacher_model_server is set"),
     ("beta", "write key=value"),
+    ("optimizer={optimizer: sgd, use_distributed_optimizer: true}",
+     "optimizer.use_distributed_optimizer=True is invalid: false with "
+                                "optimizer.optimizer='sgd'"),
 ])
 def test_bad_values_name_the_field(yaml_file, override, message):
     with pytest.raises(ConfigError) as raised:

@@ -156,6 +156,9 @@ def load_model_checkpoint(model: torch.nn.Module, path: Path | str) -> Checkpoin
                 sharded[key] = ShardedTensor.from_rank_offsets(saved.key, buffer, replica_id=(*replica, tp_rank))
                 repadded[key] = buffer
     loaded = dist_checkpointing.load(sharded, str(path / DIST_DIR))
+    # The checkpoint's common (non-sharded) state comes back too, e.g. a trainer's optimizer
+    # param groups: keep what the model asked for.
+    loaded = {key: value for key, value in loaded.items() if key in sharded}
     params = dict(gpt.named_parameters())
     for key in repadded:
         full = loaded.pop(key)[: info.model.vocab_size]

@@ -53,7 +53,9 @@ class OptimizerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # global grad-norm clip; 0 disables it
-    use_distributed_optimizer: bool = True
+    # null: on with Transformer Engine or Apex (GPU), off otherwise. Megatron-Core 0.16's
+    # DistributedOptimizer over plain torch Adam does not restore its state exactly.
+    use_distributed_optimizer: Optional[bool] = None
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "optimizer.lr", self.lr, "a number > 0")
@@ -64,6 +66,10 @@ class OptimizerConfig:
             check(0 <= getattr(self, name) < 1, f"optimizer.{name}", getattr(self, name), "in [0, 1)")
         check(self.adam_eps > 0, "optimizer.adam_eps", self.adam_eps, "a number > 0")
         check(self.clip_grad >= 0, "optimizer.clip_grad", self.clip_grad, "a number >= 0 (0 disables)")
+        check(self.optimizer == "adam" or self.use_distributed_optimizer is not True,
+              "optimizer.use_distributed_optimizer",
+              self.use_distributed_optimizer,
+              f"false with optimizer.optimizer={self.optimizer!r} (Megatron's DistributedOptimizer supports only adam)")
 
 
 @dataclass

@@ -51,7 +51,7 @@ def head_input(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     output layer does with its input.
     """
     if unwrap(model).config.sequence_parallel:
-        hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
-    else:
-        hidden = copy_to_tensor_model_parallel_region(hidden)
-    return hidden.transpose(0, 1)
+        return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True).transpose(0, 1)
+    # Transpose first: Megatron's backward all-reduce works in place on `.contiguous()` of
+    # its gradient, so a non-contiguous gradient (a transpose's) would silently stay unreduced.
+    return copy_to_tensor_model_parallel_region(hidden.transpose(0, 1).contiguous())

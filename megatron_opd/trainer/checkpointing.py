@@ -34,8 +34,8 @@ from megatron_opd.checkpoint.megatron_checkpoint import (
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
 # The DistributedOptimizer's default ("fully_sharded_model_space") needs flattened ranges
-# that dist-checkpointing now refuses; "fully_reshardable" loads at any TP/PP/DP, like the model.
-_OPTIMIZER_SHARDING = "fully_reshardable"
+# that dist-checkpointing now refuses; "dp_reshardable" is Megatron-LM's own default.
+_OPTIMIZER_SHARDING = "dp_reshardable"
 
 
 def checkpoint_root(output_dir: Path | str) -> Path:
@@ -87,6 +87,7 @@ def save_training_checkpoint(output_dir: Path | str, iteration: int, model: torc
     return out
 
 
+@torch.no_grad()
 def load_training_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
     """Collective. Restores model and optimizer; returns the trainer state (iteration, ...)."""
     load_model_checkpoint(model, path)

@@ -70,6 +70,20 @@ def resolve_dtype(precision: str, runtime: Runtime) -> torch.dtype:
     return _PRECISION[precision]
 
 
+def resolve_distributed_optimizer(requested: Optional[bool], optimizer: str) -> bool:
+    """Megatron's DistributedOptimizer needs Transformer Engine's or Apex's Adam to checkpoint
+    exactly (with torch's Adam, 0.16 loses state on resume): on by default where they exist."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+    if requested is None:
+        return HAVE_APEX_OR_TE and optimizer == "adam"
+    if requested and not HAVE_APEX_OR_TE:
+        raise ConfigError("optimizer.use_distributed_optimizer=True is invalid without Transformer Engine or "
+                          "Apex: Megatron-Core's DistributedOptimizer does not resume torch's Adam state "
+                          "exactly; set it to false or null")
+    return requested
+
+
 def tokenizer_dir(pretrained: Pretrained) -> Path:
     return pretrained.path / HF_DIR if pretrained.kind == "megatron" else pretrained.path
 
@@ -100,10 +114,12 @@ class Trainer:
                               f"vocab ({self.vocab_size}): student and teacher must share the tokenizer")
 
         student = load_pretrained(student_source, self.runtime, "student", self.dtype, student_model.pad_vocab_size_to)
-        self.model = wrap_student(student, config.optimizer.use_distributed_optimizer)
+        optimizer_config = dataclasses.replace(
+            config.optimizer, use_distributed_optimizer=resolve_distributed_optimizer(config.optimizer.use_distributed_optimizer, config.optimizer.optimizer))
+        self.model = wrap_student(student, optimizer_config.use_distributed_optimizer)
         teacher = load_pretrained(teacher_source, self.runtime, "teacher", self.dtype, teacher_model.pad_vocab_size_to)
         self.teacher = LocalTeacher(teacher, offload=config.offload_teacher_model)
-        self.optimizer, self.scheduler = build_optimizer(self.model, config.optimizer, config.training.train_iters)
+        self.optimizer, self.scheduler = build_optimizer(self.model, optimizer_config, config.training.train_iters)
         self.loss = GKDLoss(beta=config.beta, temperature=config.temperature, sft_alpha=config.sft_alpha,
                             topk=config.gkd_logits_topk, vocab_size=self.vocab_size)
 

@@ -1,0 +1,201 @@
+"""Off-policy GKD through the real trainer on gloo ranks.
+
+Each run builds `Trainer` from key=value overrides exactly as `python -m megatron_opd.train`
+does. With plain SGD at lr=1 and no clipping, the weight update is minus the gradient,
+so comparing updated weights across batch splits and parallel layouts compares the
+gradients Megatron's schedule, DDP and the per-token normalization produce.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_opd.testing import run_distributed
+from tests.gkd_setup import make_gkd_setup, overrides
+from tests.hf_models import VOCAB
+from tests.tiny_models import scaled_diff
+
+SGD = {"optimizer.optimizer": "sgd", "optimizer.lr": 1.0, "optimizer.clip_grad": 0.0,
+       "optimizer.lr_decay_style": "constant", "optimizer.weight_decay": 0.0,
+       "optimizer.use_distributed_optimizer": "null"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    return make_gkd_setup(tmp_path_factory.mktemp("gkd"))
+
+
+def train_on_rank(argv: list[str], steps: int, weights: bool = False, evaluate: bool = False,
+                  save: bool = False) -> dict:
+    """`steps` training steps; each step's metrics, optionally the full updated weights,
+    and a checkpoint at the end when `save`."""
+    from megatron_opd.config.train import load_train_config
+    from megatron_opd.models import gather_full_tensors
+    from megatron_opd.trainer.trainer import Trainer
+
+    trainer = Trainer(load_train_config(None, argv))
+    result = {"eval_before": trainer.evaluate() if evaluate else None}
+    result["steps"] = [trainer.train_step() for _ in range(steps)]
+    result["eval_after"] = trainer.evaluate() if evaluate else None
+    result["iteration"] = trainer.iteration
+    if save:
+        trainer.save()
+    if weights:
+        result["weights"] = {name: tensor.clone() for name, tensor in gather_full_tensors(trainer.model)}
+    return result
+
+
+def run(setup: dict, tmp_path: Path, world: int = 1, steps: int = 1, **fields) -> list[dict]:
+    argv = overrides(setup, tmp_path / "out", **{**SGD, **fields})
+    return run_distributed(train_on_rank, world, argv, steps, weights=True, timeout=300)
+
+
+def merged(results: list[dict]) -> dict:
+    """The last stage's metrics and every stage's weights."""
+    weights = {}
+    for result in results:
+        weights.update(result["weights"])
+    steps = next(r["steps"] for r in results if r["steps"][0])
+    return {"steps": steps, "weights": weights}
+
+
+def assert_same_update(actual: dict, expected: dict, tolerance: float) -> None:
+    assert set(actual["weights"]) == set(expected["weights"])
+    for name, weight in expected["weights"].items():
+        other = actual["weights"][name]
+        if other.shape != weight.shape:  # the vocab is padded per TP size: compare the real rows
+            other, weight = other[:VOCAB], weight[:VOCAB]
+        assert scaled_diff(other, weight) < tolerance, name
+
+
+def test_gradient_accumulation_invariance(setup, tmp_path):
+    """One microbatch of 8, four of 2, and DP=2 x two of 2: sequences of unequal length,
+    normalized by the global batch's token count, give one gradient."""
+    reference = merged(run(setup, tmp_path / "a", **{"training.micro_batch_size": 8}))
+    four = merged(run(setup, tmp_path / "b", **{"training.micro_batch_size": 2}))
+    data_parallel = merged(run(setup, tmp_path / "c", world=2, **{"training.micro_batch_size": 2}))
+    lengths = reference["steps"][0]["tokens"]
+    assert lengths > 8
+    for other in (four, data_parallel):
+        assert other["steps"][0]["tokens"] == lengths
+        assert abs(other["steps"][0]["loss"] - reference["steps"][0]["loss"]) < 1e-6
+        assert_same_update(other, reference, 1e-5)
+
+
+def test_mean_of_microbatch_means_would_differ(setup, tmp_path):
+    """Control: the batches above must make per-microbatch normalization visible, or the
+    invariance test could not fail. Their microbatches count different token numbers."""
+    from megatron_opd.config.train import load_train_config
+    from megatron_opd.data import DataIterator, build_dataset, collate
+    from transformers import AutoTokenizer
+
+    config = load_train_config(None, overrides(setup, tmp_path, **{"training.micro_batch_size": 2}), world_size=1)
+    tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer)
+    dataset, _ = build_dataset(config.data, tokenizer)
+    indices = next(DataIterator(dataset, 8, seed=config.data.seed))
+    mask = collate([dataset[i] for i in indices], 0)["loss_mask"]
+    counts = mask.view(4, 2, -1).sum(dim=(1, 2))
+    assert len(set(counts.tolist())) > 1, counts
+
+
+@pytest.mark.parametrize("topk", [None, 5], ids=["full_vocab", "top5"])
+def test_one_step_same_at_every_layout(setup, tmp_path, topk):
+    """TP=2, PP=2 and TP=2 + SP reproduce TP=1's loss and updated weights (fp32, 1e-5)."""
+    fields = {"training.micro_batch_size": 2, "gkd_logits_topk": "null" if topk is None else topk}
+    reference = merged(run(setup, tmp_path / "tp1", **fields))
+    layouts = {
+        "tp2": {"parallel.tensor_model_parallel_size": 2},
+        "pp2": {"parallel.pipeline_model_parallel_size": 2},
+        "tp2_sp": {"parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": True},
+    }
+    for name, layout in layouts.items():
+        other = merged(run(setup, tmp_path / name, world=2, **fields, **layout))
+        assert abs(other["steps"][0]["loss"] - reference["steps"][0]["loss"]) < 1e-5, name
+        assert_same_update(other, reference, 1e-5)
+
+
+def test_teacher_equal_to_student_gives_zero_loss(setup, tmp_path):
+    argv = overrides(setup, tmp_path / "out", **{**SGD, "teacher_model": setup["student"], "beta": 0.0})
+    (result,) = run_distributed(train_on_rank, 1, argv, 1)
+    assert abs(result["steps"][0]["loss"]) < 1e-6 and result["steps"][0]["grad_norm"] < 1e-5
+
+
+def test_training_lowers_held_out_divergence(setup, tmp_path):
+    argv = overrides(setup, tmp_path / "out", **{"optimizer.lr": 1e-2, "optimizer.optimizer": "adam",
+                                                  "training.micro_batch_size": 4})
+    (result,) = run_distributed(train_on_rank, 1, argv, 20, evaluate=True, timeout=300)
+    before, after = result["eval_before"]["divergence"], result["eval_after"]["divergence"]
+    assert after < 0.9 * before, (before, after)  # JSD(0.5) <= ln 2: random models start near it
+
+
+def test_resume_continues_exactly(setup, tmp_path):
+    """Stop after 2 steps (checkpoint), resume: steps 3..5 equal an uninterrupted run,
+    LR schedule included."""
+    fields = {"optimizer.optimizer": "adam", "optimizer.lr": 1e-3, "training.micro_batch_size": 4,
+              "optimizer.lr_warmup_iters": 2, "optimizer.lr_decay_style": "cosine", "training.train_iters": 5}
+    (straight,) = run_distributed(train_on_rank, 1, overrides(setup, tmp_path / "straight", **fields), 5)
+    interrupted = overrides(setup, tmp_path / "resumed", **fields)
+    run_distributed(train_on_rank, 1, interrupted, 2, save=True)
+    (resumed,) = run_distributed(train_on_rank, 1, interrupted, 3)
+    assert resumed["iteration"] == 5
+    for expected, actual in zip(straight["steps"][2:], resumed["steps"]):
+        assert abs(expected["loss"] - actual["loss"]) < 1e-6 and expected["lr"] == actual["lr"], (expected, actual)
+
+
+def test_killed_save_leaves_previous_checkpoint(setup, tmp_path):
+    """SIGKILL `python -m megatron_opd.train` while it writes its second checkpoint: the
+    first stays the latest, loads, and a new run resumes from it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from megatron_opd.trainer.checkpointing import latest_checkpoint
+
+    out = tmp_path / "out"
+    argv = overrides(setup, out, **{"training.micro_batch_size": 4, "training.train_iters": 4,
+                                    "training.save_interval": 2})
+    process = subprocess.Popen([sys.executable, "-m", "megatron_opd.train", *argv],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "MEGATRON_OPD_DEVICE": "cpu"}, cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 240
+    while not list((out / "checkpoints").glob(".iter_0000004.partial-*/hf")) and time.monotonic() < deadline:
+        assert process.poll() is None, "training ended before it could be killed"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert latest_checkpoint(out).name == "iter_0000002"
+    assert not (out / "checkpoints" / "iter_0000004").exists()
+    (resumed,) = run_distributed(train_on_rank, 1, argv, 1)
+    assert resumed["iteration"] == 3
+
+
+def test_distributed_optimizer_needs_te_or_apex():
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+    from megatron_opd.config import ConfigError
+    from megatron_opd.trainer.trainer import resolve_distributed_optimizer
+
+    assert resolve_distributed_optimizer(None, "adam") == HAVE_APEX_OR_TE
+    assert resolve_distributed_optimizer(None, "sgd") is False
+    if not HAVE_APEX_OR_TE:
+        with pytest.raises(ConfigError, match="optimizer.use_distributed_optimizer=True is invalid"):
+            resolve_distributed_optimizer(True, "adam")
+
+
+def test_unbuilt_settings_are_refused(setup, tmp_path):
+    """On-policy steps, teacher sampling and a teacher server are not built: refused by name."""
+    from megatron_opd.config import ConfigError
+    from megatron_opd.config.train import load_train_config
+    from megatron_opd.trainer.trainer import check_supported
+
+    for fields, name in (({"lmbda": 0.5}, "lmbda=0.5"), ({"seq_kd": True}, "seq_kd=True"),
+                         ({"teacher_model": "null", "teacher_model_server": "http://h:1", "gkd_logits_topk": 4},
+                          "teacher_model_server")):
+        config = load_train_config(None, overrides(setup, tmp_path, **fields), world_size=1)
+        with pytest.raises(ConfigError, match=name):
+            check_supported(config)
