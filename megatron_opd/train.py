@@ -7,6 +7,7 @@ a single process runs as one rank (CPU mode when there is no GPU).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -27,7 +28,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, FileNotFoundError, FileExistsError) as error:
         print(f"megatron_opd.train: error: {error}", file=sys.stderr)
         return 1
-    print(f"done: iteration {result['iteration']}, checkpoint {result['checkpoint']}", flush=True)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"done: iteration {result['iteration']}, checkpoint {result['checkpoint']}", flush=True)
     return 0
 
 

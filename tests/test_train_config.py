@@ -110,3 +110,11 @@ def test_exponent_without_dot_is_a_float(yaml_file):
     """PyYAML alone reads `2e-5` as a string; Megatron users write learning rates that way."""
     config = load_train_config(yaml_file(MINIMAL + "optimizer:\n  lr: 2e-5\n  min_lr: 1E-6\n"), world_size=1)
     assert config.optimizer.lr == 2e-5 and config.optimizer.min_lr == 1e-6
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+
+    for recipe in sorted((Path(__file__).parents[1] / "configs").glob("gkd*.yaml")):
+        config = load_train_config(recipe, world_size=8)
+        assert config.parallel.tensor_model_parallel_size * config.parallel.pipeline_model_parallel_size <= 8
