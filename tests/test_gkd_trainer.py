@@ -146,9 +146,11 @@ def test_resume_continues_exactly(setup, tmp_path):
 
 
 def test_killed_save_leaves_previous_checkpoint(setup, tmp_path):
-    """SIGKILL `python -m megatron_opd.train` while it writes its second checkpoint: the
-    first stays the latest, loads, and a new run resumes from it."""
+    """SIGKILL `python -m megatron_opd.train` while it writes a checkpoint (the first one
+    seen being written after iteration 2): the one before stays the latest, loads, and a
+    new run resumes from it. Saves come every 2 steps, so a missed window means the next."""
     import os
+    import re
     import signal
     import subprocess
     import sys
@@ -157,21 +159,28 @@ def test_killed_save_leaves_previous_checkpoint(setup, tmp_path):
     from megatron_opd.trainer.checkpointing import latest_checkpoint
 
     out = tmp_path / "out"
-    argv = overrides(setup, out, **{"training.micro_batch_size": 4, "training.train_iters": 4,
+    argv = overrides(setup, out, **{"training.micro_batch_size": 4, "training.train_iters": 40,
                                     "training.save_interval": 2})
     process = subprocess.Popen([sys.executable, "-m", "megatron_opd.train", *argv],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "MEGATRON_OPD_DEVICE": "cpu"}, cwd=Path(__file__).parents[1])
-    deadline = time.monotonic() + 240
-    while not list((out / "checkpoints").glob(".iter_0000004.partial-*/hf")) and time.monotonic() < deadline:
+    deadline, killed_at = time.monotonic() + 240, None
+    while killed_at is None and time.monotonic() < deadline:
         assert process.poll() is None, "training ended before it could be killed"
-        time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
+        for staging in (out / "checkpoints").glob(".iter_*.partial-*/hf"):
+            iteration = int(re.search(r"iter_(\d+)", str(staging)).group(1))
+            # Kill only while the dist-checkpoint is still being written, far from the rename.
+            if iteration >= 4 and not (staging.parent / "dist" / ".metadata").exists():
+                os.kill(process.pid, signal.SIGKILL)
+                killed_at = iteration
+                break
+        time.sleep(0.005)
     process.wait()
-    assert latest_checkpoint(out).name == "iter_0000002"
-    assert not (out / "checkpoints" / "iter_0000004").exists()
+    assert killed_at is not None, "no checkpoint write was seen"
+    assert latest_checkpoint(out).name == f"iter_{killed_at - 2:07d}"
+    assert not (out / "checkpoints" / f"iter_{killed_at:07d}").exists()
     (resumed,) = run_distributed(train_on_rank, 1, argv, 1)
-    assert resumed["iteration"] == 3
+    assert resumed["iteration"] == killed_at - 1
 
 
 def test_distributed_optimizer_needs_te_or_apex():
