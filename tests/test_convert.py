@@ -224,12 +224,12 @@ def test_killed_conversion_leaves_no_checkpoint(qwen2, tmp_path):
         [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "hf-to-megatron",
          "--hf-path", str(qwen2), "--out", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={**os.environ, "MEGATRON_OPD_DEVICE": "cpu"})
+        env={**os.environ, "MEGATRON_OPD_DEVICE": "cpu"}, start_new_session=True)
     deadline = time.monotonic() + 120
     while not list(tmp_path.glob(".out.partial-*/hf")) and time.monotonic() < deadline:
         assert process.poll() is None, "conversion ended before it could be killed"
         time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)  # with its children (dist-checkpointing's Manager)
     process.wait()
     assert not out.exists()
     (staging,) = tmp_path.glob(".out.partial-*")

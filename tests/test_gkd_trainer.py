@@ -163,7 +163,8 @@ def test_killed_save_leaves_previous_checkpoint(setup, tmp_path):
                                     "training.save_interval": 2})
     process = subprocess.Popen([sys.executable, "-m", "megatron_opd.train", *argv],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "MEGATRON_OPD_DEVICE": "cpu"}, cwd=Path(__file__).parents[1])
+                               env={**os.environ, "MEGATRON_OPD_DEVICE": "cpu"}, cwd=Path(__file__).parents[1],
+                               start_new_session=True)
     deadline, killed_at = time.monotonic() + 240, None
     while killed_at is None and time.monotonic() < deadline:
         assert process.poll() is None, "training ended before it could be killed"
@@ -171,7 +172,7 @@ def test_killed_save_leaves_previous_checkpoint(setup, tmp_path):
             iteration = int(re.search(r"iter_(\d+)", str(staging)).group(1))
             # Kill only while the dist-checkpoint is still being written, far from the rename.
             if iteration >= 4 and not (staging.parent / "dist" / ".metadata").exists():
-                os.kill(process.pid, signal.SIGKILL)
+                os.killpg(process.pid, signal.SIGKILL)  # with its children (dist-checkpointing's Manager)
                 killed_at = iteration
                 break
         time.sleep(0.005)
