@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_opd.testing import run_distributed
 from tests.gkd_setup import make_gkd_setup, overrides

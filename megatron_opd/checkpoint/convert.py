@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +23,14 @@ from typing import Optional, Sequence
 
 import torch
 
-from megatron_opd.checkpoint.hf_io import HFWeightReader, StreamingSafetensorsWriter
-from megatron_opd.checkpoint.hf_weights import export_hf_weights, hf_tensor_plan, load_hf_weights
+from megatron_opd.checkpoint.hf_io import HFWeightReader
+from megatron_opd.checkpoint.hf_weights import load_hf_weights, write_hf_weights
 from megatron_opd.checkpoint.megatron_checkpoint import (
     DTYPES,
     HF_DIR,
     CheckpointInfo,
     atomic_output_dir,
+    check_output_dir,
     copy_hf_side_files,
     dtype_name,
     save_model_checkpoint,
@@ -39,39 +39,9 @@ from megatron_opd.checkpoint.pretrained import Pretrained, inspect_pretrained, l
 from megatron_opd.config.parallel import ParallelConfig
 from megatron_opd.config.schema import ConfigError
 from megatron_opd.models.builder import build_gpt_model
+from megatron_opd.runtime.progress import Progress, is_rank_zero, log
 
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _log(message: str) -> None:
-    if _rank() == 0:
-        print(message, file=sys.stderr, flush=True)
-
-
-class Progress:
-    """`[k/N] name` on one rewritten line on a terminal, a line per 10% otherwise."""
-
-    def __init__(self, total: int, label: str):
-        self.total, self.label, self.done = total, label, 0
-        self.start = time.monotonic()
-        self.tty = sys.stderr.isatty()
-
-    def __call__(self, name: str) -> None:
-        self.done += 1
-        if _rank() != 0:
-            return
-        line = f"{self.label} [{self.done}/{self.total}] {name}"
-        if self.tty:
-            print(f"\r\033[K{line}", end="" if self.done < self.total else "\n", file=sys.stderr, flush=True)
-        elif self.done * 10 // self.total != (self.done - 1) * 10 // self.total or self.done == self.total:
-            print(line, file=sys.stderr, flush=True)
-
-    def finish(self) -> None:
-        _log(f"{self.label}: {self.done} tensors in {time.monotonic() - self.start:.1f}s")
 
 
 def _parallel(tp: int, pp: int, pretrained: Pretrained) -> ParallelConfig:
@@ -84,11 +54,6 @@ def _parallel(tp: int, pp: int, pretrained: Pretrained) -> ParallelConfig:
         raise ConfigError(f"--tp {tp} --pp {pp} needs {parallel.model_parallel_size} process(es), "
                           f"this run has {world}: {hint}")
     return parallel
-
-
-def _check_output(out: Path, force: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise FileExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
 
 
 def _expect(pretrained: Pretrained, kind: str, flag: str) -> None:
@@ -104,11 +69,11 @@ def hf_to_megatron(hf_path: Path, out: Path, tp: int = 1, pp: int = 1, dtype: Op
     source = inspect_pretrained(hf_path, make_vocab_size_divisible_by)
     _expect(source, "hf", "--hf-path")
     parallel = _parallel(tp, pp, source)
-    _check_output(out, force)
+    check_output_dir(out, force)
     torch_dtype = DTYPES[dtype] if dtype else (source.dtype if source.dtype in _HF_DTYPE_NAMES else torch.float32)
 
     runtime = initialize_runtime(parallel)
-    _log(f"hf-to-megatron: {source.family} from {hf_path}, {source.model.num_layers} layers, "
+    log(f"hf-to-megatron: {source.family} from {hf_path}, {source.model.num_layers} layers, "
          f"{dtype_name(torch_dtype)}, tp={tp} pp={pp}")
     with atomic_output_dir(out, force) as staging:
         model = build_gpt_model(source.model, runtime, dtype=torch_dtype, initialize=False)
@@ -119,8 +84,8 @@ def hf_to_megatron(hf_path: Path, out: Path, tp: int = 1, pp: int = 1, dtype: Op
         info = CheckpointInfo(model=source.model, family=source.family, dtype=dtype_name(torch_dtype),
                               hf_config=source.hf_config)
         save_model_checkpoint(model, info, staging, hf_dir=hf_path)
-        _log(f"wrote dist-checkpoint in {time.monotonic() - started:.1f}s")
-    _log(f"done: {out}")
+        log(f"wrote dist-checkpoint in {time.monotonic() - started:.1f}s")
+    log(f"done: {out}")
 
 
 def megatron_to_hf(megatron_path: Path, out: Path, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
@@ -130,28 +95,18 @@ def megatron_to_hf(megatron_path: Path, out: Path, tp: int = 1, pp: int = 1, dty
     source = inspect_pretrained(megatron_path)
     _expect(source, "megatron", "--megatron-path")
     parallel = _parallel(tp, pp, source)
-    _check_output(out, force)
+    check_output_dir(out, force)
     torch_dtype = DTYPES[dtype] if dtype else source.dtype
 
     runtime = initialize_runtime(parallel)
-    _log(f"megatron-to-hf: {source.family} from {megatron_path}, {dtype_name(torch_dtype)}, tp={tp} pp={pp}")
+    log(f"megatron-to-hf: {source.family} from {megatron_path}, {dtype_name(torch_dtype)}, tp={tp} pp={pp}")
     model = load_pretrained(source, runtime, dtype=source.dtype)
-    plan = hf_tensor_plan(source.model, torch_dtype)
     with atomic_output_dir(out, force) as staging:
-        writer = None
-        if _rank() == 0:
+        if is_rank_zero():
             copy_hf_side_files(megatron_path / HF_DIR, staging)
             (staging / "config.json").write_text(json.dumps(_hf_config_with_dtype(source, torch_dtype), indent=2) + "\n")
-            writer = StreamingSafetensorsWriter(staging, plan, max_shard_bytes)
-        progress = Progress(len(plan), "writing safetensors")
-        for name, tensor in export_hf_weights(model, source.model):
-            if writer is not None:
-                writer.write(name, tensor.to(torch_dtype))
-            progress(name)
-        if writer is not None:
-            writer.close()
-        progress.finish()
-    _log(f"done: {out}")
+        write_hf_weights(model, source.model, staging, torch_dtype, max_shard_bytes, "writing safetensors")
+    log(f"done: {out}")
 
 
 def _hf_config_with_dtype(source: Pretrained, dtype: torch.dtype) -> dict:
@@ -271,11 +226,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result = verify(args.hf_path, args.megatron_path, args.tp, args.pp, args.seq_length,
                             args.batch_size)
             ok = result.passed(args.tolerance)
-            _log(f"verify: {result.tokens} tokens, max |logit diff| {result.max_abs_diff:.3e} "
+            log(f"verify: {result.tokens} tokens, max |logit diff| {result.max_abs_diff:.3e} "
                  f"(scaled {result.scaled_diff:.3e}, tolerance {args.tolerance:g}), "
                  f"top-1 agreement {result.top1_agreement:.4f}: {'OK' if ok else 'FAILED'}")
             return 0 if ok else 1
     except (ConfigError, FileNotFoundError, FileExistsError, KeyError, ValueError) as error:
-        _log(f"megatron-opd convert {args.command}: error: {error}")
+        log(f"megatron-opd convert {args.command}: error: {error}")
         return 1
     return 0

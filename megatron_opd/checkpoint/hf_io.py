@@ -72,11 +72,16 @@ class HFWeightReader:
         return self._handles[file].get_tensor(name)
 
     def dtype(self) -> Optional[torch.dtype]:
-        """The dtype of the first floating tensor (the checkpoint's storage dtype)."""
+        """The dtype of the first floating tensor (the checkpoint's storage dtype), read from
+        the file header: no tensor is loaded."""
+        names = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
         for name in self.names():
-            tensor = self.get(name)
-            if tensor.is_floating_point():
-                return tensor.dtype
+            file = self._file_of[name]
+            if file not in self._handles:
+                self._handles[file] = safe_open(file, framework="pt")
+            dtype = names.get(self._handles[file].get_slice(name).get_dtype())
+            if dtype is not None and dtype.is_floating_point:
+                return dtype
         return None
 
 

@@ -13,17 +13,19 @@ into a rollout engine alike.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 from megatron.core import parallel_state
 
-from megatron_opd.checkpoint.hf_io import HFWeightReader
+from megatron_opd.checkpoint.hf_io import HFWeightReader, StreamingSafetensorsWriter
 from megatron_opd.checkpoint.weight_map import WeightRule, to_hf, to_megatron, weight_rules
 from megatron_opd.config.model import ModelConfig
 from megatron_opd.models.tp_layout import full_to_local, global_name, local_to_full, unwrap
+from megatron_opd.runtime.progress import Progress
 
-Progress = Callable[[str], None]
+ProgressCallback = Callable[[str], None]
 
 
 def check_hf_tensor_names(reader: HFWeightReader, config: ModelConfig) -> None:
@@ -48,7 +50,7 @@ def check_hf_tensor_names(reader: HFWeightReader, config: ModelConfig) -> None:
 
 @torch.no_grad()
 def load_hf_weights(model: torch.nn.Module, config: ModelConfig, reader: HFWeightReader,
-                    progress: Optional[Progress] = None) -> None:
+                    progress: Optional[ProgressCallback] = None) -> None:
     """Copy the HF checkpoint's weights into this rank's parameters (cast to their dtype)."""
     gpt = unwrap(model)
     check_hf_tensor_names(reader, config)
@@ -149,6 +151,22 @@ def export_hf_weights(
                 torch.distributed.send(full.contiguous(), dst_rank)
             for hf_name in rule.hf_names:
                 yield hf_name, None
+
+
+def write_hf_weights(model: torch.nn.Module, config: ModelConfig, directory: Path, dtype: torch.dtype,
+                     max_shard_bytes: int = 5 * 2**30, label: str = "writing HF weights") -> None:
+    """Stream `export_hf_weights` into safetensors shards in `directory` on global rank 0,
+    cast to `dtype`. Collective: every rank calls."""
+    plan = hf_tensor_plan(config, dtype)
+    writer = StreamingSafetensorsWriter(directory, plan, max_shard_bytes) if torch.distributed.get_rank() == 0 else None
+    progress = Progress(len(plan), label)
+    for name, tensor in export_hf_weights(model, config):
+        if writer is not None:
+            writer.write(name, tensor.to(dtype))
+        progress(name)
+    if writer is not None:
+        writer.close()
+    progress.finish()
 
 
 def _device(gpt: torch.nn.Module) -> torch.device:

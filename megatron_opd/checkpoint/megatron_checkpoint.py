@@ -172,6 +172,13 @@ def load_model_checkpoint(model: torch.nn.Module, path: Path | str) -> Checkpoin
     return info
 
 
+def check_output_dir(out: Path | str, force: bool) -> None:
+    """Refuse a non-empty (or non-directory) `out` unless `force`."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
+
+
 @contextmanager
 def atomic_output_dir(out: Path | str, force: bool = False) -> Iterator[Path]:
     """Yield an empty temporary directory next to `out` that becomes `out` on success.
@@ -181,8 +188,7 @@ def atomic_output_dir(out: Path | str, force: bool = False) -> Iterator[Path]:
     content is complete. Collective when distributed: rank 0 picks the name.
     """
     out = Path(out).absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
+    check_output_dir(out, force)
     names = [f".{out.name}.partial-{uuid.uuid4().hex[:8]}"]
     if torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(names, src=0)

@@ -25,9 +25,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_opd.algorithms.gkd import GKDLoss
-from megatron_opd.checkpoint.convert import Progress
-from megatron_opd.checkpoint.hf_io import StreamingSafetensorsWriter
-from megatron_opd.checkpoint.hf_weights import export_hf_weights, hf_tensor_plan
+from megatron_opd.checkpoint.hf_weights import write_hf_weights
 from megatron_opd.checkpoint.megatron_checkpoint import (
     HF_DIR,
     CheckpointInfo,
@@ -260,20 +258,11 @@ class Trainer:
 
     def export_hf(self, out: Path) -> None:
         """The student as an HF directory (streamed, one tensor at a time, to rank 0)."""
-        model_config = self.student_source.model
-        plan = hf_tensor_plan(model_config, self.dtype)
         with atomic_output_dir(out, force=True) as staging:
-            writer = None
             if self.runtime.rank == 0:
                 copy_hf_side_files(tokenizer_dir(self.student_source), staging)
-                writer = StreamingSafetensorsWriter(staging, plan)
-            progress = Progress(len(plan), "exporting the student to HF")
-            for name, tensor in export_hf_weights(self.model, model_config):
-                if writer is not None:
-                    writer.write(name, tensor.to(self.dtype))
-                progress(name)
-            if writer is not None:
-                writer.close()
+            write_hf_weights(self.model, self.student_source.model, staging, self.dtype,
+                             label="exporting the student to HF")
 
     def train(self) -> dict[str, Any]:
         training = self.config.training

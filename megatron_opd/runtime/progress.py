@@ -1,0 +1,38 @@
+"""Progress of a long per-tensor loop, printed by global rank 0 on stderr."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log(message: str) -> None:
+    if is_rank_zero():
+        print(message, file=sys.stderr, flush=True)
+
+
+class Progress:
+    """`[k/N] name` on one rewritten line on a terminal, a line per 10% otherwise."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.done = total, label, 0
+        self.start = time.monotonic()
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, name: str) -> None:
+        self.done += 1
+        if not is_rank_zero():
+            return
+        line = f"{self.label} [{self.done}/{self.total}] {name}"
+        if self.tty:
+            print(f"\r\033[K{line}", end="" if self.done < self.total else "\n", file=sys.stderr, flush=True)
+        elif self.done * 10 // self.total != (self.done - 1) * 10 // self.total or self.done == self.total:
+            print(line, file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        log(f"{self.label}: {self.done} tensors in {time.monotonic() - self.start:.1f}s")
