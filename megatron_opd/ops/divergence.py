@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal, Optional
+from typing import Literal, Optional, Sequence
 
 import torch
 
@@ -402,19 +402,24 @@ def vocab_parallel_sample(
     top_k: Optional[int] = None,
     vocab_size: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    row_generators: Optional[Sequence[torch.Generator]] = None,
     tp_group=None,
 ) -> torch.Tensor:
     """Sample global ids from softmax(logits / temperature) over the sharded vocab: `[..., V/tp]` -> `[...]`.
 
     Gumbel-max: argmax over the vocab of `logits / tau + G`, G ~ Gumbel(0, 1), is an
-    exact sample. The noise for global id v is drawn for the whole vocab from
-    `generator` on every rank and sliced, so with the same generator state every TP
-    rank, and every TP size, picks the same ids. `temperature=0` is greedy. `top_k`
-    keeps the k largest logits (ties at the k-th value are all kept). Two all-reduces
-    of `[N]` values per call.
+    exact sample. The noise of a row is drawn for the whole true vocabulary (ids below
+    `vocab_size`, never the TP-dependent padding) on every rank and sliced, so with the
+    same generator state every TP rank, and every TP size, picks the same ids. The
+    noise comes from `generator` (all rows from one stream), or from `row_generators`
+    (one stream per row, so that a row's sample does not depend on which other rows
+    share its batch). `temperature=0` is greedy. `top_k` keeps the k largest logits
+    (ties at the k-th value are all kept). Two all-reduces of `[N]` values per call.
     """
     if temperature < 0:
         raise ValueError(f"temperature={temperature!r} is invalid: must be >= 0 (0 is greedy)")
+    if generator is not None and row_generators is not None:
+        raise ValueError("give generator or row_generators, not both")
     shard = vocab_shard(logits.shape[-1], vocab_size, tp_group)
     token_shape = logits.shape[:-1]
     scores = tempered(flatten_tokens(logits), shard, temperature or 1.0)
@@ -424,12 +429,25 @@ def vocab_parallel_sample(
         kth_value = sharded_topk(DenseLogits(flatten_tokens(logits)), top_k, shard, temperature or 1.0)[0][:, -1:]
         scores = scores.masked_fill(scores < kth_value, float("-inf"))
     if temperature > 0:
-        uniform = torch.rand(scores.shape[0], shard.padded_vocab, generator=generator,
-                             device=generator.device if generator is not None else scores.device)
-        uniform = uniform[:, shard.start:shard.start + shard.local_vocab].to(scores.device)
-        scores = scores - torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
+        scores = scores + _gumbel_noise(scores.shape[0], shard, generator, row_generators, scores.device)
     local_best, local_index = scores.max(dim=-1)
     best = shard.all_reduce(local_best.clone(), torch.distributed.ReduceOp.MAX)
     candidate = torch.where(local_best == best, local_index + shard.start,
                             torch.full_like(local_index, shard.padded_vocab))
     return shard.all_reduce(candidate, torch.distributed.ReduceOp.MIN).view(token_shape)
+
+
+def _gumbel_noise(num_rows: int, shard: VocabShard, generator: Optional[torch.Generator],
+                  row_generators: Optional[Sequence[torch.Generator]], device: torch.device) -> torch.Tensor:
+    """Gumbel(0, 1) noise `[num_rows, V/tp]` for this shard's ids; 0 on padding ids (already -inf)."""
+    if row_generators is not None:
+        if len(row_generators) != num_rows:
+            raise ValueError(f"row_generators has {len(row_generators)} generators for {num_rows} rows")
+        uniform = torch.stack([torch.rand(shard.vocab_size, generator=row, device=row.device)
+                               for row in row_generators]) if num_rows else torch.empty(0, shard.vocab_size)
+    else:
+        uniform = torch.rand(num_rows, shard.vocab_size, generator=generator,
+                             device=generator.device if generator is not None else device)
+    uniform = uniform[:, shard.start:shard.start + shard.valid_local].to(device)
+    noise = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
+    return torch.nn.functional.pad(noise, (0, shard.local_vocab - shard.valid_local))

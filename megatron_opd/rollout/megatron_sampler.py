@@ -1,0 +1,170 @@
+"""Autoregressive sampling from a live Megatron `GPTModel` at any TP/PP layout, on CPU or GPU.
+
+The generation loop is Megatron-Core's static-batching scheme: prompts of different
+lengths are right-padded into one `[B, T]` buffer; decoding starts at the shortest
+prompt, and at position t a row whose prompt is longer than t keeps its own prompt
+token instead of the sampled one. Every row then attends only to its real tokens, at
+their true positions, with no attention mask and no left-padding offsets. The KV cache
+is Megatron's `StaticInferenceContext`: after a prefill of the shortest prompt, each
+step feeds one token per row. Without the cache (`use_kv_cache=False`) each step
+re-runs the whole prefix; both give the same ids (see the tests), the cache is faster.
+
+Per step, the last stage applies the LM-head shard to the last hidden state
+(`[B, H] @ [V/tp, H]^T`, logits stay vocab-sharded) and draws with
+`ops.vocab_parallel_sample` (Gumbel-max over the shards, each row from its own seeded
+stream), so every TP rank gets the same ids without gathering the vocab; the ids are
+then broadcast to the other pipeline stages. Under sequence parallelism the model is
+switched to plain TP for the duration (Megatron's own static inference refuses SP; a
+one-token step cannot be split over the sequence).
+
+Written here rather than taken from Megatron's `TextGenerationController`: that needs
+Megatron's tokenizer wrappers and request objects, gathers the full-vocab logits
+for sampling, and its pipeline communication asserts CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
+
+from megatron_opd.models.outputs import forward_hidden_states, lm_head_weight
+from megatron_opd.models.tp_layout import unwrap
+from megatron_opd.ops import vocab_parallel_sample
+from megatron_opd.rollout.protocol import Rollout, SamplingParams
+
+
+class MegatronSampler:
+    """Generates with `model`'s current weights (a student being trained, or a frozen teacher).
+
+    `vocab_size`: the tokenizer's true vocabulary; padded ids are never sampled.
+    """
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, use_kv_cache: bool = True):
+        self.model = model
+        self.gpt = unwrap(model)
+        self.vocab_size = vocab_size
+        self.use_kv_cache = use_kv_cache
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                 seeds: Optional[Sequence[int]] = None) -> Rollout:
+        started = time.monotonic()
+        lengths = self._check(prompts, params, seeds)
+        device = next(self.model.parameters()).device
+        batch = len(prompts)
+        total = max(length + params.max_new_tokens for length in lengths)
+        tokens = torch.zeros(batch, total, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, :len(prompt)] = torch.as_tensor(list(prompt), dtype=torch.long)
+        prompt_lengths = torch.tensor(lengths, device=device)
+        generated = torch.zeros(batch, dtype=torch.long, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        eos = torch.tensor(params.eos_token_ids or [-1], device=device)
+        generators = None
+        if params.temperature > 0:
+            generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+
+        context = StaticInferenceContext(batch, total) if self.use_kv_cache else None
+        cached = 0  # positions already in the KV cache
+        passes = 0
+        with self._inference_mode():
+            for position in range(min(lengths), total):
+                start = cached if context is not None else 0
+                hidden = self._forward(tokens[:, start:position], start, context)
+                passes += 1
+                if context is not None:
+                    context.increment_sequence_len_offset(position - start)
+                    context.enable_decode_mode()
+                    cached = position
+                sampling = (prompt_lengths <= position) & ~finished
+                ids = self._sample(hidden, sampling, params, generators)
+                tokens[:, position] = torch.where(sampling, ids, tokens[:, position])
+                generated += sampling.long()
+                finished |= sampling & (torch.isin(ids, eos) | (generated == params.max_new_tokens))
+                if bool(finished.all()):
+                    break
+
+        completions = [tokens[row, lengths[row]:lengths[row] + int(generated[row])].tolist() for row in range(batch)]
+        ended_on_eos = [bool(completion) and completion[-1] in params.eos_token_ids for completion in completions]
+        return Rollout(completions, ended_on_eos, seconds=time.monotonic() - started, forward_passes=passes)
+
+    # ------------------------------------------------------------------ one step
+
+    def _forward(self, input_ids: torch.Tensor, start: int, context) -> Optional[torch.Tensor]:
+        """This stage's forward of `input_ids` `[B, s]` at positions `start..start+s-1`.
+        Returns the last position's final hidden state `[B, H]` on the last stage."""
+        batch, length = input_ids.shape
+        positions = torch.arange(start, start + length, device=input_ids.device).expand(batch, length)
+        if not parallel_state.is_pipeline_first_stage():
+            received = torch.empty(length, batch, self.gpt.config.hidden_size,
+                                   dtype=self.gpt.config.params_dtype, device=input_ids.device)
+            dist.recv(received, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+            self.gpt.set_input_tensor(received)
+        hidden = forward_hidden_states(self.model, input_ids, positions, inference_context=context)
+        if not parallel_state.is_pipeline_last_stage():
+            dist.send(hidden.contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
+            return None
+        return hidden[-1]
+
+    def _sample(self, hidden: Optional[torch.Tensor], sampling: torch.Tensor, params: SamplingParams,
+                generators: Optional[list[torch.Generator]]) -> torch.Tensor:
+        """Next ids `[B]` on every rank: drawn on the last stage for the `sampling` rows
+        (others get 0), broadcast over the pipeline."""
+        ids = torch.zeros(sampling.shape[0], dtype=torch.long, device=sampling.device)
+        if parallel_state.is_pipeline_last_stage():
+            rows = sampling.nonzero().squeeze(-1)
+            if rows.numel():
+                logits = hidden[rows] @ lm_head_weight(self.model).t()  # [rows, V/tp]
+                ids[rows] = vocab_parallel_sample(
+                    logits, temperature=params.temperature, top_k=params.top_k, vocab_size=self.vocab_size,
+                    row_generators=[generators[row] for row in rows.tolist()] if generators else None,
+                    tp_group=parallel_state.get_tensor_model_parallel_group())
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(ids, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        return ids
+
+    # ------------------------------------------------------------------ helpers
+
+    @contextmanager
+    def _inference_mode(self) -> Iterator[None]:
+        """Eval mode (no dropout; Megatron uses the KV cache only when not training) and no
+        sequence parallelism, restored afterwards."""
+        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+
+        was_training = self.model.training
+        sequence_parallel = self.gpt.config.sequence_parallel
+        self.model.eval()
+        if sequence_parallel:
+            set_model_to_sequence_parallel(self.gpt, False)
+        try:
+            yield
+        finally:
+            if sequence_parallel:
+                set_model_to_sequence_parallel(self.gpt, True)
+            self.model.train(was_training)
+
+    def _check(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+               seeds: Optional[Sequence[int]]) -> list[int]:
+        if len(prompts) == 0:
+            raise ValueError("generate needs at least one prompt")
+        lengths = [len(prompt) for prompt in prompts]
+        if min(lengths) < 1:
+            raise ValueError(f"prompt {lengths.index(0)} is empty: every prompt needs at least one token")
+        for row, prompt in enumerate(prompts):
+            bad = [token for token in prompt if not 0 <= int(token) < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {row} has token ids outside [0, {self.vocab_size}): {bad[:5]}")
+        if params.top_k is not None and params.top_k > self.vocab_size:
+            raise ValueError(f"top_k={params.top_k} is invalid: larger than the vocab ({self.vocab_size})")
+        if params.temperature > 0:
+            if seeds is None or len(seeds) != len(prompts):
+                raise ValueError(f"sampling at temperature {params.temperature} needs one seed per prompt "
+                                 f"({len(prompts)}), got {None if seeds is None else len(seeds)}")
+        return lengths
