@@ -1,0 +1,1 @@
+"""The CPU quickstart: a synthetic addition task, its character tokenizer and tiny random models."""
