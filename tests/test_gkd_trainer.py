@@ -197,14 +197,19 @@ def test_distributed_optimizer_needs_te_or_apex():
 
 
 def test_unbuilt_settings_are_refused(setup, tmp_path):
-    """On-policy steps, teacher sampling and a teacher server are not built: refused by name."""
+    """A teacher server is not built yet: refused by name; settings that contradict each
+    other are refused at load."""
     from megatron_opd.config import ConfigError
     from megatron_opd.config.train import load_train_config
     from megatron_opd.trainer.trainer import check_supported
 
-    for fields, name in (({"lmbda": 0.5}, "lmbda=0.5"), ({"seq_kd": True}, "seq_kd=True"),
-                         ({"teacher_model": "null", "teacher_model_server": "http://h:1", "gkd_logits_topk": 4},
-                          "teacher_model_server")):
-        config = load_train_config(None, overrides(setup, tmp_path, **fields), world_size=1)
+    server = {"teacher_model": "null", "teacher_model_server": "http://h:1", "gkd_logits_topk": 4}
+    config = load_train_config(None, overrides(setup, tmp_path, **server), world_size=1)
+    with pytest.raises(ConfigError, match="teacher_model_server"):
+        check_supported(config)
+    for fields, name in (({**server, "seq_kd": True}, "seq_kd=True is invalid"),
+                         ({"algorithm": "sft"}, "teacher_model=.* is invalid: .*null with algorithm: sft"),
+                         ({"algorithm": "sft", "teacher_model": "null", "seq_kd": True}, "seq_kd=True is invalid"),
+                         ({"top_k": 0}, "top_k=0 is invalid")):
         with pytest.raises(ConfigError, match=name):
-            check_supported(config)
+            load_train_config(None, overrides(setup, tmp_path, **fields), world_size=1)

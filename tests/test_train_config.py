@@ -51,7 +51,7 @@ def test_override_creates_missing_sections():
     ("sft_alpha=-1", "sft_alpha=-1.0 is invalid"),
     ("max_completion_length=0", "max_completion_length=0 is invalid"),
     ("beta=high", "beta='high' is invalid: a number"),
-    ("algorithm=ppo", "algorithm='ppo' is invalid: one of ['gkd']"),
+    ("algorithm=ppo", "algorithm='ppo' is invalid: one of ['gkd', 'sft']"),
     ("optimizer.lr=0", "optimizer.lr=0.0 is invalid"),
     ("optimizer.min_lr=1", "optimizer.min_lr=1.0 is invalid"),
     ("training.global_batch_size=7", "training.global_batch_size=7 is invalid: a multiple of "

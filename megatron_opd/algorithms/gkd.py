@@ -12,17 +12,36 @@ The divergence is `ops.fused_linear_divergence` on the two models' final hidden
 states and LM-head shards (temperature on both; top-K of the teacher when
 `gkd_logits_topk`), the CE `ops.fused_linear_token_logprobs` at temperature 1, only on
 dataset (or teacher) responses, never on the student's own samples.
+
+Which responses a step trains on (`lmbda`, `seq_kd`) is `response_source`; the trainer
+samples them (`rollout.MegatronSampler`) before the teacher's forward, with no gradient.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
-from megatron_opd.ops import fused_linear_divergence, fused_linear_token_logprobs
+from megatron_opd.algorithms.sft import cross_entropy_sum
+from megatron_opd.ops import fused_linear_divergence
 from megatron_opd.teachers.local import TeacherHidden
+
+ResponseSource = Literal["student", "teacher", "dataset"]
+
+
+def response_source(lmbda: float, seq_kd: bool, seed: int, iteration: int) -> ResponseSource:
+    """Where step `iteration`'s responses come from: the student's samples with probability
+    `lmbda` (on-policy), else the teacher's samples (`seq_kd`) or the dataset's responses.
+
+    One draw per step from a generator seeded by (seed, iteration): every rank computes
+    the same decision without communicating, and a resumed run repeats it.
+    """
+    if random.Random(f"gkd/{seed}/{iteration}").random() < lmbda:
+        return "student"
+    return "teacher" if seq_kd else "dataset"
 
 
 @dataclass(frozen=True)
@@ -49,11 +68,10 @@ class GKDLoss:
         loss = divergence
         metrics = {"divergence_sum": divergence.detach().clone()}
         if with_sft and self.sft_alpha > 0:
-            logprobs = fused_linear_token_logprobs(student_hidden[mask], student_head, labels[mask],
-                                                   vocab_size=self.vocab_size)
-            cross_entropy = -logprobs.sum()
+            cross_entropy = cross_entropy_sum(student_hidden, student_head, labels, mask, self.vocab_size)
             loss = loss + self.sft_alpha * cross_entropy
             metrics["sft_loss_sum"] = cross_entropy.detach().clone()
         num_tokens = mask.sum().to(torch.int)
+        metrics["loss_sum"] = loss.detach().clone()
         metrics["tokens"] = num_tokens.detach().clone()
         return loss, num_tokens, metrics

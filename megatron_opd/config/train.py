@@ -108,7 +108,7 @@ class TrainingConfig:
 class TrainConfig:
     model: str  # the student: an HF model directory or a megatron_opd checkpoint
     data: DataConfig
-    algorithm: Literal["gkd"] = "gkd"
+    algorithm: Literal["gkd", "sft"] = "gkd"  # sft: plain CE on dataset responses, no teacher
     teacher_model: Optional[str] = None
     teacher_model_server: Optional[str] = None
     offload_teacher_model: bool = False
@@ -116,7 +116,8 @@ class TrainConfig:
     lmbda: float = 0.5  # probability that a step trains on student samples (on-policy)
     sft_alpha: float = 0.0  # weight of the CE on dataset responses
     temperature: float = 0.9  # divides both models' logits in the divergence, and sampling
-    max_completion_length: int = 512
+    top_k: Optional[int] = None  # sampling keeps the k most likely tokens (null: all)
+    max_completion_length: int = 512  # most tokens sampled per response (EOS ends one earlier)
     gkd_logits_topk: Optional[int] = None  # None: full vocab; K: teacher's top-K, renormalized
     seq_kd: bool = False  # off-policy steps train on teacher samples instead of dataset responses
     make_vocab_size_divisible_by: int = 128
@@ -131,6 +132,8 @@ class TrainConfig:
         check(self.temperature > 0, "temperature", self.temperature, "a number > 0")
         check(self.max_completion_length >= 1, "max_completion_length", self.max_completion_length,
               "an integer >= 1")
+        if self.top_k is not None:
+            check(self.top_k >= 1, "top_k", self.top_k, "an integer >= 1, or null to sample from the whole vocabulary")
         if self.gkd_logits_topk is not None:
             check(self.gkd_logits_topk >= 1, "gkd_logits_topk", self.gkd_logits_topk,
                   "an integer >= 1, or null for the full vocabulary")
@@ -141,6 +144,13 @@ class TrainConfig:
                   "null when teacher_model_server is set (one teacher source)")
             check(self.gkd_logits_topk is not None, "gkd_logits_topk", self.gkd_logits_topk,
                   "an integer >= 1 when teacher_model_server is set (the server returns top-K logprobs)")
+            check(not self.seq_kd, "seq_kd", self.seq_kd,
+                  "false when teacher_model_server is set (teacher samples need the teacher in-process)")
+        check(self.algorithm in ("gkd", "sft"), "algorithm", self.algorithm, "one of ['gkd', 'sft']")
+        if self.algorithm == "sft":
+            for name in ("teacher_model", "teacher_model_server"):
+                check(getattr(self, name) is None, name, getattr(self, name), "null with algorithm: sft (no teacher)")
+            check(not self.seq_kd, "seq_kd", self.seq_kd, "false with algorithm: sft")
 
     def check_world(self, world_size: int) -> int:
         """The data-parallel size for `world_size` ranks; raises when the layout does not fit."""

@@ -10,8 +10,9 @@ chunked LM-head matmul, so one cache serves both.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -45,12 +46,21 @@ class LocalTeacher:
             self._head = lm_head_weight(model).detach().clone() if _is_last_stage() else None
             self.model.to("cpu")
 
-    @torch.no_grad()
-    def forward(self, microbatches: list[Microbatch]) -> Optional[list[TeacherHidden]]:
-        """The teacher's output per microbatch on the last stage, None elsewhere."""
+    @contextmanager
+    def on_device(self) -> Iterator[torch.nn.Module]:
+        """The model on its device for the duration (a no-op unless offloaded), in eval mode."""
         if self.offload:
             self.model.to(self.device)
         self.model.eval()
+        try:
+            yield self.model
+        finally:
+            if self.offload:
+                self.model.to("cpu")
+
+    @torch.no_grad()
+    def forward(self, microbatches: list[Microbatch]) -> Optional[list[TeacherHidden]]:
+        """The teacher's output per microbatch on the last stage, None elsewhere."""
         outputs: list[Optional[TeacherHidden]] = [None] * len(microbatches)
 
         def keep(index: int, batch: Microbatch, hidden: torch.Tensor):
@@ -58,9 +68,8 @@ class LocalTeacher:
             outputs[index] = TeacherHidden(head_input(self.model, hidden).detach(), head)
             return hidden.new_zeros(()), {}
 
-        result = run_microbatches(self.model, microbatches, keep, forward_only=True)
-        if self.offload:
-            self.model.to("cpu")
+        with self.on_device():
+            result = run_microbatches(self.model, microbatches, keep, forward_only=True)
         return outputs if result is not None else None
 
 

@@ -1,14 +1,18 @@
-"""The shared training loop: data -> teacher signal -> student forward-backward -> optimizer step.
+"""The shared training loop: data -> responses -> teacher signal -> student forward-backward -> optimizer step.
 
 One step on every rank:
-  1. the global batch's example ids (`DataIterator`, identical on all ranks), padded to
-     one length, this DP rank's contiguous share split into microbatches;
-  2. the teacher forward-only over those microbatches (`LocalTeacher`), its final
+  1. the global batch's example ids (`DataIterator`, identical on all ranks); this DP
+     rank takes its contiguous share;
+  2. the responses: the dataset's, or (GKD's `lmbda` / `seq_kd`, one decision per step)
+     fresh samples of the student or the teacher for the same prompts
+     (`rollout.MegatronSampler`, seeded per example, no gradient); padded and split
+     into microbatches;
+  3. the teacher forward-only over those microbatches (`LocalTeacher`), its final
      hidden states kept on the last stage;
-  3. the student's forward-backward through Megatron's schedule with the algorithm's
+  4. the student's forward-backward through Megatron's schedule with the algorithm's
      loss reading the teacher's output for its microbatch; per-token normalization
      over the whole global batch (`calculate_per_token_loss`);
-  4. Megatron's optimizer step (grad clipping, fp32 master weights) and LR schedule.
+  5. Megatron's optimizer step (grad clipping, fp32 master weights) and LR schedule.
 Metrics each `log_interval`, held-out divergence each `eval_interval`, atomic
 dist-checkpoints each `save_interval` and at the end, resume from the latest, and a
 final HF export of the student.
@@ -17,6 +21,8 @@ final HF export of the student.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -24,7 +30,8 @@ from typing import Any, Optional
 import torch
 from megatron.core import parallel_state
 
-from megatron_opd.algorithms.gkd import GKDLoss
+from megatron_opd.algorithms.gkd import GKDLoss, ResponseSource, response_source
+from megatron_opd.algorithms.sft import SFTLoss
 from megatron_opd.checkpoint.hf_weights import write_hf_weights
 from megatron_opd.checkpoint.megatron_checkpoint import (
     HF_DIR,
@@ -39,6 +46,7 @@ from megatron_opd.config.schema import ConfigError, to_dict
 from megatron_opd.config.train import TrainConfig
 from megatron_opd.data import DataIterator, OUTPUT_COLUMNS, build_dataset, collate, pad_token_id
 from megatron_opd.models.outputs import head_input, lm_head_weight
+from megatron_opd.rollout import MegatronSampler, Rollout, SamplingParams
 from megatron_opd.runtime.distributed import Runtime, initialize_runtime, seed_everything
 from megatron_opd.teachers.local import LocalTeacher
 from megatron_opd.trainer.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
@@ -51,14 +59,9 @@ _PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float
 
 def check_supported(config: TrainConfig) -> None:
     """Refuse settings whose machinery is not built yet, naming the field (never a silent fallback)."""
-    if config.lmbda > 0:
-        raise ConfigError(f"lmbda={config.lmbda} is invalid here: on-policy steps need the student "
-                          "sampler, which this trainer does not have yet; set lmbda: 0 (off-policy GKD)")
-    if config.seq_kd:
-        raise ConfigError("seq_kd=True is invalid here: teacher sampling is not built yet; set seq_kd: false")
     if config.teacher_model_server is not None:
         raise ConfigError("teacher_model_server is not supported by this trainer yet; use teacher_model")
-    if config.teacher_model is None:
+    if config.algorithm == "gkd" and config.teacher_model is None:
         raise ConfigError("teacher_model=None is invalid: GKD needs a teacher (an HF dir or megatron_opd checkpoint)")
 
 
@@ -86,40 +89,75 @@ def tokenizer_dir(pretrained: Pretrained) -> Path:
     return pretrained.path / HF_DIR if pretrained.kind == "megatron" else pretrained.path
 
 
+def eos_token_ids(tokenizer, model_dir: Path) -> tuple[int, ...]:
+    """Ids that end a sampled response: the tokenizer's EOS and the model's
+    `generation_config.json` ones (instruct models stop on e.g. Qwen's <|im_end|>)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    generation_config = model_dir / "generation_config.json"
+    if generation_config.is_file():
+        value = json.loads(generation_config.read_text()).get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    if not ids:
+        raise ConfigError(f"the tokenizer of {model_dir} has no EOS token and no generation_config.json "
+                          "eos_token_id: sampled responses (lmbda > 0 or seq_kd) could not end")
+    return tuple(sorted(int(i) for i in ids))
+
+
+def sample_seed(seed: int, iteration: int, position: int) -> int:
+    """The sampling seed of the example at `position` of step `iteration`'s global batch:
+    independent of the DP split, the microbatching and the TP/PP layout."""
+    digest = hashlib.blake2b(f"sample/{seed}/{iteration}/{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, runtime: Optional[Runtime] = None):
         check_supported(config)
         self.config = config
         student_source = inspect_pretrained(config.model, config.make_vocab_size_divisible_by)
-        teacher_source = inspect_pretrained(config.teacher_model, config.make_vocab_size_divisible_by)
+        teacher_source = (inspect_pretrained(config.teacher_model, config.make_vocab_size_divisible_by)
+                          if config.teacher_model is not None else None)
         for name, source in (("model", student_source), ("teacher_model", teacher_source)):
             try:
-                source.model.check_parallel(config.parallel)
+                if source is not None:
+                    source.model.check_parallel(config.parallel)
             except ConfigError as error:
                 raise ConfigError(f"{name} {source.path}: {error}") from error
         self.runtime = runtime or initialize_runtime(config.parallel)
         tp = config.parallel.tensor_model_parallel_size
-        student_model, teacher_model = with_common_padded_vocab([student_source.model, teacher_source.model], tp)
+        sources = [student_source] + ([teacher_source] if teacher_source is not None else [])
+        padded = with_common_padded_vocab([source.model for source in sources], tp)
         self.dtype = resolve_dtype(config.training.precision, self.runtime)
-        self.student_source = dataclasses.replace(student_source, model=student_model)
+        self.student_source = dataclasses.replace(student_source, model=padded[0])
 
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or tokenizer_dir(student_source))
-        self.vocab_size = min(student_source.model.vocab_size, teacher_source.model.vocab_size)
+        self.vocab_size = min(source.model.vocab_size for source in sources)
         if len(self.tokenizer) > self.vocab_size:
             raise ConfigError(f"data.tokenizer has {len(self.tokenizer)} tokens, more than the models' "
                               f"vocab ({self.vocab_size}): student and teacher must share the tokenizer")
 
-        student = load_pretrained(student_source, self.runtime, "student", self.dtype, student_model.pad_vocab_size_to)
+        student = load_pretrained(student_source, self.runtime, "student", self.dtype, padded[0].pad_vocab_size_to)
         optimizer_config = dataclasses.replace(
             config.optimizer, use_distributed_optimizer=resolve_distributed_optimizer(config.optimizer.use_distributed_optimizer, config.optimizer.optimizer))
         self.model = wrap_student(student, optimizer_config.use_distributed_optimizer)
-        teacher = load_pretrained(teacher_source, self.runtime, "teacher", self.dtype, teacher_model.pad_vocab_size_to)
-        self.teacher = LocalTeacher(teacher, offload=config.offload_teacher_model)
+        self.teacher: Optional[LocalTeacher] = None
+        if teacher_source is not None:
+            teacher = load_pretrained(teacher_source, self.runtime, "teacher", self.dtype, padded[1].pad_vocab_size_to)
+            self.teacher = LocalTeacher(teacher, offload=config.offload_teacher_model)
         self.optimizer, self.scheduler = build_optimizer(self.model, optimizer_config, config.training.train_iters)
-        self.loss = GKDLoss(beta=config.beta, temperature=config.temperature, sft_alpha=config.sft_alpha,
-                            topk=config.gkd_logits_topk, vocab_size=self.vocab_size)
+        if config.algorithm == "sft":
+            self.loss = SFTLoss(vocab_size=self.vocab_size)
+        else:
+            self.loss = GKDLoss(beta=config.beta, temperature=config.temperature, sft_alpha=config.sft_alpha,
+                                topk=config.gkd_logits_topk, vocab_size=self.vocab_size)
+        self.samples_responses = config.algorithm == "gkd" and (config.lmbda > 0 or config.seq_kd)
+        self.sampling = None
+        if self.samples_responses:
+            self.sampling = SamplingParams(
+                max_new_tokens=config.max_completion_length, temperature=config.temperature, top_k=config.top_k,
+                eos_token_ids=eos_token_ids(self.tokenizer, tokenizer_dir(student_source)))
 
         self.train_data = self._dataset("train")
         self.eval_data = self._dataset("val") if config.data.val_dataset else None
@@ -170,18 +208,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ batches
 
-    def microbatches(self, indices: list[int], dataset) -> list[Microbatch]:
-        """This DP rank's share of a global batch, padded to the global batch's longest
-        sequence (a multiple of 8, and of TP under sequence parallelism)."""
-        multiple = 8 * (self.config.parallel.tensor_model_parallel_size if self.config.parallel.sequence_parallel else 1)
-        batch = collate([dataset[i] for i in indices], self.pad_id, pad_to_multiple_of=multiple)
-        tokens, loss_mask = batch["tokens"], batch["loss_mask"].bool()
+    def local_examples(self, indices: list[int], dataset) -> list[dict]:
+        """This DP rank's contiguous share of a global batch's rows, each with its position
+        in the global batch (`_position`, what its sampling seed derives from)."""
         share = len(indices) // self.data_parallel_size
-        rank = parallel_state.get_data_parallel_rank()
-        tokens, loss_mask = tokens[rank * share:(rank + 1) * share], loss_mask[rank * share:(rank + 1) * share]
+        first = parallel_state.get_data_parallel_rank() * share
+        return [{**dataset[indices[position]], "_position": position} for position in range(first, first + share)]
+
+    def microbatches(self, examples: list[dict]) -> list[Microbatch]:
+        """`examples` padded to their longest sequence (a multiple of 8, and of TP under
+        sequence parallelism) and split into microbatches."""
+        multiple = 8 * (self.config.parallel.tensor_model_parallel_size if self.config.parallel.sequence_parallel else 1)
+        batch = collate(examples, self.pad_id, pad_to_multiple_of=multiple)
+        tokens, loss_mask = batch["tokens"], batch["loss_mask"].bool()
         size = self.config.training.micro_batch_size
         return [Microbatch(tokens[start:start + size], loss_mask[start:start + size])
-                for start in range(0, share, size)]
+                for start in range(0, len(examples), size)]
+
+    def sample_responses(self, examples: list[dict], source: ResponseSource) -> tuple[list[dict], Rollout]:
+        """`examples` with their responses replaced by samples of the student or the teacher
+        for the same prompts (loss on every sampled token, EOS included)."""
+        prompts = [example["input_ids"][:example["prompt_length"]] for example in examples]
+        seeds = [sample_seed(self.config.parallel.seed, self.iteration, example["_position"]) for example in examples]
+        if source == "student":
+            rollout = MegatronSampler(self.model, self.vocab_size).generate(prompts, self.sampling, seeds)
+        else:
+            with self.teacher.on_device() as teacher:
+                rollout = MegatronSampler(teacher, self.vocab_size).generate(prompts, self.sampling, seeds)
+        sampled = [{**example, "input_ids": list(prompt) + completion,
+                    "loss_mask": [0] * len(prompt) + [1] * len(completion)}
+                   for example, prompt, completion in zip(examples, prompts, rollout.completions)]
+        return sampled, rollout
 
     # ------------------------------------------------------------------ one step
 
@@ -189,61 +246,84 @@ class Trainer:
                       with_sft: bool) -> Optional[list[dict]]:
         def loss(index: int, batch: Microbatch, hidden: torch.Tensor):
             return self.loss(head_input(self.model, hidden), lm_head_weight(self.model), batch.labels,
-                             batch.loss_mask, teacher_outputs[index], with_sft=with_sft)
+                             batch.loss_mask, teacher_outputs[index] if teacher_outputs is not None else None,
+                             with_sft=with_sft)
 
         return run_microbatches(self.model, microbatches, loss, forward_only=forward_only)
 
-    def _reduce(self, outputs: Optional[list[dict]]) -> dict[str, float]:
-        """Sums over microbatches and DP ranks, divided by the global token count (last stage)."""
+    def _reduce(self, outputs: Optional[list[dict]], extra: Optional[dict[str, float]] = None) -> dict[str, float]:
+        """Metric sums over microbatches and DP ranks (last stage): every `<name>_sum` of the
+        loss is divided by the global token count; `extra` sums are reduced as they are."""
         if outputs is None:
             return {}
-        keys = ("divergence_sum", "sft_loss_sum", "tokens")
-        sums = torch.stack([sum((out[key].double() for out in outputs if key in out), torch.zeros((), dtype=torch.float64))
-                            for key in keys]).to(self.runtime.device)
-        torch.distributed.all_reduce(sums, group=parallel_state.get_data_parallel_group())
-        divergence, sft, tokens = sums.tolist()
-        result = {"divergence": divergence / max(tokens, 1), "tokens": int(tokens)}
-        if self.config.sft_alpha > 0:
-            result["sft_loss"] = sft / max(tokens, 1)
-        result["loss"] = result["divergence"] + self.config.sft_alpha * result.get("sft_loss", 0.0)
+        keys = sorted({key for out in outputs for key in out if key.endswith("_sum")})
+        extra = extra or {}
+        sums = [sum((out[key].double() for out in outputs if key in out), torch.zeros((), dtype=torch.float64))
+                for key in keys + ["tokens"]]
+        sums += [torch.tensor(float(value), dtype=torch.float64) for value in extra.values()]
+        totals = torch.stack(sums).to(self.runtime.device)
+        torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        totals = totals.tolist()
+        tokens = totals[len(keys)]
+        result = {key[:-len("_sum")]: total / max(tokens, 1) for key, total in zip(keys, totals)}
+        result["tokens"] = int(tokens)
+        result.update(zip(extra, totals[len(keys) + 1:]))
         return result
 
     def train_step(self) -> dict[str, float]:
         # Every draw of a step is a function of (seed, iteration): resuming needs no RNG state.
         seed_everything(self.config.parallel.seed + 1000 * self.iteration)
-        indices = next(self.data_iterator)
-        microbatches = self.microbatches(indices, self.train_data)
+        examples = self.local_examples(next(self.data_iterator), self.train_data)
+        source: ResponseSource = "dataset"
+        if self.samples_responses:
+            source = response_source(self.config.lmbda, self.config.seq_kd, self.config.parallel.seed, self.iteration)
         started = time.monotonic()
-        teacher_outputs = self.teacher.forward(microbatches)
-        teacher_time = time.monotonic() - started
+        rollout = None
+        if source != "dataset":
+            examples, rollout = self.sample_responses(examples, source)
+        sampling_time = time.monotonic() - started
+        microbatches = self.microbatches(examples)
+        teacher_outputs = self.teacher.forward(microbatches) if self.teacher is not None else None
+        teacher_time = time.monotonic() - started - sampling_time
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._student_pass(microbatches, teacher_outputs, forward_only=False, with_sft=True)
+        outputs = self._student_pass(microbatches, teacher_outputs, forward_only=False,
+                                     with_sft=source != "student")
         updated, grad_norm, _ = self.optimizer.step()
         if not updated:
             raise FloatingPointError(f"iteration {self.iteration + 1}: the optimizer skipped the step "
                                      f"(grad norm {grad_norm}): non-finite gradients")
         self.scheduler.step(increment=1)
-        student_time = time.monotonic() - started - teacher_time
+        student_time = time.monotonic() - started - teacher_time - sampling_time
         self.iteration += 1
-        metrics = self._reduce(outputs)
+        extra = {}
+        if rollout is not None:
+            extra = {"sampled_tokens": rollout.num_tokens, "samples": len(rollout.completions)}
+        metrics = self._reduce(outputs, extra)
         if metrics:
+            elapsed = sampling_time + teacher_time + student_time
             metrics.update(grad_norm=float(grad_norm), lr=self.optimizer.param_groups[0]["lr"],
-                           teacher_s=teacher_time, student_s=student_time,
-                           tokens_per_s=metrics["tokens"] / max(teacher_time + student_time, 1e-9))
+                           teacher_s=teacher_time, student_s=student_time, tokens_per_s=metrics["tokens"] / max(elapsed, 1e-9))
+            if self.samples_responses:
+                metrics.update(on_policy=float(source == "student"), teacher_sampled=float(source == "teacher"),
+                               sampling_s=sampling_time)
+                if rollout is not None:
+                    metrics["sample_length"] = metrics.pop("sampled_tokens") / max(metrics.pop("samples"), 1)
         return metrics
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean divergence per response token over `eval_iters` batches of the val data."""
+        """The loss per response token (GKD: the divergence; SFT: the CE) over `eval_iters`
+        batches of the val data's own responses."""
         iterator = DataIterator(self.eval_data, self.config.training.global_batch_size, shuffle=False)
         self.model.eval()
         outputs: list = []
         for _ in range(self.config.training.eval_iters):
-            microbatches = self.microbatches(next(iterator), self.eval_data)
-            step_outputs = self._student_pass(microbatches, self.teacher.forward(microbatches),
-                                              forward_only=True, with_sft=False)
+            microbatches = self.microbatches(self.local_examples(next(iterator), self.eval_data))
+            teacher_outputs = self.teacher.forward(microbatches) if self.teacher is not None else None
+            step_outputs = self._student_pass(microbatches, teacher_outputs, forward_only=True,
+                                              with_sft=self.config.algorithm == "sft")
             outputs.extend(step_outputs or [])
         return self._reduce(outputs if parallel_state.is_pipeline_last_stage() else None)
 
