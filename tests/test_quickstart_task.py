@@ -212,3 +212,22 @@ def test_random_model_validation(tmp_path, tokenizer_dir):
         write_random_model(tmp_path / "m", tokenizer_dir, seed=0, **{**TINY, "num_attention_heads": 3})
     with pytest.raises(ValueError, match="num_key_value_heads"):
         write_random_model(tmp_path / "m", tokenizer_dir, seed=0, **{**TINY, "num_key_value_heads": 3})
+
+
+def test_little_endian_rows_and_answers():
+    """Every number reversed: the same pairs as the big-endian task, digits in reverse."""
+    big = AdditionTask(max_digits=3, seed=5).rows(300, "train")
+    little = AdditionTask(max_digits=3, seed=5, little_endian=True).rows(300, "train")
+    for big_row, little_row in zip(big, little):
+        a, b = big_row["prompt"].removesuffix("=").split("+")
+        assert little_row["prompt"] == f"{a[::-1]}+{b[::-1]}="
+        assert little_row["completion"] == str(int(a) + int(b))[::-1]
+        assert answer(little_row["prompt"], little_endian=True) == little_row["completion"]
+    assert answer("05+05=", little_endian=True) == "001"  # 50 + 50 = 100
+    prompts = [row["prompt"] for row in little[:4]]
+    right = [row["completion"] for row in little[:4]]
+    assert score(prompts, right, little_endian=True) == 1.0
+    assert score(prompts, [text[::-1] if len(text) > 1 and text != text[::-1] else "x" for text in right],
+                 little_endian=True) == 0.0
+    with pytest.raises(ValueError, match="little_endian"):
+        AdditionTask(little_endian="yes")

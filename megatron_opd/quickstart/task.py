@@ -1,7 +1,11 @@
 """Multi-digit addition: the synthetic task of the CPU quickstart.
 
 A row is `{"prompt": "47+385=", "completion": "432"}`: two non-negative operands and
-their sum written the ordinary way, most significant digit first. The task is chosen
+their sum, most significant digit first; or, with `little_endian` (the quickstart's
+choice), every number written least significant digit first, `"74+583=" -> "234"`,
+the order in which the digits of a sum are computed, carry by carry: a tiny model
+learns that form several times faster (as reported for small transformers by Lee et al.,
+"Teaching Arithmetic to Small Transformers", 2023), which keeps the CPU quickstart short. The task is chosen
 because a model that knows nothing gets it wrong, the right answer is checkable
 without a reference model (`answer`, `score`), and a tiny model on a character
 vocabulary of 15 tokens learns it in minutes on a CPU.
@@ -51,12 +55,15 @@ class AdditionTask:
 
     max_digits: int = 3
     seed: int = 0
+    little_endian: bool = False  # every number written least significant digit first
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_digits) or self.max_digits < 1:
             raise ValueError(f"AdditionTask.max_digits must be an integer >= 1, got {self.max_digits!r}")
         if not _is_int(self.seed):
             raise ValueError(f"AdditionTask.seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.little_endian, bool):
+            raise ValueError(f"AdditionTask.little_endian must be true or false, got {self.little_endian!r}")
 
     def split_of(self, a: int, b: int) -> str:
         """'val' for about one pair in `VAL_FRACTION_INVERSE`, else 'train'.
@@ -94,19 +101,28 @@ class AdditionTask:
             attempts_left -= 1
             a, b = self._operand(rng), self._operand(rng)
             if self.split_of(a, b) == split:
-                rows.append({"prompt": f"{a}+{b}=", "completion": str(a + b)})
+                write = _reversed if self.little_endian else str
+                rows.append({"prompt": f"{write(a)}+{write(b)}=", "completion": write(a + b)})
         return rows
 
 
-def answer(prompt: str) -> str:
-    """The correct completion of an 'a+b=' prompt, e.g. '47+385=' -> '432'."""
+def _reversed(number: int) -> str:
+    return str(number)[::-1]
+
+
+def answer(prompt: str, little_endian: bool = False) -> str:
+    """The correct completion of an 'a+b=' prompt, e.g. '47+385=' -> '432'
+    (little-endian: '74+583=' -> '234')."""
     match = _PROMPT.fullmatch(prompt) if isinstance(prompt, str) else None
     if match is None:
         raise ValueError(f"prompt must look like 'a+b=' with decimal operands, got {prompt!r}")
-    return str(int(match.group(1)) + int(match.group(2)))
+    a, b = match.group(1), match.group(2)
+    if little_endian:
+        return _reversed(int(a[::-1]) + int(b[::-1]))
+    return str(int(a) + int(b))
 
 
-def score(prompts: list[str], completions: list[str]) -> float:
+def score(prompts: list[str], completions: list[str], little_endian: bool = False) -> float:
     """Exact-match accuracy of `completions` against the correct answers.
 
     A completion counts up to its first '<eos>' (a decode that kept special tokens, or
@@ -117,7 +133,7 @@ def score(prompts: list[str], completions: list[str]) -> float:
                          f"{len(completions)}")
     if not prompts:
         raise ValueError("score needs at least one prompt; the accuracy of nothing is undefined")
-    correct = sum(completion.split(EOS, 1)[0].strip() == answer(prompt)
+    correct = sum(completion.split(EOS, 1)[0].strip() == answer(prompt, little_endian)
                   for prompt, completion in zip(prompts, completions))
     return correct / len(prompts)
 

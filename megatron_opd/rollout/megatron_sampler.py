@@ -39,6 +39,10 @@ from megatron_opd.ops import vocab_parallel_sample
 from megatron_opd.rollout.protocol import Rollout, SamplingParams
 
 
+# Module attributes through which Megatron-Core layers switch sequence parallelism on.
+_SEQUENCE_PARALLEL_ATTRIBUTES = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+
+
 class MegatronSampler:
     """Generates with `model`'s current weights (a student being trained, or a frozen teacher).
 
@@ -135,19 +139,26 @@ class MegatronSampler:
     @contextmanager
     def _inference_mode(self) -> Iterator[None]:
         """Eval mode (no dropout; Megatron uses the KV cache only when not training) and no
-        sequence parallelism, restored afterwards."""
-        from megatron.core.transformer.utils import set_model_to_sequence_parallel
+        sequence parallelism, restored afterwards.
 
+        The SP switch sets the same module attributes as Megatron's
+        `set_model_to_sequence_parallel`, without its module cache, which is global and
+        keyed by `id(model)` (a later model at a reused address would get stale modules).
+        """
         was_training = self.model.training
-        sequence_parallel = self.gpt.config.sequence_parallel
+        switched = []
+        if self.gpt.config.sequence_parallel:
+            switched = [(module, name, getattr(module, name)) for module in self.gpt.modules()
+                        for name in _SEQUENCE_PARALLEL_ATTRIBUTES if hasattr(module, name)]
+            switched.append((self.gpt.config, "sequence_parallel", True))
         self.model.eval()
-        if sequence_parallel:
-            set_model_to_sequence_parallel(self.gpt, False)
+        for owner, name, _ in switched:
+            setattr(owner, name, False)
         try:
             yield
         finally:
-            if sequence_parallel:
-                set_model_to_sequence_parallel(self.gpt, True)
+            for owner, name, value in switched:
+                setattr(owner, name, value)
             self.model.train(was_training)
 
     def _check(self, prompts: Sequence[Sequence[int]], params: SamplingParams,

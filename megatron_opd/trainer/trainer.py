@@ -110,6 +110,22 @@ def sample_seed(seed: int, iteration: int, position: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
+class _Stopwatch:
+    """Seconds spent in each phase of a step (sampling, teacher, student, optimizer)."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.monotonic()
+
+    def lap(self) -> float:
+        now = time.monotonic()
+        elapsed, self.last = now - self.last, now
+        return elapsed
+
+    @property
+    def total(self) -> float:
+        return self.last - self.started
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, runtime: Optional[Runtime] = None):
         check_supported(config)
@@ -243,13 +259,15 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def _student_pass(self, microbatches: list[Microbatch], teacher_outputs, forward_only: bool,
-                      with_sft: bool) -> Optional[list[dict]]:
-        def loss(index: int, batch: Microbatch, hidden: torch.Tensor):
-            return self.loss(head_input(self.model, hidden), lm_head_weight(self.model), batch.labels,
-                             batch.loss_mask, teacher_outputs[index] if teacher_outputs is not None else None,
-                             with_sft=with_sft)
+                      with_sft: bool, loss=None) -> Optional[list[dict]]:
+        loss_function = loss or self.loss
 
-        return run_microbatches(self.model, microbatches, loss, forward_only=forward_only)
+        def microbatch_loss(index: int, batch: Microbatch, hidden: torch.Tensor):
+            teacher = teacher_outputs[index] if teacher_outputs is not None else None
+            return loss_function(head_input(self.model, hidden), lm_head_weight(self.model), batch.labels,
+                                 batch.loss_mask, teacher, with_sft=with_sft)
+
+        return run_microbatches(self.model, microbatches, microbatch_loss, forward_only=forward_only)
 
     def _reduce(self, outputs: Optional[list[dict]], extra: Optional[dict[str, float]] = None) -> dict[str, float]:
         """Metric sums over microbatches and DP ranks (last stage): every `<name>_sum` of the
@@ -277,34 +295,37 @@ class Trainer:
         source: ResponseSource = "dataset"
         if self.samples_responses:
             source = response_source(self.config.lmbda, self.config.seq_kd, self.config.parallel.seed, self.iteration)
-        started = time.monotonic()
+        clock = _Stopwatch()
         rollout = None
         if source != "dataset":
             examples, rollout = self.sample_responses(examples, source)
-        sampling_time = time.monotonic() - started
+        sampling_time = clock.lap()
         microbatches = self.microbatches(examples)
         teacher_outputs = self.teacher.forward(microbatches) if self.teacher is not None else None
-        teacher_time = time.monotonic() - started - sampling_time
+        teacher_time = clock.lap()
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._student_pass(microbatches, teacher_outputs, forward_only=False,
                                      with_sft=source != "student")
+        student_time = clock.lap()
         updated, grad_norm, _ = self.optimizer.step()
         if not updated:
             raise FloatingPointError(f"iteration {self.iteration + 1}: the optimizer skipped the step "
                                      f"(grad norm {grad_norm}): non-finite gradients")
         self.scheduler.step(increment=1)
-        student_time = time.monotonic() - started - teacher_time - sampling_time
+        optimizer_time = clock.lap()
         self.iteration += 1
         extra = {}
         if rollout is not None:
             extra = {"sampled_tokens": rollout.num_tokens, "samples": len(rollout.completions)}
         metrics = self._reduce(outputs, extra)
         if metrics:
-            elapsed = sampling_time + teacher_time + student_time
             metrics.update(grad_norm=float(grad_norm), lr=self.optimizer.param_groups[0]["lr"],
-                           teacher_s=teacher_time, student_s=student_time, tokens_per_s=metrics["tokens"] / max(elapsed, 1e-9))
+                           student_s=student_time, optimizer_s=optimizer_time,
+                           tokens_per_s=metrics["tokens"] / max(clock.total, 1e-9))
+            if self.teacher is not None:
+                metrics["teacher_s"] = teacher_time
             if self.samples_responses:
                 metrics.update(on_policy=float(source == "student"), teacher_sampled=float(source == "teacher"),
                                sampling_s=sampling_time)
@@ -313,18 +334,21 @@ class Trainer:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, loss=None) -> dict[str, float]:
         """The loss per response token (GKD: the divergence; SFT: the CE) over `eval_iters`
-        batches of the val data's own responses."""
+        batches of the val data's own responses; `loss`: another loss of the same signature
+        (e.g. a forward KL at temperature 1 to report next to a JSD objective)."""
         iterator = DataIterator(self.eval_data, self.config.training.global_batch_size, shuffle=False)
+        was_training = self.model.training
         self.model.eval()
         outputs: list = []
         for _ in range(self.config.training.eval_iters):
             microbatches = self.microbatches(self.local_examples(next(iterator), self.eval_data))
             teacher_outputs = self.teacher.forward(microbatches) if self.teacher is not None else None
             step_outputs = self._student_pass(microbatches, teacher_outputs, forward_only=True,
-                                              with_sft=self.config.algorithm == "sft")
+                                              with_sft=self.config.algorithm == "sft", loss=loss)
             outputs.extend(step_outputs or [])
+        self.model.train(was_training)
         return self._reduce(outputs if parallel_state.is_pipeline_last_stage() else None)
 
     # ------------------------------------------------------------------ the run

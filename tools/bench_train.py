@@ -1,0 +1,192 @@
+"""Benchmark a GKD training step and the student sampler, on CPU (or GPU), at any TP/PP layout.
+
+    python tools/bench_train.py                                   # one process
+    torchrun --standalone --nproc-per-node 2 tools/bench_train.py --tp 2
+    python tools/bench_train.py --json bench_train.json
+
+Random Llama models (weights drawn at O(1) logit scale), a word-level tokenizer of
+--vocab tokens and random prompt/completion rows are written to --workdir; then the
+real `Trainer` runs GKD steps in two modes:
+  on-policy   lmbda=1: every step samples the student's responses (--completion-len
+              tokens, no EOS, so every step generates the same amount)
+  off-policy  lmbda=0: dataset responses
+and reports per step the mean seconds of each phase (sampling, teacher forward,
+student forward-backward, optimizer step), response tokens per second over the whole
+step, and the peak memory (CPU: the process's peak RSS, `ru_maxrss`, which only grows,
+so the second mode's figure covers both; GPU: `torch.cuda.max_memory_allocated`).
+Then the sampler alone: --batch prompts of --prompt-len tokens, --completion-len new
+tokens each, with and without the KV cache (tokens generated per second).
+The first --warmup steps of each mode are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PHASES = ("sampling_s", "teacher_s", "student_s", "optimizer_s")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/megatron_opd_bench_train"))
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--student", default="256,4,4,2,768", help="hidden,layers,heads,kv_heads,ffn")
+    parser.add_argument("--teacher", default="512,6,8,2,1536", help="hidden,layers,heads,kv_heads,ffn")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--completion-len", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16, help="global batch size (sequences per step)")
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="write the results here")
+    return parser.parse_args()
+
+
+def write_inputs(args: argparse.Namespace) -> dict:
+    """Tokenizer, student, teacher and data under --workdir (rewritten every run)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from tests.hf_models import randomize
+
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    vocab = {f"w{i}": i for i in range(args.vocab - 1)} | {"<unk>": args.vocab - 1}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="w0",
+                            pad_token="<unk>").save_pretrained(work / "tokenizer")
+    paths = {"tokenizer": work / "tokenizer"}
+    for name, size, seed in (("student", args.student, 1), ("teacher", args.teacher, 2)):
+        hidden, layers, heads, kv_heads, ffn = (int(value) for value in size.split(","))
+        config = LlamaConfig(vocab_size=args.vocab, hidden_size=hidden, num_hidden_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=ffn,
+                             max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                             architectures=["LlamaForCausalLM"])
+        model = LlamaForCausalLM(config)
+        randomize(model, seed)
+        model.save_pretrained(work / name)
+        paths[name] = work / name
+    generator = torch.Generator().manual_seed(0)
+    with open(work / "train.jsonl", "w") as handle:
+        for _ in range(4 * args.batch):
+            # Ids from 1: id 0 is the EOS, which would end a sampled response early.
+            prompt, completion = (torch.randint(1, args.vocab - 1, (length,), generator=generator).tolist()
+                                  for length in (args.prompt_len, args.completion_len - 1))
+            handle.write(json.dumps({"prompt": " ".join(f"w{i}" for i in prompt),
+                                     "completion": " ".join(f"w{i}" for i in completion)}) + "\n")
+    paths["data"] = work / "train.jsonl"
+    return paths
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench_mode(args, paths: dict, runtime, lmbda: float) -> tuple[dict, object]:
+    from megatron_opd.config.train import load_train_config
+    from megatron_opd.trainer.trainer import Trainer
+
+    overrides = {
+        "model": paths["student"], "teacher_model": paths["teacher"], "lmbda": lmbda, "beta": 0.5,
+        "temperature": 1.0, "max_completion_length": args.completion_len, "data.dataset": f"[{paths['data']}]",
+        "data.tokenizer": paths["tokenizer"], "data.prompt_format": "raw",
+        "data.max_length": args.prompt_len + args.completion_len + 1, "data.shuffle": False,
+        "parallel.tensor_model_parallel_size": args.tp, "parallel.pipeline_model_parallel_size": args.pp,
+        "training.train_iters": args.warmup + args.steps, "training.micro_batch_size": args.micro_batch,
+        "training.global_batch_size": args.batch, "training.output_dir": args.workdir / f"run_lmbda{lmbda}",
+        "training.resume": False, "training.export_hf": False, "training.tensorboard": False,
+        "training.precision": "auto", "optimizer.lr": 1e-5,
+    }
+    config = load_train_config(None, [f"{key}={value}" for key, value in overrides.items()])
+    trainer = Trainer(config, runtime)
+    steps = [trainer.train_step() for _ in range(args.warmup + args.steps)][args.warmup:]
+    result = {"peak_memory_gib": peak_memory_bytes(runtime.device) / 2**30}
+    if steps[0]:  # the logging ranks (last pipeline stage)
+        for key in PHASES + ("tokens", "tokens_per_s"):
+            result[key] = statistics.mean(step.get(key, 0.0) for step in steps)
+        total = sum(result[key] for key in PHASES)
+        result["step_s"] = total
+        result["share"] = {key: result[key] / total for key in PHASES}
+    return result, trainer
+
+
+def bench_sampler(args, trainer) -> dict:
+    from megatron_opd.rollout import MegatronSampler, SamplingParams
+
+    generator = torch.Generator().manual_seed(1)
+    prompts = torch.randint(1, args.vocab - 1, (args.batch, args.prompt_len), generator=generator).tolist()
+    params = SamplingParams(max_new_tokens=args.completion_len, temperature=1.0)  # no EOS: full length
+    result = {}
+    for cache in (True, False):
+        sampler = MegatronSampler(trainer.model, trainer.vocab_size, use_kv_cache=cache)
+        sampler.generate(prompts[:2], SamplingParams(max_new_tokens=2, temperature=1.0), [0, 1])  # warm-up
+        started = time.monotonic()
+        rollout = sampler.generate(prompts, params, list(range(len(prompts))))
+        seconds = time.monotonic() - started
+        result["kv_cache" if cache else "no_cache"] = {"tokens": rollout.num_tokens, "seconds": seconds,
+                                                       "tokens_per_s": rollout.num_tokens / seconds}
+    result["speedup"] = result["kv_cache"]["tokens_per_s"] / result["no_cache"]["tokens_per_s"]
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    os.environ.setdefault("MEGATRON_OPD_DEVICE", "cpu" if not torch.cuda.is_available() else "cuda")
+    from megatron_opd.config import ParallelConfig
+    from megatron_opd.runtime import initialize_runtime
+
+    runtime = initialize_runtime(ParallelConfig(tensor_model_parallel_size=args.tp,
+                                                pipeline_model_parallel_size=args.pp))
+    if runtime.rank == 0:
+        paths = write_inputs(args)
+    torch.distributed.barrier()
+    paths = {name: args.workdir / name for name in ("tokenizer", "student", "teacher")}
+    paths["data"] = args.workdir / "train.jsonl"
+    results = {"device": str(runtime.device), "world_size": runtime.world_size, "tp": args.tp, "pp": args.pp,
+               "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()}}
+    trainer = None
+    for name, lmbda in (("on_policy", 1.0), ("off_policy", 0.0)):
+        results[name], trainer = bench_mode(args, paths, runtime, lmbda)
+    results["sampler"] = bench_sampler(args, trainer)
+    if runtime.rank == 0:
+        print_report(results)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def print_report(results: dict) -> None:
+    print(f"\ndevice {results['device']}, world {results['world_size']} (tp {results['tp']}, pp {results['pp']}), "
+          f"{results['threads']} threads per rank")
+    print(f"{'mode':<12}{'step s':>8}{'tok/s':>9}{'sample':>8}{'teacher':>9}{'student':>9}{'optim':>7}"
+          f"{'peak GiB':>10}")
+    for name in ("on_policy", "off_policy"):
+        row = results[name]
+        if "share" not in row:
+            continue
+        shares = "".join(f"{100 * row['share'][key]:>{width}.0f}%" for key, width in
+                         zip(PHASES, (7, 8, 8, 6)))
+        print(f"{name:<12}{row['step_s']:>8.3f}{row['tokens_per_s']:>9.0f}{shares}{row['peak_memory_gib']:>10.2f}")
+    sampler = results["sampler"]
+    print(f"sampler: {sampler['kv_cache']['tokens_per_s']:.0f} tok/s with the KV cache, "
+          f"{sampler['no_cache']['tokens_per_s']:.0f} without ({sampler['speedup']:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()
