@@ -130,11 +130,13 @@ def test_training_lowers_held_out_divergence(setup, tmp_path):
     assert after < 0.9 * before, (before, after)  # JSD(0.5) <= ln 2: random models start near it
 
 
-def test_resume_continues_exactly(setup, tmp_path):
+@pytest.mark.parametrize("lmbda", [0.0, 0.5])
+def test_resume_continues_exactly(setup, tmp_path, lmbda):
     """Stop after 2 steps (checkpoint), resume: steps 3..5 equal an uninterrupted run,
-    LR schedule included."""
+    LR schedule included; with lmbda=0.5 also the on-policy decisions and samples."""
     fields = {"optimizer.optimizer": "adam", "optimizer.lr": 1e-3, "training.micro_batch_size": 4,
-              "optimizer.lr_warmup_iters": 2, "optimizer.lr_decay_style": "cosine", "training.train_iters": 5}
+              "optimizer.lr_warmup_iters": 2, "optimizer.lr_decay_style": "cosine", "training.train_iters": 5,
+              "lmbda": lmbda, "max_completion_length": 5, "temperature": 1.5}
     (straight,) = run_distributed(train_on_rank, 1, overrides(setup, tmp_path / "straight", **fields), 5)
     interrupted = overrides(setup, tmp_path / "resumed", **fields)
     run_distributed(train_on_rank, 1, interrupted, 2, save=True)
@@ -142,6 +144,9 @@ def test_resume_continues_exactly(setup, tmp_path):
     assert resumed["iteration"] == 5
     for expected, actual in zip(straight["steps"][2:], resumed["steps"]):
         assert abs(expected["loss"] - actual["loss"]) < 1e-6 and expected["lr"] == actual["lr"], (expected, actual)
+        assert expected.get("sample_length") == actual.get("sample_length")
+    if lmbda:
+        assert {step["on_policy"] for step in straight["steps"][2:]} == {0.0, 1.0}, "no mix of step kinds to resume"
 
 
 def test_killed_save_leaves_previous_checkpoint(setup, tmp_path):

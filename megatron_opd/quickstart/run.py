@@ -48,13 +48,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="little: numbers written least significant digit first (learned much faster)")
     parser.add_argument("--train-rows", type=int, default=20000)
     parser.add_argument("--val-rows", type=int, default=256)
-    parser.add_argument("--teacher-iters", type=int, default=1200)
+    parser.add_argument("--teacher-iters", type=int, default=1600)
     parser.add_argument("--teacher-lr", type=float, default=5e-3)
     parser.add_argument("--teacher-tp", type=int, default=1,
                         help="TP of the teacher's SFT (the other ranks are data-parallel: faster for a tiny model)")
     parser.add_argument("--teacher-size", default="128,4,4,2,384",
                         help="hidden,layers,heads,kv_heads,ffn of the teacher")
-    parser.add_argument("--student-warmup-iters", type=int, default=200,
+    parser.add_argument("--student-warmup-iters", type=int, default=400,
                         help="SFT steps that give the student the answer format before GKD and the baseline "
                              "start from it (on-policy samples of a random model teach nothing); 0: none")
     parser.add_argument("--student-size", default="64,2,2,2,128", help="hidden,layers,heads,kv_heads,ffn of the student")
