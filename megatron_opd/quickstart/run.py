@@ -1,13 +1,14 @@
-"""The CPU quickstart: train a teacher on a synthetic task, distill it into a smaller student
-with on-policy GKD, and compare with plain SFT of the same student on the same data.
+"""The CPU quickstart: a teacher that knows a synthetic task, distilled into a smaller student
+with on-policy GKD, compared with plain SFT of the same student on the same data.
 
     torchrun --nproc-per-node 2 -m megatron_opd.quickstart --out outputs/quickstart
 
-Stages, all through the real `Trainer` at the layout of `configs/quickstart_cpu.yaml`
-(TP=2 on two gloo ranks):
+Stages, all through the real `Trainer` (GKD at the layout of `configs/quickstart_cpu.yaml`,
+TP=2 on two gloo ranks; the SFT stages at TP=1 x DP=2, faster for tiny models):
   1. data (multi-digit addition, `quickstart.task`), a character tokenizer and two
      randomly initialized Llama models, a teacher and a smaller student;
-  2. the teacher learns the task with SFT (reused when a previous run finished it);
+  2. the teacher: the shipped one (`SHIPPED_TEACHER`, when it learned this task), or one
+     trained here with SFT (`--teacher train`; reused when a previous run finished it);
   3. the student gets a short SFT warm-up (the answer format: GKD's on-policy steps
      learn from the student's own samples, which say nothing while they are noise);
      its held-out accuracy (greedy) and KL(teacher || student) are the "before";
@@ -35,6 +36,9 @@ from megatron_opd.quickstart.task import AdditionTask, score, write_dataset, wri
 from megatron_opd.rollout import MegatronSampler, SamplingParams
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart_cpu.yaml"
+# A teacher trained longer than a quickstart can afford, by tools/make_quickstart_teacher.py
+# (HF safetensors, ~3 MB), with the task it learned in task.json.
+SHIPPED_TEACHER = Path(__file__).resolve().parent / "teacher"
 METRIC_KEYS = ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after", "student_kl_before",
                "student_kl_after", "sft_baseline_accuracy")
 
@@ -48,8 +52,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="little: numbers written least significant digit first (learned much faster)")
     parser.add_argument("--train-rows", type=int, default=20000)
     parser.add_argument("--val-rows", type=int, default=256)
-    parser.add_argument("--teacher-iters", type=int, default=1600)
-    parser.add_argument("--teacher-lr", type=float, default=5e-3)
+    parser.add_argument("--teacher", default="auto",
+                        help="auto: the shipped teacher when it learned this task, else train one; "
+                             "train: always train one; or a path to a teacher (HF dir or checkpoint)")
+    parser.add_argument("--teacher-only", action="store_true",
+                        help="stop after training the teacher (exported to OUT/teacher/hf)")
+    parser.add_argument("--teacher-iters", type=int, default=1200)
+    parser.add_argument("--teacher-lr", type=float, default=3e-3)
+    parser.add_argument("--teacher-batch", type=int, default=128, help="global batch of the teacher's SFT")
     parser.add_argument("--teacher-tp", type=int, default=1,
                         help="TP of the teacher's SFT (the other ranks are data-parallel: faster for a tiny model)")
     parser.add_argument("--teacher-size", default="128,4,4,2,384",
@@ -79,6 +89,15 @@ def prepare(args: argparse.Namespace) -> None:
         shutil.rmtree(out / stage, ignore_errors=True)
 
 
+def shipped_teacher_matches(args: argparse.Namespace) -> bool:
+    """Whether the shipped teacher learned the task this run asks for."""
+    info = SHIPPED_TEACHER / "task.json"
+    if not info.is_file():
+        return False
+    task = json.loads(info.read_text())["task"]
+    return task == {"max_digits": args.max_digits, "digit_order": args.digit_order, "seed": 0}
+
+
 def stage_config(args: argparse.Namespace, *fields: str) -> TrainConfig:
     out = args.out.resolve()
     paths = [f"data.dataset=[{out / 'data' / 'train.jsonl'}]", f"data.val_dataset=[{out / 'data' / 'val.jsonl'}]",
@@ -96,40 +115,44 @@ def greedy_accuracy(model: torch.nn.Module, tokenizer, vocab_size: int, rows: li
     return score([row["prompt"] for row in rows], completions, little_endian)
 
 
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def forward_kl(trainer) -> float:
     """Held-out KL(teacher || student) per answer token at temperature 1."""
     loss = GKDLoss(beta=0.0, temperature=1.0, sft_alpha=0.0, topk=None, vocab_size=trainer.vocab_size)
     return trainer.evaluate(loss=loss).get("divergence", float("nan"))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from megatron.core import parallel_state
+class Stages:
+    """The stages of one quickstart or demo run on this process group: each a `Trainer`
+    at its own layout, timed, with progress lines from rank 0."""
 
-    from megatron_opd.runtime import initialize_runtime
-    from megatron_opd.trainer.trainer import Trainer
+    def __init__(self, args: argparse.Namespace, config: TrainConfig):
+        from megatron_opd.runtime import initialize_runtime
 
-    args = parse_args(argv)
-    started = time.monotonic()
-    gkd_config = stage_config(args)
-    runtime = initialize_runtime(gkd_config.parallel)
-    rank_zero = runtime.rank == 0
+        self.args = args
+        self.started = time.monotonic()
+        self.runtime = initialize_runtime(config.parallel)
+        self.rank_zero = self.runtime.rank == 0
+        self.global_batch_size = config.training.global_batch_size
+        self.seconds: dict = {}
 
-    def say(message: str) -> None:
-        if rank_zero:
-            print(f"[quickstart {time.monotonic() - started:5.0f}s] {message}", flush=True)
+    def say(self, message: str) -> None:
+        if self.rank_zero:
+            print(f"[quickstart {time.monotonic() - self.started:5.0f}s] {message}", flush=True)
 
-    if rank_zero:
-        prepare(args)
-    torch.distributed.barrier()
-    val_rows = [json.loads(line) for line in (args.out / "data" / "val.jsonl").read_text().splitlines()]
-    metrics: dict = {}
-    seconds: dict = {}
+    def run(self, name: str, config: TrainConfig, before=None, after=None) -> None:
+        from megatron.core import parallel_state
 
-    def run_stage(name: str, config: TrainConfig, before=None, after=None) -> None:
+        from megatron_opd.runtime import initialize_runtime
+        from megatron_opd.trainer.trainer import Trainer
+
         stage_started = time.monotonic()
         parallel = config.parallel
-        say(f"{name}: {config.algorithm}, {config.training.train_iters} steps at TP={parallel.tensor_model_parallel_size}"
-            f" -> {config.training.output_dir}")
+        self.say(f"{name}: {config.algorithm}, {config.training.train_iters} steps at "
+                 f"TP={parallel.tensor_model_parallel_size} -> {config.training.output_dir}")
         # Megatron's parallel groups are global: switch them when a stage has its own layout.
         if parallel_state.get_tensor_model_parallel_world_size() != parallel.tensor_model_parallel_size:
             parallel_state.destroy_model_parallel()
@@ -141,39 +164,78 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             after(trainer)
         del trainer
         gc.collect()
-        seconds[name] = round(time.monotonic() - stage_started, 1)
+        self.seconds[name] = round(time.monotonic() - stage_started, 1)
+
+    def data_parallel(self, tp: int, global_batch: Optional[int] = None) -> list[str]:
+        """Overrides for a stage at TP=`tp`, the other ranks data-parallel, one microbatch each."""
+        global_batch = global_batch or self.global_batch_size
+        micro = global_batch * tp // self.runtime.world_size
+        return [f"parallel.tensor_model_parallel_size={tp}", f"training.global_batch_size={global_batch}",
+                f"training.micro_batch_size={micro}"]
+
+    def warm_up_student(self, *fields: str) -> Path:
+        """The student after its SFT warm-up (the initial one without), as a checkpoint path."""
+        args = self.args
+        if not args.student_warmup_iters:
+            return args.out.resolve() / "student_init"
+        warmup_dir = args.out.resolve() / "student_warmup"
+        self.run("student_warmup", stage_config(
+            args, "algorithm=sft", "teacher_model=null", f"training.output_dir={warmup_dir}",
+            f"training.train_iters={args.student_warmup_iters}", *self.data_parallel(args.teacher_tp), *fields))
+        return warmup_dir / "checkpoints" / f"iter_{args.student_warmup_iters:07d}"
+
+    def write_metrics(self, metrics: dict, text: str) -> None:
+        metrics["seconds"] = {**self.seconds, "total": round(time.monotonic() - self.started, 1)}
+        if self.rank_zero:
+            (self.args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            print(text, flush=True)
+            print(f"wrote {self.args.out / 'metrics.json'}", flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    gkd_config = stage_config(args)
+    stages = Stages(args, gkd_config)
+    say, run_stage, data_parallel = stages.say, stages.run, stages.data_parallel
+    if stages.rank_zero:
+        prepare(args)
+    torch.distributed.barrier()
+    val_rows = read_rows(args.out / "data" / "val.jsonl")
+    metrics: dict = {}
 
     def accuracy(trainer) -> float:
         return greedy_accuracy(trainer.model, trainer.tokenizer, trainer.vocab_size, val_rows,
                                args.digit_order == "little")
 
-    def data_parallel(tp: int) -> list[str]:
-        """Overrides for a stage at TP=`tp`, the other ranks data-parallel (same global batch)."""
-        micro = gkd_config.training.global_batch_size * tp // runtime.world_size
-        return [f"parallel.tensor_model_parallel_size={tp}", f"training.micro_batch_size={micro}"]
+    if args.teacher == "train" or args.teacher_only or (args.teacher == "auto" and not shipped_teacher_matches(args)):
+        teacher_dir = args.out.resolve() / "teacher"
+        teacher_config = stage_config(args, "algorithm=sft", f"model={args.out.resolve() / 'teacher_init'}",
+                                      "teacher_model=null", f"training.output_dir={teacher_dir}",
+                                      f"training.train_iters={args.teacher_iters}", f"optimizer.lr={args.teacher_lr}",
+                                      f"optimizer.min_lr={args.teacher_lr / 10}",
+                                      *data_parallel(args.teacher_tp, args.teacher_batch),
+                                      f"training.export_hf={str(args.teacher_only).lower()}")
+        if args.teacher_only:
+            run_stage("teacher", teacher_config, after=lambda t: metrics.update(teacher_accuracy=accuracy(t)))
+            say(f"teacher accuracy {metrics['teacher_accuracy']:.3f}")
+            stages.write_metrics(metrics, f"teacher accuracy {metrics['teacher_accuracy']:.3f}")
+            return 0
+        run_stage("teacher", teacher_config)
+        teacher_checkpoint = teacher_dir / "checkpoints" / f"iter_{args.teacher_iters:07d}"
+    else:
+        teacher_checkpoint = SHIPPED_TEACHER if args.teacher == "auto" else Path(args.teacher).resolve()
+        say(f"teacher: {teacher_checkpoint}")
 
-    teacher_dir = args.out.resolve() / "teacher"
-    teacher_config = stage_config(args, "algorithm=sft", f"model={args.out.resolve() / 'teacher_init'}",
-                                  "teacher_model=null", f"training.output_dir={teacher_dir}",
-                                  f"training.train_iters={args.teacher_iters}", f"optimizer.lr={args.teacher_lr}",
-                                  f"optimizer.min_lr={args.teacher_lr / 10}", *data_parallel(args.teacher_tp))
-    run_stage("teacher", teacher_config, after=lambda t: metrics.update(teacher_accuracy=accuracy(t)))
-    say(f"teacher accuracy {metrics['teacher_accuracy']:.3f}")
-
-    teacher_checkpoint = teacher_dir / "checkpoints" / f"iter_{args.teacher_iters:07d}"
-    student = args.out.resolve() / "student_init"
-    if args.student_warmup_iters:
-        warmup_dir = args.out.resolve() / "student_warmup"
-        run_stage("student_warmup", stage_config(
-            args, "algorithm=sft", "teacher_model=null", f"training.output_dir={warmup_dir}",
-            f"training.train_iters={args.student_warmup_iters}", *data_parallel(args.teacher_tp)))
-        student = warmup_dir / "checkpoints" / f"iter_{args.student_warmup_iters:07d}"
+    student = stages.warm_up_student()
     gkd_config = stage_config(args, f"teacher_model={teacher_checkpoint}", f"model={student}")
 
     def before_gkd(trainer) -> None:
+        with trainer.teacher.on_device() as teacher:
+            metrics["teacher_accuracy"] = greedy_accuracy(teacher, trainer.tokenizer, trainer.vocab_size, val_rows,
+                                                          args.digit_order == "little")
         metrics.update(student_accuracy_before=accuracy(trainer), student_kl_before=forward_kl(trainer))
-        say(f"student before: accuracy {metrics['student_accuracy_before']:.3f}, "
-            f"KL {metrics['student_kl_before']:.3f}")
+        say(f"teacher accuracy {metrics['teacher_accuracy']:.3f}; student before: accuracy "
+            f"{metrics['student_accuracy_before']:.3f}, KL {metrics['student_kl_before']:.3f}")
 
     def after_gkd(trainer) -> None:
         metrics.update(student_accuracy_after=accuracy(trainer), student_kl_after=forward_kl(trainer))
@@ -185,15 +247,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               f"training.output_dir={args.out.resolve() / 'sft_baseline'}")
     run_stage("sft_baseline", sft_config, after=lambda t: metrics.update(sft_baseline_accuracy=accuracy(t)))
 
-    metrics["seconds"] = {**seconds, "total": round(time.monotonic() - started, 1)}
     metrics["settings"] = {"lmbda": gkd_config.lmbda, "beta": gkd_config.beta, "train_iters":
                            gkd_config.training.train_iters, "tensor_model_parallel_size":
                            gkd_config.parallel.tensor_model_parallel_size, "val_prompts": len(val_rows),
-                           "teacher_iters": args.teacher_iters}
-    if rank_zero:
-        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        print(table(metrics), flush=True)
-        print(f"wrote {args.out / 'metrics.json'}", flush=True)
+                           "teacher": str(teacher_checkpoint)}
+    stages.write_metrics(metrics, table(metrics))
     return 0 if metrics["student_accuracy_after"] > metrics["student_accuracy_before"] else 1
 
 
