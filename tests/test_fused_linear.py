@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from megatron_opd.ops import fused_linear_divergence, vocab_parallel_divergence
+from megatron_opd.ops import (
+    fused_linear_divergence,
+    fused_linear_sparse_divergence,
+    fused_linear_topk_logprobs,
+    sparse_teacher_divergence,
+    vocab_parallel_divergence,
+)
 from megatron_opd.testing import run_distributed
 
 N, H_STUDENT, H_TEACHER, VOCAB = 64, 8, 12, 40
@@ -132,3 +138,84 @@ def test_fused_token_logprobs_match_log_softmax(tp):
     torch.testing.assert_close(sum(result[1] for result in results), hidden.grad, rtol=1e-6, atol=1e-6)
     weight_grad = torch.cat([result[2] for result in results])
     torch.testing.assert_close(weight_grad, weight.grad, rtol=1e-6, atol=1e-6)
+
+
+def topk_logprobs_on_rank(tp: int, k: int, chunk_size) -> tuple:
+    rank = 0
+    if tp > 1:
+        from megatron.core import parallel_state
+
+        from megatron_opd.config import ParallelConfig
+        from megatron_opd.runtime import initialize_runtime
+
+        initialize_runtime(ParallelConfig(tensor_model_parallel_size=tp))
+        rank = parallel_state.get_tensor_model_parallel_rank()
+    hidden, weight, _, _, _ = tensors()
+    ids = torch.randint(0, VOCAB - 3, (N,), generator=torch.Generator().manual_seed(5))
+    return fused_linear_topk_logprobs(hidden, weight.chunk(tp)[rank], k, token_ids=ids, temperature=0.7,
+                                      vocab_size=VOCAB - 3, chunk_size=chunk_size) + (ids,)
+
+
+@pytest.mark.parametrize("tp,k,chunk_size", [(1, 5, 7), (1, VOCAB - 3, None), (2, 5, 7), (2, 30, None)])
+def test_fused_topk_logprobs_match_log_softmax(tp, k, chunk_size):
+    """Top-k ids and full-vocab log-probs (padding ids excluded) equal float64 log_softmax + topk."""
+    results = (run_distributed(topk_logprobs_on_rank, tp, tp, k, chunk_size) if tp > 1
+               else [topk_logprobs_on_rank(1, k, chunk_size)])
+    hidden, weight, _, _, _ = tensors()
+    reference = torch.log_softmax((hidden @ weight.T)[:, : VOCAB - 3] / 0.7, -1)
+    expected_values, expected_ids = reference.topk(k, dim=-1)
+    for logprobs, ids, token_logprobs, tokens in results:
+        assert ids.dtype == torch.long and ids.max() < VOCAB - 3
+        assert torch.equal(ids, expected_ids)
+        torch.testing.assert_close(logprobs.double(), expected_values, rtol=1e-6, atol=1e-6)
+        expected_tokens = reference.gather(-1, tokens[:, None]).squeeze(-1)
+        torch.testing.assert_close(token_logprobs.double(), expected_tokens, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="k=38 is invalid"):
+        fused_linear_topk_logprobs(hidden, weight, VOCAB - 2, vocab_size=VOCAB - 3)
+
+
+def sparse_paths_on_rank(tp: int) -> list:
+    """Per normalization: the fused sparse divergence and its grads, the unfused one on
+    materialized logits and its grads, and (renorm) the local top-K path's value."""
+    rank = 0
+    if tp > 1:
+        from megatron.core import parallel_state
+
+        from megatron_opd.config import ParallelConfig
+        from megatron_opd.runtime import initialize_runtime
+
+        initialize_runtime(ParallelConfig(tensor_model_parallel_size=tp))
+        rank = parallel_state.get_tensor_model_parallel_rank()
+    student_hidden, student_weight, teacher_hidden, teacher_weight, mask = tensors()
+    student_weight, teacher_weight = student_weight.chunk(tp)[rank], teacher_weight.chunk(tp)[rank]
+    # What a server returns: the teacher's top-6 full-vocab log-probs at temperature 1.
+    teacher_logprobs, teacher_ids, _ = fused_linear_topk_logprobs(teacher_hidden, teacher_weight, 6,
+                                                                  vocab_size=VOCAB - 3)
+    results = []
+    for normalize in ("renorm", "full", "tail"):
+        kwargs = dict(beta=0.3, temperature=1.0, normalize=normalize, vocab_size=VOCAB - 3, mask=mask, chunk_size=5)
+        leaves = [student_hidden.clone().requires_grad_(), student_weight.clone().requires_grad_()]
+        fused = fused_linear_sparse_divergence(leaves[0], leaves[1], teacher_logprobs, teacher_ids, **kwargs)
+        fused.backward()
+        dense = [student_hidden.clone().requires_grad_(), student_weight.clone().requires_grad_()]
+        unfused = sparse_teacher_divergence(dense[0] @ dense[1].T, teacher_logprobs, teacher_ids, **kwargs)
+        unfused.backward()
+        results.append((fused.detach(), unfused.detach(), [t.grad for t in leaves], [t.grad for t in dense]))
+    # renorm at tau != 1 from temperature-1 log-probs (logprobs / tau) is the local top-K path exactly
+    server_style = fused_linear_sparse_divergence(student_hidden, student_weight, teacher_logprobs / 1.3, teacher_ids,
+                                                  beta=0.3, temperature=1.3, vocab_size=VOCAB - 3, mask=mask)
+    local = fused_linear_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, beta=0.3,
+                                    temperature=1.3, topk=6, vocab_size=VOCAB - 3, mask=mask)
+    return results, server_style, local
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_fused_sparse_equals_unfused_and_the_local_topk_path(tp):
+    ranks = [sparse_paths_on_rank(1)] if tp == 1 else run_distributed(sparse_paths_on_rank, tp, tp)
+    for results, server_style, local in ranks:
+        for fused, unfused, fused_grads, unfused_grads in results:
+            torch.testing.assert_close(fused, unfused, rtol=1e-9, atol=1e-12)
+            for got, expected in zip(fused_grads, unfused_grads):
+                torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(server_style, local, rtol=1e-6, atol=1e-9)  # fp32 log-probs, as served
+    assert ranks[0][0][0][0] > 0

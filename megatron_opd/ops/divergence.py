@@ -65,6 +65,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 __all__ = [
     "fused_linear_divergence",
+    "fused_linear_sparse_divergence",
     "fused_linear_token_logprobs",
     "sparse_teacher_divergence",
     "vocab_parallel_divergence",
@@ -389,6 +390,33 @@ def fused_linear_divergence(
         teacher, student_hidden.shape[:-1],
         beta=beta, temperature=temperature, topk=topk, topk_normalize=topk_normalize, vocab_size=vocab_size,
         mask=mask, reduction=reduction, tp_group=tp_group, chunk_size=chunk_size)
+
+
+def fused_linear_sparse_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    *,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    normalize: TopKNormalize = "renorm",
+    vocab_size: Optional[int] = None,
+    mask: Optional[torch.Tensor] = None,
+    reduction: Reduction = "mean",
+    tp_group=None,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """`sparse_teacher_divergence(student_hidden @ student_weight.T, ...)` without holding the
+    student's `[N, V/tp]` logits: hidden `[N, H]`, LM-head shard `[V/tp, H]`, the teacher's
+    `[N, K]` log-probabilities and global ids (a teacher server's or the teacher cache's
+    answer). Gradients flow to `student_hidden` and `student_weight`.
+    """
+    return _sparse_divergence(
+        functools.partial(LinearLogits, chunk_rows=chunk_size), (flatten_tokens(student_hidden), student_weight),
+        student_weight.shape[0], student_hidden.shape[:-1], teacher_topk_logprobs, teacher_topk_ids, beta=beta,
+        temperature=temperature, normalize=normalize, vocab_size=vocab_size, mask=mask, reduction=reduction,
+        tp_group=tp_group, chunk_size=chunk_size)
 
 
 # -------------------------------------------------------------------------- sampling

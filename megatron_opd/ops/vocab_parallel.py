@@ -334,3 +334,60 @@ def sharded_topk(source, k: int, shard: VocabShard, temperature: float,
     gathered_ids = shard.all_gather_last(torch.cat(ids))
     top_values, position = gathered_values.topk(k, dim=-1, sorted=True)
     return top_values, gathered_ids.gather(-1, position)
+
+
+@torch.no_grad()
+def fused_linear_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: int, *,
+                               token_ids: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                               vocab_size: Optional[int] = None, tp_group=None,
+                               chunk_size: Optional[int] = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """A teacher's answer for hidden states `[N, H]` and an LM-head shard `[V/tp, H]`: the k
+    most likely ids of softmax(hidden @ weight.T / tau) over the true vocab, `[N, k]` global
+    ids sorted by descending probability, their full-vocab log-probabilities `[N, k]` fp32,
+    and, given `token_ids` `[N]`, the log-probabilities of those ids `[N]` (else None).
+
+    What a teacher server returns (vLLM's `prompt_logprobs`) and the teacher cache stores.
+    One pass over the logits, chunk by chunk: each chunk's local top-k and softmax
+    statistics together; then one all-gather of `[N, k * tp]` values and ids and the two
+    all-reduces of the normalizer (the picked tokens' logits ride along in the second).
+    No gradient.
+    """
+    check_temperature(temperature)
+    hidden = flatten_tokens(hidden)
+    shard = vocab_shard(weight.shape[0], vocab_size, tp_group)
+    if not 1 <= k <= shard.vocab_size:
+        raise ValueError(f"k={k!r} is invalid: must be in [1, vocab_size={shard.vocab_size}]")
+    source = LinearLogits(hidden, weight, chunk_size)
+    dtype = compute_dtype(source.dtype)
+    local_k = min(k, shard.local_vocab)
+    values, ids, maxes, sums = [], [], [], []
+    for _, rows in row_chunks(None, source.num_rows, shard.local_vocab, chunk_size or source.chunk_rows):
+        x = tempered(source.chunk(rows), shard, temperature)
+        chunk_values, chunk_ids = x.topk(local_k, dim=-1)
+        values.append(chunk_values)
+        ids.append(chunk_ids + shard.start)
+        row_max, sumexp = local_max_and_sumexp(x)
+        maxes.append(row_max)
+        sums.append(sumexp)
+    picked = None
+    if token_ids is not None:
+        if token_ids.shape != (source.num_rows,):
+            raise ValueError(f"token_ids has shape {tuple(token_ids.shape)}, expected [{source.num_rows}]")
+        check_ids(token_ids, shard, "token_ids")
+        owned, local = owned_positions(token_ids.reshape(-1, 1).long(), shard)
+        rows = torch.arange(source.num_rows, device=source.device).unsqueeze(-1)
+        picked = torch.where(owned, (source.at(rows, local).to(dtype) / temperature).clamp(min=NEG_INF),
+                             torch.zeros((), dtype=dtype, device=source.device))
+    empty = torch.empty(0, dtype=dtype, device=source.device)
+    (shift, log_total), picked = combine_logsumexp(shard, torch.cat(maxes) if maxes else empty,
+                                                   torch.cat(sums) if sums else empty, extra_sum=picked)
+    if not values:
+        values = [torch.empty(0, local_k, dtype=dtype, device=source.device)]
+        ids = [torch.empty(0, local_k, dtype=torch.long, device=source.device)]
+    gathered_values = shard.all_gather_last(torch.cat(values))
+    gathered_ids = shard.all_gather_last(torch.cat(ids))
+    top_values, position = gathered_values.topk(k, dim=-1, sorted=True)
+    token_logprobs = None if picked is None else log_softmax_with(picked, shift, log_total).squeeze(-1)
+    return (log_softmax_with(top_values, shift, log_total).float(), gathered_ids.gather(-1, position),
+            None if token_logprobs is None else token_logprobs.float())
