@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.megatron_opd-installed
 
-.PHONY: setup test test-all quickstart clean
+.PHONY: setup test test-all quickstart demo-opd-rl demo-opsd clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ test-all: setup
 
 quickstart: setup
 	PYTHON=$(VPY) bash examples/megatron/quickstart_cpu.sh
+
+# OPD-RL (pure distillation from the shipped teacher) and OPSD (self-distillation with the
+# answer as privileged teacher_prompt) on the quickstart's task, on CPU.
+demo-opd-rl: setup
+	PYTHON=$(VPY) bash examples/megatron/demo_cpu.sh opd_rl
+
+demo-opsd: setup
+	PYTHON=$(VPY) bash examples/megatron/demo_cpu.sh opsd
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -51,7 +51,10 @@ def test_override_creates_missing_sections():
     ("sft_alpha=-1", "sft_alpha=-1.0 is invalid"),
     ("max_completion_length=0", "max_completion_length=0 is invalid"),
     ("beta=high", "beta='high' is invalid: a number"),
-    ("algorithm=ppo", "algorithm='ppo' is invalid: one of ['gkd', 'sft']"),
+    ("algorithm=ppo", "algorithm='ppo' is invalid: one of ['gkd', 'opd_rl', 'sft']"),
+    ("teacher=other", "teacher='other' is invalid"),
+    ("reward_funcs=[m:f]", "reward_funcs=['m:f'] is invalid: empty unless algorithm: opd_rl"),
+    ("opsd_clip=1.0", "opsd_clip=1.0 is invalid: null unless teacher: self"),
     ("optimizer.lr=0", "optimizer.lr=0.0 is invalid"),
     ("optimizer.min_lr=1", "optimizer.min_lr=1.0 is invalid"),
     ("training.global_batch_size=7", "training.global_batch_size=7 is invalid: a multiple of "
@@ -71,6 +74,38 @@ def test_bad_values_name_the_field(yaml_file, override, message):
     with pytest.raises(ConfigError) as raised:
         load_train_config(yaml_file(), ["training.micro_batch_size=2", override], world_size=1)
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["num_generations=1"], "num_generations=1 is invalid: an integer >= 2"),
+    (["num_generations=3"], "training.global_batch_size=8 is invalid: a multiple of num_generations=3"),
+    (["epsilon=0"], "epsilon=0.0 is invalid: a number > 0"),
+    (["epsilon_high=-1"], "epsilon_high=-1.0 is invalid"),
+    (["seq_kd=true"], "seq_kd=True is invalid: false with algorithm: opd_rl"),
+    (["teacher_model=null"], "reward_funcs=[] is invalid: at least one module:function when algorithm: opd_rl "
+                             "has no teacher"),
+    (["num_iterations=2", "training.train_iters=5"], "training.train_iters=5 is invalid: a multiple of "
+                                                     "num_iterations=2"),
+    (["num_iterations=2", "training.save_interval=3"], "training.save_interval=3 is invalid"),
+    (["training.eval_interval=5"], "training.eval_interval=5 is invalid: 0 with algorithm: opd_rl"),
+    (["teacher=self", "teacher_model=null", "offload_teacher_model=true"],
+     "offload_teacher_model=True is invalid: false with teacher: self and no teacher_model"),
+    (["teacher=self", "teacher_model=null", "teacher_model_server=http://h:1", "gkd_logits_topk=4"],
+     "teacher_model_server='http://h:1' is invalid: null with teacher: self"),
+])
+def test_bad_opd_rl_and_opsd_settings_name_the_field(yaml_file, overrides, message):
+    base = ["algorithm=opd_rl", "teacher_model=t", "num_generations=4", "training.global_batch_size=8",
+            "training.train_iters=4", "training.eval_interval=0"]
+    with pytest.raises(ConfigError) as raised:
+        load_train_config(yaml_file(), base + overrides, world_size=1)
+    assert message in str(raised.value)
+
+
+def test_opd_rl_defaults_follow_trl():
+    config = load_train_config(None, ["model=m", "data.dataset=[d]", "algorithm=opd_rl", "teacher_model=t",
+                                      "training.global_batch_size=16"])
+    assert (config.num_generations, config.num_iterations, config.epsilon, config.clip_high,
+            config.teacher_kl_coef, config.reward_funcs, config.teacher) == (8, 1, 0.2, 0.2, 1.0, [], "model")
 
 
 def test_server_and_local_teacher_exclude_each_other(yaml_file):
@@ -115,6 +150,9 @@ def test_exponent_without_dot_is_a_float(yaml_file):
 def test_shipped_recipes_load():
     from pathlib import Path
 
-    for recipe in sorted((Path(__file__).parents[1] / "configs").glob("gkd*.yaml")):
-        config = load_train_config(recipe, world_size=8)
-        assert config.parallel.tensor_model_parallel_size * config.parallel.pipeline_model_parallel_size <= 8
+    recipes = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert {recipe.stem.split("_")[0] for recipe in recipes} >= {"gkd", "opd", "opsd", "quickstart"}
+    for recipe in recipes:
+        config = load_train_config(recipe)
+        parallel = config.parallel
+        config.check_world(parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size)

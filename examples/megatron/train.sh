@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# GKD with torchrun: bash examples/megatron/gkd.sh CONFIG.yaml [key=value ...]
+# Any algorithm (the config's `algorithm:`) with torchrun:
+#   bash examples/megatron/train.sh CONFIG.yaml [key=value ...]
+# gkd.sh, opd_rl.sh and opsd.sh call this with their recipe as the default CONFIG.
 #
 # Environment (all optional):
 #   NPROC        processes per node (default: all GPUs, or 2 on CPU)
@@ -9,7 +11,7 @@
 #   PYTHON       interpreter (default .venv/bin/python when present)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-CONFIG=${1:?usage: gkd.sh CONFIG.yaml [key=value ...]}
+CONFIG=${1:?usage: train.sh CONFIG.yaml [key=value ...]}
 shift
 if [[ -x .venv/bin/python ]]; then PYTHON=${PYTHON:-.venv/bin/python}; else PYTHON=${PYTHON:-python}; fi
 if command -v nvidia-smi >/dev/null 2>&1; then

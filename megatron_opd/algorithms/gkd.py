@@ -51,6 +51,7 @@ class GKDLoss:
     sft_alpha: float
     topk: Optional[int]
     vocab_size: int  # ids >= this are padding in both models' heads
+    clip: Optional[float] = None  # OPSD's opsd_clip: each token's divergence at most this
 
     def __call__(self, student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor,
                  loss_mask: torch.Tensor, teacher: TeacherHidden, with_sft: bool
@@ -58,13 +59,16 @@ class GKDLoss:
         """Summed loss, counted tokens and metric sums for one microbatch.
 
         student_hidden `[b, s, H]` (after `models.outputs.head_input`), student_head
-        `[V/tp, H]`, labels and loss_mask `[b, s]`, teacher hidden `[b, s, H_T]`.
+        `[V/tp, H]`, labels and loss_mask `[b, s]`, teacher hidden `[N, H_T]` at the mask's
+        N response tokens. A clipped token (`clip`) passes no gradient.
         """
         mask = loss_mask.bool()
-        divergence = fused_linear_divergence(
-            student_hidden, student_head, teacher.hidden, teacher.head_weight, beta=self.beta,
-            temperature=self.temperature, topk=self.topk, vocab_size=self.vocab_size, mask=mask,
-            reduction="sum")
+        per_token = fused_linear_divergence(
+            student_hidden[mask], student_head, teacher.hidden, teacher.head_weight, beta=self.beta,
+            temperature=self.temperature, topk=self.topk, vocab_size=self.vocab_size, reduction="none")
+        if self.clip is not None:
+            per_token = per_token.clamp(max=self.clip)
+        divergence = per_token.sum()
         loss = divergence
         metrics = {"divergence_sum": divergence.detach().clone()}
         if with_sft and self.sft_alpha > 0:

@@ -4,8 +4,9 @@
 
 Algorithm parameters sit at the top level under ms-swift's names (`beta`, `lmbda`,
 `sft_alpha`, `temperature`, `max_completion_length`, `gkd_logits_topk`, `seq_kd`,
-`teacher_model`, `teacher_model_server`, `offload_teacher_model`) so that a recipe
-reads the same in both; the machinery (parallel layout, data, optimizer, training
+`teacher_model`, `teacher_model_server`, `offload_teacher_model`, `teacher_kl_coef`)
+and TRL's GRPO names (`num_generations`, `num_iterations`, `epsilon`, `epsilon_high`,
+`reward_funcs`) so that a recipe reads the same in both; the machinery (parallel layout, data, optimizer, training
 schedule, checkpoints, logging) is in sections.
 """
 
@@ -104,11 +105,20 @@ class TrainingConfig:
         return self.global_batch_size // per_step
 
 
+ALGORITHMS = ("gkd", "opd_rl", "sft")
+
+
 @dataclass
 class TrainConfig:
     model: str  # the student: an HF model directory or a megatron_opd checkpoint
     data: DataConfig
-    algorithm: Literal["gkd", "sft"] = "gkd"  # sft: plain CE on dataset responses, no teacher
+    # gkd: divergence to the teacher as the loss; opd_rl: GRPO with the teacher's log-ratio in the
+    # advantage; sft: plain CE on dataset responses, no teacher
+    algorithm: Literal["gkd", "opd_rl", "sft"] = "gkd"
+    # model: a separate teacher (teacher_model / teacher_model_server). self (OPSD): the student
+    # itself fed each row's teacher_prompt; its current weights when teacher_model is null
+    # (dynamic), a frozen copy of its initial weights when teacher_model is the student's path (fixed)
+    teacher: Literal["model", "self"] = "model"
     teacher_model: Optional[str] = None
     teacher_model_server: Optional[str] = None
     offload_teacher_model: bool = False
@@ -120,6 +130,14 @@ class TrainConfig:
     max_completion_length: int = 512  # most tokens sampled per response (EOS ends one earlier)
     gkd_logits_topk: Optional[int] = None  # None: full vocab; K: teacher's top-K, renormalized
     seq_kd: bool = False  # off-policy steps train on teacher samples instead of dataset responses
+    opsd_clip: Optional[float] = None  # teacher: self: clip each token's divergence (GKD) or |log-ratio| (OPD-RL)
+    # OPD-RL (GRPO): training.global_batch_size counts samples, num_generations per prompt
+    num_generations: int = 8
+    num_iterations: int = 1  # optimizer steps per rollout batch (GRPO's mu)
+    epsilon: float = 0.2  # importance-ratio clip, low bound 1 - epsilon
+    epsilon_high: Optional[float] = None  # high bound 1 + epsilon_high (null: epsilon)
+    teacher_kl_coef: float = 1.0  # weight of log p_T - log p_S in each token's advantage
+    reward_funcs: list[str] = field(default_factory=list)  # module:function, summed; none: pure distillation
     make_vocab_size_divisible_by: int = 128
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -146,11 +164,53 @@ class TrainConfig:
                   "an integer >= 1 when teacher_model_server is set (the server returns top-K logprobs)")
             check(not self.seq_kd, "seq_kd", self.seq_kd,
                   "false when teacher_model_server is set (teacher samples need the teacher in-process)")
-        check(self.algorithm in ("gkd", "sft"), "algorithm", self.algorithm, "one of ['gkd', 'sft']")
+        check(self.algorithm in ALGORITHMS, "algorithm", self.algorithm, f"one of {list(ALGORITHMS)}")
+        check(self.teacher in ("model", "self"), "teacher", self.teacher, "one of ['model', 'self']")
         if self.algorithm == "sft":
             for name in ("teacher_model", "teacher_model_server"):
                 check(getattr(self, name) is None, name, getattr(self, name), "null with algorithm: sft (no teacher)")
+            check(self.teacher == "model", "teacher", self.teacher, "'model' with algorithm: sft (no teacher)")
             check(not self.seq_kd, "seq_kd", self.seq_kd, "false with algorithm: sft")
+        if self.teacher == "self":
+            check(self.teacher_model_server is None, "teacher_model_server", self.teacher_model_server,
+                  "null with teacher: self (the student is its own teacher)")
+            check(not self.seq_kd, "seq_kd", self.seq_kd, "false with teacher: self")
+            check(self.teacher_model is not None or not self.offload_teacher_model, "offload_teacher_model",
+                  self.offload_teacher_model, "false with teacher: self and no teacher_model (the teacher is "
+                  "the student's own weights)")
+        if self.opsd_clip is not None:
+            check(self.teacher == "self", "opsd_clip", self.opsd_clip, "null unless teacher: self")
+            check(self.opsd_clip > 0, "opsd_clip", self.opsd_clip, "a number > 0, or null (off)")
+        check(self.algorithm == "opd_rl" or not self.reward_funcs, "reward_funcs", self.reward_funcs,
+              "empty unless algorithm: opd_rl")
+        if self.algorithm == "opd_rl":
+            self._check_opd_rl()
+
+    def _check_opd_rl(self) -> None:
+        check(self.num_generations >= 2, "num_generations", self.num_generations,
+              "an integer >= 2 (group-normalized advantages need a group)")
+        check(self.num_iterations >= 1, "num_iterations", self.num_iterations, "an integer >= 1")
+        check(self.epsilon > 0, "epsilon", self.epsilon, "a number > 0")
+        if self.epsilon_high is not None:
+            check(self.epsilon_high > 0, "epsilon_high", self.epsilon_high, "a number > 0, or null (= epsilon)")
+        check(not self.seq_kd, "seq_kd", self.seq_kd, "false with algorithm: opd_rl (it trains on student samples)")
+        has_teacher = self.teacher == "self" or self.teacher_model is not None or self.teacher_model_server is not None
+        check(has_teacher or bool(self.reward_funcs), "reward_funcs", self.reward_funcs,
+              "at least one module:function when algorithm: opd_rl has no teacher (nothing to learn from)")
+        training = self.training
+        check(training.global_batch_size % self.num_generations == 0, "training.global_batch_size",
+              training.global_batch_size, f"a multiple of num_generations={self.num_generations}")
+        # A checkpoint inside a rollout batch could not be resumed exactly (its samples and
+        # old log-probabilities came from weights the checkpoint no longer has).
+        for name in ("train_iters", "save_interval"):
+            check(getattr(training, name) % self.num_iterations == 0, f"training.{name}", getattr(training, name),
+                  f"a multiple of num_iterations={self.num_iterations} (checkpoints fall between rollout batches)")
+        check(training.eval_interval == 0, "training.eval_interval", training.eval_interval,
+              "0 with algorithm: opd_rl (no held-out loss; measure generations instead, as the demo does)")
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
     def check_world(self, world_size: int) -> int:
         """The data-parallel size for `world_size` ranks; raises when the layout does not fit."""

@@ -1,11 +1,20 @@
 """An in-process Megatron teacher, run forward-only over a step's microbatches before the student.
 
-The last pipeline stage keeps, per microbatch, the teacher's final hidden states
-`[b, s, H_T]` and uses the teacher's LM-head shard inside the student's loss
+The last pipeline stage keeps, per microbatch, the teacher's final hidden states at
+the response tokens only, `[N, H_T]` (N = the microbatch's loss-mask count, row-major),
+and uses the teacher's LM-head shard inside the student's loss
 (`ops.fused_linear_divergence`), so the teacher's `[b, s, V/tp]` logits never exist
 for a whole microbatch: hidden states are V/H (about 40x for Qwen) smaller. Top-K
 distillation computes the teacher's top-K from them in the loss, at the cost of one
 chunked LM-head matmul, so one cache serves both.
+
+Keeping response rows, not positions, is what lets the teacher read a different
+prompt than the student (OPSD's `teacher_prompt`): the i-th response token of the
+teacher's sequence and of the student's are the same token whatever the prompts'
+lengths, so `[N, H_T]` lines up with the student's `hidden[loss_mask]`.
+
+The teacher is a frozen model of its own, or (OPSD, dynamic) the student itself:
+then its forward runs on the student's current weights, without gradient.
 """
 
 from __future__ import annotations
@@ -24,21 +33,25 @@ from megatron_opd.trainer.schedule import Microbatch, run_microbatches
 class TeacherHidden:
     """A teacher's output for one microbatch on the last stage."""
 
-    hidden: torch.Tensor  # [b, s, H_T], no grad
+    hidden: torch.Tensor  # [N, H_T] at the response tokens (loss mask, row-major), no grad
     head_weight: torch.Tensor  # [V/tp, H_T], no grad
 
 
 class LocalTeacher:
-    """A frozen Megatron `GPTModel` with the student's TP/PP layout.
+    """A frozen Megatron `GPTModel` with the student's TP/PP layout, or the student itself.
 
     `offload`: keep the weights on the CPU between steps (GPU only); the LM-head shard
     stays on the device, since the student's loss needs it after the teacher pass.
+    `is_student`: `model` is the student being trained (OPSD's dynamic teacher).
     """
 
-    def __init__(self, model: torch.nn.Module, offload: bool = False):
-        if any(param.requires_grad for param in model.parameters()):
+    def __init__(self, model: torch.nn.Module, offload: bool = False, is_student: bool = False):
+        if not is_student and any(param.requires_grad for param in model.parameters()):
             raise ValueError("the teacher must be frozen: build it with role='teacher'")
+        if is_student and offload:
+            raise ValueError("offload is invalid for the student's own weights (teacher: self, dynamic)")
         self.model = model
+        self.is_student = is_student
         self.device = next(model.parameters()).device
         self.offload = offload and self.device.type == "cuda"
         self._head: Optional[torch.Tensor] = None
@@ -51,21 +64,27 @@ class LocalTeacher:
         """The model on its device for the duration (a no-op unless offloaded), in eval mode."""
         if self.offload:
             self.model.to(self.device)
+        was_training = self.model.training
         self.model.eval()
         try:
             yield self.model
         finally:
+            self.model.train(was_training)
             if self.offload:
                 self.model.to("cpu")
 
     @torch.no_grad()
     def forward(self, microbatches: list[Microbatch]) -> Optional[list[TeacherHidden]]:
-        """The teacher's output per microbatch on the last stage, None elsewhere."""
+        """The teacher's output per microbatch on the last stage, None elsewhere.
+
+        `microbatches`: the teacher's own inputs (e.g. teacher_prompt + response), whose
+        loss masks count the same response tokens, row by row, as the student's.
+        """
         outputs: list[Optional[TeacherHidden]] = [None] * len(microbatches)
 
         def keep(index: int, batch: Microbatch, hidden: torch.Tensor):
             head = self._head if self._head is not None else lm_head_weight(self.model).detach()
-            outputs[index] = TeacherHidden(head_input(self.model, hidden).detach(), head)
+            outputs[index] = TeacherHidden(head_input(self.model, hidden).detach()[batch.loss_mask], head)
             return hidden.new_zeros(()), {}
 
         with self.on_device():

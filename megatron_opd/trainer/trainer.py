@@ -7,12 +7,15 @@ One step on every rank:
      fresh samples of the student or the teacher for the same prompts
      (`rollout.MegatronSampler`, seeded per example, no gradient); padded and split
      into microbatches;
-  3. the teacher forward-only over those microbatches (`LocalTeacher`), its final
-     hidden states kept on the last stage;
+  3. the teacher forward-only over those microbatches (`LocalTeacher`; OPSD: over the
+     same responses after each row's teacher_prompt), its final hidden states at the
+     response tokens kept on the last stage;
   4. the student's forward-backward through Megatron's schedule with the algorithm's
      loss reading the teacher's output for its microbatch; per-token normalization
      over the whole global batch (`calculate_per_token_loss`);
   5. Megatron's optimizer step (grad clipping, fp32 master weights) and LR schedule.
+OPD-RL replaces 2-3 by a rollout batch (`opd_rl_rollout`: G samples per prompt,
+rewards, advantages, teacher log-probabilities) that `num_iterations` steps train on.
 Metrics each `log_interval`, held-out divergence each `eval_interval`, atomic
 dist-checkpoints each `save_interval` and at the end, resume from the latest, and a
 final HF export of the student.
@@ -31,6 +34,9 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_opd.algorithms.gkd import GKDLoss, ResponseSource, response_source
+from megatron_opd.algorithms.opd_rl import OPDRLLoss
+from megatron_opd.algorithms.opsd import check_teacher_prompts, teacher_view
+from megatron_opd.algorithms.rewards import load_reward_functions
 from megatron_opd.algorithms.sft import SFTLoss
 from megatron_opd.checkpoint.hf_weights import write_hf_weights
 from megatron_opd.checkpoint.megatron_checkpoint import (
@@ -51,6 +57,7 @@ from megatron_opd.runtime.distributed import Runtime, initialize_runtime, seed_e
 from megatron_opd.teachers.local import LocalTeacher
 from megatron_opd.trainer.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from megatron_opd.trainer.metrics import MetricsWriter
+from megatron_opd.trainer.opd_rl_rollout import RolloutBatch, build_rollout_batch
 from megatron_opd.trainer.optim import build_optimizer, wrap_student
 from megatron_opd.trainer.schedule import Microbatch, run_microbatches
 
@@ -61,8 +68,14 @@ def check_supported(config: TrainConfig) -> None:
     """Refuse settings whose machinery is not built yet, naming the field (never a silent fallback)."""
     if config.teacher_model_server is not None:
         raise ConfigError("teacher_model_server is not supported by this trainer yet; use teacher_model")
-    if config.algorithm == "gkd" and config.teacher_model is None:
-        raise ConfigError("teacher_model=None is invalid: GKD needs a teacher (an HF dir or megatron_opd checkpoint)")
+    if config.algorithm == "gkd" and config.teacher_model is None and config.teacher != "self":
+        raise ConfigError("teacher_model=None is invalid: GKD needs a teacher (an HF dir or megatron_opd "
+                          "checkpoint), or teacher: self with a teacher_prompt column (OPSD)")
+    if config.teacher == "self" and config.teacher_model is not None:
+        if Path(config.teacher_model).resolve() != Path(config.model).resolve():
+            raise ConfigError(f"teacher_model={config.teacher_model!r} is invalid with teacher: self: a fixed "
+                              f"self-teacher is the student's own initial weights (model={config.model!r}); "
+                              "leave it null for the dynamic teacher, or use teacher: model for another model")
 
 
 def resolve_dtype(precision: str, runtime: Runtime) -> torch.dtype:
@@ -162,13 +175,13 @@ class Trainer:
         if teacher_source is not None:
             teacher = load_pretrained(teacher_source, self.runtime, "teacher", self.dtype, padded[1].pad_vocab_size_to)
             self.teacher = LocalTeacher(teacher, offload=config.offload_teacher_model)
+        elif config.teacher == "self":
+            self.teacher = LocalTeacher(self.model, is_student=True)
         self.optimizer, self.scheduler = build_optimizer(self.model, optimizer_config, config.training.train_iters)
-        if config.algorithm == "sft":
-            self.loss = SFTLoss(vocab_size=self.vocab_size)
-        else:
-            self.loss = GKDLoss(beta=config.beta, temperature=config.temperature, sft_alpha=config.sft_alpha,
-                                topk=config.gkd_logits_topk, vocab_size=self.vocab_size)
-        self.samples_responses = config.algorithm == "gkd" and (config.lmbda > 0 or config.seq_kd)
+        self.loss = self._build_loss()
+        self.reward_functions = load_reward_functions(config.reward_funcs)
+        self.samples_responses = config.algorithm == "opd_rl" or (
+            config.algorithm == "gkd" and (config.lmbda > 0 or config.seq_kd))
         self.sampling = None
         if self.samples_responses:
             self.sampling = SamplingParams(
@@ -177,8 +190,12 @@ class Trainer:
 
         self.train_data = self._dataset("train")
         self.eval_data = self._dataset("val") if config.data.val_dataset else None
-        self.data_iterator = DataIterator(self.train_data, config.training.global_batch_size,
+        # OPD-RL: a step's global batch is global_batch_size / num_generations prompts, each sampled G times
+        self.group_size = config.num_generations if config.algorithm == "opd_rl" else 1
+        self.data_iterator = DataIterator(self.train_data, config.training.global_batch_size // self.group_size,
                                           seed=config.data.seed, shuffle=config.data.shuffle)
+        self.rollout_batch: Optional[RolloutBatch] = None
+        self.timings: dict[str, float] = {}
         self.pad_id = pad_token_id(self.tokenizer)
         self.data_parallel_size = config.check_world(self.runtime.world_size)
         self.iteration = 0
@@ -188,6 +205,17 @@ class Trainer:
             self._resume()
 
     # ------------------------------------------------------------------ setup
+
+    def _build_loss(self):
+        config = self.config
+        if config.algorithm == "sft":
+            return SFTLoss(vocab_size=self.vocab_size)
+        if config.algorithm == "opd_rl":
+            return OPDRLLoss(epsilon=config.epsilon, epsilon_high=config.clip_high,
+                             teacher_kl_coef=config.teacher_kl_coef, temperature=config.temperature,
+                             vocab_size=self.vocab_size, log_ratio_clip=config.opsd_clip)
+        return GKDLoss(beta=config.beta, temperature=config.temperature, sft_alpha=config.sft_alpha,
+                       topk=config.gkd_logits_topk, vocab_size=self.vocab_size, clip=config.opsd_clip)
 
     def _dataset(self, split: str):
         """Rank 0 tokenizes first (filling the datasets cache), the others then read it."""
@@ -200,6 +228,10 @@ class Trainer:
         if len(dataset) < self.config.training.global_batch_size and split == "train":
             raise ConfigError(f"training.global_batch_size={self.config.training.global_batch_size} is invalid: "
                               f"the training data has only {len(dataset)} usable rows")
+        if self.config.teacher == "self":
+            check_teacher_prompts(dataset["teacher_prompt_ids"], split)
+        if self.config.reward_funcs:
+            return dataset  # reward functions read the rows' own columns
         return dataset.select_columns(list(OUTPUT_COLUMNS))
 
     def _is_logging_rank(self) -> bool:
@@ -224,12 +256,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ batches
 
-    def local_examples(self, indices: list[int], dataset) -> list[dict]:
-        """This DP rank's contiguous share of a global batch's rows, each with its position
-        in the global batch (`_position`, what its sampling seed derives from)."""
-        share = len(indices) // self.data_parallel_size
+    def local_examples(self, indices: list[int], dataset, repeat: int = 1) -> list[dict]:
+        """This DP rank's contiguous share of a global batch's rows, each row `repeat` times
+        in a row (OPD-RL's groups), with its position in the global batch (`_position`, what
+        its sampling seed derives from) and its dataset row (`_row`)."""
+        share = len(indices) * repeat // self.data_parallel_size
         first = parallel_state.get_data_parallel_rank() * share
-        return [{**dataset[indices[position]], "_position": position} for position in range(first, first + share)]
+        return [{**dataset[indices[position // repeat]], "_position": position, "_row": indices[position // repeat]}
+                for position in range(first, first + share)]
 
     def microbatches(self, examples: list[dict]) -> list[Microbatch]:
         """`examples` padded to their longest sequence (a multiple of 8, and of TP under
@@ -241,20 +275,35 @@ class Trainer:
         return [Microbatch(tokens[start:start + size], loss_mask[start:start + size])
                 for start in range(0, len(examples), size)]
 
-    def sample_responses(self, examples: list[dict], source: ResponseSource) -> tuple[list[dict], Rollout]:
+    def sample_responses(self, examples: list[dict], source: ResponseSource,
+                         iteration: Optional[int] = None) -> tuple[list[dict], Rollout]:
         """`examples` with their responses replaced by samples of the student or the teacher
-        for the same prompts (loss on every sampled token, EOS included)."""
+        for the same prompts (loss on every sampled token, EOS included). Seeded by
+        (seed, `iteration` (default: the current one), position in the global batch)."""
         prompts = [example["input_ids"][:example["prompt_length"]] for example in examples]
-        seeds = [sample_seed(self.config.parallel.seed, self.iteration, example["_position"]) for example in examples]
+        iteration = self.iteration if iteration is None else iteration
+        seeds = [sample_seed(self.config.parallel.seed, iteration, example["_position"]) for example in examples]
+        sampling = self.sampling or SamplingParams(
+            max_new_tokens=self.config.max_completion_length, temperature=self.config.temperature,
+            top_k=self.config.top_k, eos_token_ids=eos_token_ids(self.tokenizer, tokenizer_dir(self.student_source)))
         if source == "student":
-            rollout = MegatronSampler(self.model, self.vocab_size).generate(prompts, self.sampling, seeds)
+            rollout = MegatronSampler(self.model, self.vocab_size).generate(prompts, sampling, seeds)
         else:
             with self.teacher.on_device() as teacher:
-                rollout = MegatronSampler(teacher, self.vocab_size).generate(prompts, self.sampling, seeds)
+                rollout = MegatronSampler(teacher, self.vocab_size).generate(prompts, sampling, seeds)
         sampled = [{**example, "input_ids": list(prompt) + completion,
                     "loss_mask": [0] * len(prompt) + [1] * len(completion)}
                    for example, prompt, completion in zip(examples, prompts, rollout.completions)]
         return sampled, rollout
+
+    def teacher_forward(self, examples: list[dict], microbatches: list[Microbatch]):
+        """The teacher's output for the step's microbatches (None without a teacher); rows
+        with a teacher_prompt are fed to it as teacher_prompt + response (OPSD)."""
+        if self.teacher is None:
+            return None
+        if any(example.get("teacher_prompt_ids") is not None for example in examples):
+            microbatches = self.microbatches([teacher_view(example) for example in examples])
+        return self.teacher.forward(microbatches)
 
     # ------------------------------------------------------------------ one step
 
@@ -288,26 +337,50 @@ class Trainer:
         result.update(zip(extra, totals[len(keys) + 1:]))
         return result
 
-    def train_step(self) -> dict[str, float]:
-        # Every draw of a step is a function of (seed, iteration): resuming needs no RNG state.
-        seed_everything(self.config.parallel.seed + 1000 * self.iteration)
+    def _gkd_inputs(self, clock: _Stopwatch) -> tuple[list[Microbatch], Optional[list], bool, dict, dict]:
+        """GKD / SFT: the step's microbatches, the teacher's output for each, whether the CE
+        counts (not on student samples), and sampling sums and metrics."""
         examples = self.local_examples(next(self.data_iterator), self.train_data)
         source: ResponseSource = "dataset"
         if self.samples_responses:
             source = response_source(self.config.lmbda, self.config.seq_kd, self.config.parallel.seed, self.iteration)
-        clock = _Stopwatch()
-        rollout = None
+        sums: dict[str, float] = {}
         if source != "dataset":
             examples, rollout = self.sample_responses(examples, source)
-        sampling_time = clock.lap()
+            sums = {"sampled_tokens": rollout.num_tokens, "samples": len(rollout.completions)}
+        self.timings["sampling_s"] = clock.lap()
         microbatches = self.microbatches(examples)
-        teacher_outputs = self.teacher.forward(microbatches) if self.teacher is not None else None
-        teacher_time = clock.lap()
+        teacher_outputs = self.teacher_forward(examples, microbatches)
+        self.timings["teacher_s"] = clock.lap()
+        metrics = {}
+        if self.samples_responses:
+            metrics = {"on_policy": float(source == "student"), "teacher_sampled": float(source == "teacher")}
+        return microbatches, teacher_outputs, source != "student", sums, metrics
+
+    def _opd_rl_inputs(self, clock: _Stopwatch) -> tuple[list[Microbatch], Optional[list], bool, dict, dict]:
+        """OPD-RL: a new rollout batch every `num_iterations` steps, reused in between."""
+        if self.iteration % self.config.num_iterations == 0:
+            self.rollout_batch = build_rollout_batch(self, clock)
+            return (self.rollout_batch.microbatches, self.rollout_batch.tokens, False, self.rollout_batch.sums,
+                    dict(self.rollout_batch.metrics))
+        if self.rollout_batch is None:
+            raise RuntimeError(f"iteration {self.iteration} is inside a rollout batch that was never built "
+                               f"(num_iterations={self.config.num_iterations})")
+        self.timings.update(sampling_s=0.0, teacher_s=0.0)
+        clock.lap()
+        return self.rollout_batch.microbatches, self.rollout_batch.tokens, False, {}, {}
+
+    def train_step(self) -> dict[str, float]:
+        # Every draw of a step is a function of (seed, iteration): resuming needs no RNG state.
+        seed_everything(self.config.parallel.seed + 1000 * self.iteration)
+        clock = _Stopwatch()
+        self.timings = {}
+        make_inputs = self._opd_rl_inputs if self.config.algorithm == "opd_rl" else self._gkd_inputs
+        microbatches, loss_inputs, with_sft, sums, step_metrics = make_inputs(clock)
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._student_pass(microbatches, teacher_outputs, forward_only=False,
-                                     with_sft=source != "student")
+        outputs = self._student_pass(microbatches, loss_inputs, forward_only=False, with_sft=with_sft)
         student_time = clock.lap()
         updated, grad_norm, _ = self.optimizer.step()
         if not updated:
@@ -316,35 +389,37 @@ class Trainer:
         self.scheduler.step(increment=1)
         optimizer_time = clock.lap()
         self.iteration += 1
-        extra = {}
-        if rollout is not None:
-            extra = {"sampled_tokens": rollout.num_tokens, "samples": len(rollout.completions)}
-        metrics = self._reduce(outputs, extra)
+        metrics = self._reduce(outputs, sums)
         if metrics:
+            metrics.update(step_metrics)
             metrics.update(grad_norm=float(grad_norm), lr=self.optimizer.param_groups[0]["lr"],
                            student_s=student_time, optimizer_s=optimizer_time,
                            tokens_per_s=metrics["tokens"] / max(clock.total, 1e-9))
             if self.teacher is not None:
-                metrics["teacher_s"] = teacher_time
+                metrics["teacher_s"] = self.timings["teacher_s"]
             if self.samples_responses:
-                metrics.update(on_policy=float(source == "student"), teacher_sampled=float(source == "teacher"),
-                               sampling_s=sampling_time)
-                if rollout is not None:
-                    metrics["sample_length"] = metrics.pop("sampled_tokens") / max(metrics.pop("samples"), 1)
+                metrics["sampling_s"] = self.timings["sampling_s"]
+            if "samples" in metrics:
+                metrics["sample_length"] = metrics.pop("sampled_tokens") / max(metrics.pop("samples"), 1)
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, loss=None) -> dict[str, float]:
+    def evaluate(self, loss=None, sample: bool = False) -> dict[str, float]:
         """The loss per response token (GKD: the divergence; SFT: the CE) over `eval_iters`
         batches of the val data's own responses; `loss`: another loss of the same signature
-        (e.g. a forward KL at temperature 1 to report next to a JSD objective)."""
+        (e.g. a forward KL at temperature 1 to report next to a JSD objective, or
+        `algorithms.opd_rl.TeacherKL`). `sample`: on the student's own samples for the val
+        prompts instead (seeded, the same every call for the same weights)."""
         iterator = DataIterator(self.eval_data, self.config.training.global_batch_size, shuffle=False)
         was_training = self.model.training
         self.model.eval()
         outputs: list = []
-        for _ in range(self.config.training.eval_iters):
-            microbatches = self.microbatches(self.local_examples(next(iterator), self.eval_data))
-            teacher_outputs = self.teacher.forward(microbatches) if self.teacher is not None else None
+        for step in range(self.config.training.eval_iters):
+            examples = self.local_examples(next(iterator), self.eval_data)
+            if sample:
+                examples, _ = self.sample_responses(examples, "student", iteration=-1 - step)
+            microbatches = self.microbatches(examples)
+            teacher_outputs = self.teacher_forward(examples, microbatches)
             step_outputs = self._student_pass(microbatches, teacher_outputs, forward_only=True,
                                               with_sft=self.config.algorithm == "sft", loss=loss)
             outputs.extend(step_outputs or [])

@@ -1,0 +1,146 @@
+"""OPD-RL's advantage and loss math against hand-written float64 references on small tensors.
+
+The references are written out token by token in plain Python (`statistics`, `math`),
+independently of the vectorized code under test.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+
+from megatron_opd.algorithms.opd_rl import (
+    GROUP_STD_EPSILON,
+    OPDRLLoss,
+    RolloutTokens,
+    clipped_policy_loss,
+    group_advantages,
+    teacher_kl_k3,
+    token_advantages,
+)
+
+
+def reference_group_advantages(rewards: list[float], group: int) -> list[float]:
+    out = []
+    for start in range(0, len(rewards), group):
+        values = rewards[start:start + group]
+        mean, std = statistics.mean(values), statistics.stdev(values)
+        out += [(value - mean) / (std + GROUP_STD_EPSILON) for value in values]
+    return out
+
+
+def reference_surrogate(logp: float, old: float, advantage: float, eps: float, eps_high: float) -> tuple:
+    """(loss, d loss / d logp, clipped low, clipped high) of one token."""
+    ratio = math.exp(logp - old)
+    unclipped = ratio * advantage
+    clipped = min(max(ratio, 1 - eps), 1 + eps_high) * advantage
+    if unclipped <= clipped:  # the min picks the unclipped term: gradient -ratio * A
+        loss, grad = -unclipped, -ratio * advantage
+    else:  # the clipped term is constant in logp
+        loss, grad = -clipped, 0.0
+    return loss, grad, ratio < 1 - eps and advantage < 0, ratio > 1 + eps_high and advantage > 0
+
+
+def test_group_advantages_match_reference_and_equal_groups_give_zero():
+    rewards = [1.0, 0.0, 0.5, 2.0, 3.0, 3.0, 3.0, 3.0, -1.0, 4.0, 0.0, 0.25]
+    actual = group_advantages(torch.tensor(rewards), 4)
+    expected = reference_group_advantages(rewards, 4)
+    assert actual.tolist() == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert actual[4:8].tolist() == [0.0] * 4, "a group of equal rewards has no preference"
+    with pytest.raises(ValueError, match="num_generations=4"):
+        group_advantages(torch.zeros(6), 4)
+    with pytest.raises(ValueError, match=">= 2"):
+        group_advantages(torch.zeros(6), 1)
+
+
+def test_token_advantages_add_the_detached_teacher_log_ratio():
+    base = torch.tensor([0.5, 0.5, -1.0], dtype=torch.float64)
+    teacher = torch.tensor([-1.0, -0.2, -3.0], dtype=torch.float64, requires_grad=True)
+    old = torch.tensor([-0.5, -0.7, -0.1], dtype=torch.float64, requires_grad=True)
+    actual = token_advantages(base, teacher, old, teacher_kl_coef=0.3)
+    expected = [b + 0.3 * (t - o) for b, t, o in zip(base.tolist(), teacher.tolist(), old.tolist())]
+    assert actual.tolist() == pytest.approx(expected, rel=1e-6)
+    assert not actual.requires_grad
+    assert token_advantages(base, teacher, old, teacher_kl_coef=0.0).tolist() == base.tolist()
+    assert token_advantages(base, None, old, teacher_kl_coef=1.0).tolist() == base.tolist()
+    clipped = token_advantages(base, teacher, old, teacher_kl_coef=1.0, log_ratio_clip=0.5)
+    assert clipped.tolist() == pytest.approx([0.0, 1.0, -1.5], rel=1e-6)
+
+
+def test_teacher_kl_k3_is_nonnegative_and_matches_the_formula():
+    teacher = torch.tensor([-1.0, -0.2, -3.0, -0.5])
+    student = torch.tensor([-0.5, -0.7, -0.1, -0.5])
+    expected = [math.exp(t - s) - (t - s) - 1 for t, s in zip(teacher.tolist(), student.tolist())]
+    actual = teacher_kl_k3(teacher, student)
+    assert actual.tolist() == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    assert actual[3] == 0 and (actual >= 0).all()
+
+
+def test_clipped_surrogate_at_both_bounds_matches_reference():
+    eps, eps_high = 0.2, 0.28
+    old = [-1.0] * 8
+    # ratios 0.5 (below 1 - eps), 1.0, 1.5 (above 1 + eps_high), 1.1, with advantages of both signs
+    logp = [-1.0 + math.log(r) for r in (0.5, 0.5, 1.5, 1.5, 1.0, 1.1, 1.1, 0.9)]
+    advantages = [-1.0, 2.0, 1.5, -0.5, 0.7, -0.3, 0.0, 1.0]
+    logp_tensor = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
+    per_token, metrics = clipped_policy_loss(logp_tensor, torch.tensor(old, dtype=torch.float64),
+                                             torch.tensor(advantages, dtype=torch.float64), eps, eps_high)
+    per_token.sum().backward()
+    reference = [reference_surrogate(*args, eps, eps_high) for args in zip(logp, old, advantages)]
+    assert per_token.tolist() == pytest.approx([r[0] for r in reference], rel=1e-9, abs=1e-12)
+    assert logp_tensor.grad.tolist() == pytest.approx([r[1] for r in reference], rel=1e-9, abs=1e-12)
+    assert metrics["clip_low_sum"] == sum(r[2] for r in reference) == 1
+    assert metrics["clip_high_sum"] == sum(r[3] for r in reference) == 1
+    assert logp_tensor.grad[0] == 0 and logp_tensor.grad[2] == 0, "clipped tokens pass no gradient"
+    assert logp_tensor.grad[1] != 0 and logp_tensor.grad[3] != 0, "the other side of each bound is not clipped"
+
+
+def dense_reference(hidden, head, labels, mask, base, teacher_logprobs, old_logprobs, coef, temperature, eps,
+                    eps_high, vocab):
+    """Float64 loss and gradients from full logits, per token in Python."""
+    hidden = hidden.double().detach().requires_grad_(True)
+    head_ref = head.double().detach().requires_grad_(True)
+    logits = (hidden @ head_ref.T)[..., :vocab] / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    flat = [(b, s) for b in range(mask.shape[0]) for s in range(mask.shape[1]) if mask[b, s]]
+    loss = 0.0
+    for n, (b, s) in enumerate(flat):
+        logp = logp_all[b, s, labels[b, s]]
+        old = old_logprobs[n].item() if old_logprobs is not None else logp.item()
+        advantage = base[n].item() + (coef * (teacher_logprobs[n].item() - old) if teacher_logprobs is not None else 0)
+        ratio = torch.exp(logp - old)
+        loss = loss - torch.minimum(ratio * advantage, ratio.clamp(1 - eps, 1 + eps_high) * advantage)
+    loss.backward()
+    return loss.item(), hidden.grad, head_ref.grad
+
+
+@pytest.mark.parametrize("with_old", [False, True], ids=["num_iterations_1", "stored_old"])
+@pytest.mark.parametrize("coef", [0.0, 0.7], ids=["plain_grpo", "opd"])
+def test_loss_and_gradients_match_dense_reference(with_old, coef):
+    generator = torch.Generator().manual_seed(0)
+    vocab, padded, size = 11, 16, 8
+    hidden = torch.randn(2, 5, size, generator=generator)
+    head = torch.randn(padded, size, generator=generator)
+    labels = torch.randint(0, vocab, (2, 5), generator=generator)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    tokens = int(mask.sum())
+    base = torch.tensor([0.8] * 3 + [-1.1] * 3)
+    teacher_logprobs = -torch.rand(tokens, generator=generator) * 3
+    old = (-torch.rand(tokens, generator=generator) * 3) if with_old else None
+    loss_fn = OPDRLLoss(epsilon=0.2, epsilon_high=0.3, teacher_kl_coef=coef, temperature=0.8, vocab_size=vocab)
+    hidden_t = hidden.clone().double().requires_grad_(True)
+    head_t = head.clone().double().requires_grad_(True)
+    loss, count, metrics = loss_fn(hidden_t, head_t, labels, mask, RolloutTokens(base, teacher_logprobs, old))
+    loss.backward()
+    expected, grad_hidden, grad_head = dense_reference(hidden, head, labels, mask, base, teacher_logprobs, old,
+                                                       coef, 0.8, 0.2, 0.3, vocab)
+    assert int(count) == tokens
+    assert loss.item() == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    torch.testing.assert_close(hidden_t.grad, grad_hidden, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(head_t.grad, grad_head, rtol=1e-6, atol=1e-9)
+    assert metrics["teacher_kl_sum"] >= 0
+    if with_old:
+        assert metrics["clip_low_sum"] + metrics["clip_high_sum"] > 0, "the stored old log-probs should clip some"
