@@ -10,8 +10,8 @@ at TP=1 x DP=2) and then train at TP=2 from `configs/demo_<method>_cpu.yaml`:
 - opsd: self-distillation. Each row's `teacher_prompt` is the answer, '=', then the
   prompt ("58=47+38=" for "47+38="): privileged information. The warm-up also trains
   on such hinted prompts, so the model learns to use a hint (copying is easy) while it
-  still adds poorly; OPSD then distills the hinted model (itself, dynamic weights) into
-  the unhinted one on the student's own samples.
+  still adds poorly; OPSD then distills the hinted model (a frozen copy of itself after
+  the warm-up: fixed mode) into the unhinted one on the student's own samples.
 
 `metrics.json` gets `teacher_kl_before`, `teacher_kl_after` (OPD-RL's k3 estimate of
 KL(student || teacher) per token, on the student's samples for the held-out prompts;
@@ -97,6 +97,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         teacher = [f"teacher_model={SHIPPED_TEACHER if args.teacher == 'auto' else Path(args.teacher).resolve()}"]
     warmup = [f"data.dataset=[{out / 'data_opsd' / 'warmup.jsonl'}]"] if opsd else []
     student = stages.warm_up_student(*warmup)
+    if opsd:
+        # Fixed mode: a frozen copy of the warmed-up student reads the hint. Its current
+        # weights (dynamic mode) would let both sides drift to a common trivial answer.
+        teacher = [f"teacher_model={student}"]
     config = stage_config(args, *data, *teacher, f"model={student}", f"training.output_dir={out / method}")
     metrics: dict = {}
 
@@ -111,6 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     stages.run(method, config, before=lambda t: measure(t, "before"), after=lambda t: measure(t, "after"))
     metrics["settings"] = {"method": method, "algorithm": config.algorithm, "teacher": config.teacher,
+                           "teacher_model": config.teacher_model,
                            "train_iters": config.training.train_iters, "val_prompts": len(val_rows),
                            "tensor_model_parallel_size": config.parallel.tensor_model_parallel_size}
     stages.write_metrics(metrics, table(method, metrics))

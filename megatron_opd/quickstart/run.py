@@ -69,6 +69,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                              "start from it (on-policy samples of a random model teach nothing); 0: none")
     parser.add_argument("--student-warmup-lr", type=float, default=3e-3,
                         help="peak LR of the warm-up (cosine to a tenth), independent of the method's LR")
+    parser.add_argument("--student-warmup-batch", type=int, default=64, help="global batch of the warm-up")
     parser.add_argument("--student-size", default="64,2,2,2,128", help="hidden,layers,heads,kv_heads,ffn of the student")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the GKD config")
     return parser.parse_args(argv)
@@ -182,9 +183,10 @@ class Stages:
             return args.out.resolve() / "student_init"
         warmup_dir = args.out.resolve() / "student_warmup"
         self.run("student_warmup", stage_config(
-            args, "algorithm=sft", "teacher_model=null", "teacher=model", f"training.output_dir={warmup_dir}",
+            args, "algorithm=sft", "teacher_model=null", "teacher=model", "opsd_clip=null", "reward_funcs=[]",
+            f"training.output_dir={warmup_dir}",
             f"training.train_iters={args.student_warmup_iters}", f"optimizer.lr={args.student_warmup_lr}",
-            f"optimizer.min_lr={args.student_warmup_lr / 10}", *self.data_parallel(args.teacher_tp), *fields))
+            f"optimizer.min_lr={args.student_warmup_lr / 10}", *self.data_parallel(args.teacher_tp, args.student_warmup_batch), *fields))
         return warmup_dir / "checkpoints" / f"iter_{args.student_warmup_iters:07d}"
 
     def write_metrics(self, metrics: dict, text: str) -> None:
