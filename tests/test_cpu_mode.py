@@ -85,3 +85,18 @@ def test_rng_tracker_gives_tp_ranks_their_own_stream_inside_the_fork():
     assert rank0["restored"] and rank1["restored"]
     assert not torch.equal(rank0["inside"], rank1["inside"])  # TP regions: per-rank masks
     assert torch.equal(rank0["outside"], rank1["outside"])  # replicated regions: same mask
+
+
+def test_megatron_models_import_after_install():
+    """Megatron's GPT model applies torch.compile (`jit_fuser`) at import; with CPU mode on
+    first (as `initialize_runtime` before a lazy import does) that used to fail in dynamo
+    on one no-op function patched under several torch.cuda names."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from megatron_opd.config import ParallelConfig; from megatron_opd.runtime import initialize_runtime; "
+            "initialize_runtime(ParallelConfig()); import megatron.core.models.gpt; print('ok')")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "MEGATRON_OPD_DEVICE": "cpu"})
+    assert completed.returncode == 0 and completed.stdout.strip().endswith("ok"), completed.stderr[-2000:]

@@ -47,6 +47,10 @@ from megatron_opd.quickstart.task import answer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 METHODS = ("opd_rl", "opsd")
+# OPD-RL's signal is one sampled token's log-ratio: it needs a student whose samples the
+# teacher mostly accepts (from the 400-step student, right 28% of the time, the teacher's
+# -20..-36 log-probs of its wrong digits drown the batch and the student gets worse).
+WARMUP_ITERS = {"opd_rl": 1200, "opsd": 400}
 METRIC_KEYS = ("teacher_kl_before", "teacher_kl_after", "student_accuracy_before", "student_accuracy_after")
 
 
@@ -74,7 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--method", choices=METHODS, required=True)
     known, rest = parser.parse_known_args(argv)
     method = known.method
-    args = parse_args(["--config", str(CONFIGS / f"demo_{method}_cpu.yaml"), *rest])
+    args = parse_args(["--config", str(CONFIGS / f"demo_{method}_cpu.yaml"), *rest],
+                      student_warmup_iters=WARMUP_ITERS[method])
     out = args.out.resolve()
     opsd = method == "opsd"
     data = [f"data.dataset=[{out / 'data_opsd' / 'train.jsonl'}]",

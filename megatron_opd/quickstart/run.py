@@ -43,7 +43,8 @@ METRIC_KEYS = ("teacher_accuracy", "student_accuracy_before", "student_accuracy_
                "student_kl_after", "sft_baseline_accuracy")
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]], **defaults) -> argparse.Namespace:
+    """The quickstart's options; `defaults` overrides some of their defaults (the demos')."""
     parser = argparse.ArgumentParser(prog="megatron_opd.quickstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="the GKD config (YAML)")
     parser.add_argument("--out", type=Path, default=Path("outputs/quickstart"))
@@ -72,6 +73,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--student-warmup-batch", type=int, default=64, help="global batch of the warm-up")
     parser.add_argument("--student-size", default="64,2,2,2,128", help="hidden,layers,heads,kv_heads,ffn of the student")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the GKD config")
+    parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 
 

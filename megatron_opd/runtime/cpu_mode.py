@@ -93,8 +93,16 @@ def _seed(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
-def _noop(*args, **kwargs) -> None:
-    return None
+def _noop(name: str) -> Callable[..., None]:
+    """A no-op stand-in for `torch.cuda.<name>`. One function object per name: torch.compile
+    (Megatron's `jit_fuser`, at import) maps torch functions to tracing rules by identity
+    and refuses one object under two names with different rules."""
+
+    def noop(*args, **kwargs) -> None:
+        return None
+
+    noop.__name__ = noop.__qualname__ = name
+    return noop
 
 
 class _CpuModeState:
@@ -137,7 +145,7 @@ def install(force: bool = False) -> None:
     state.patch(torch.cuda, "current_device", lambda: _CPU)
     state.patch(torch.cuda, "device_count", lambda: 1)
     for name in ("set_device", "synchronize", "empty_cache"):
-        state.patch(torch.cuda, name, _noop)
+        state.patch(torch.cuda, name, _noop(name))
     for owner in (torch.cuda, torch.cuda.random):
         state.patch(owner, "get_rng_state", _get_rng_state)
         state.patch(owner, "set_rng_state", _set_rng_state)
