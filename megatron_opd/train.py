@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from megatron_opd.config.schema import ConfigError
 from megatron_opd.config.train import load_train_config
+from megatron_opd.teachers.server_client import TeacherServerError
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -25,7 +26,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from megatron_opd.trainer.trainer import Trainer
 
         result = Trainer(config).train()
-    except (ConfigError, FileNotFoundError, FileExistsError) as error:
+    except (ConfigError, FileNotFoundError, FileExistsError, TeacherServerError) as error:
         print(f"megatron_opd.train: error: {error}", file=sys.stderr)
         return 1
     if os.environ.get("RANK", "0") == "0":

@@ -201,16 +201,16 @@ def test_distributed_optimizer_needs_te_or_apex():
             resolve_distributed_optimizer(True, "adam")
 
 
-def test_unbuilt_settings_are_refused(setup, tmp_path):
-    """A teacher server is not built yet: refused by name; settings that contradict each
-    other are refused at load."""
+def test_contradicting_settings_are_refused(setup, tmp_path):
+    """Settings that contradict each other are refused at load, or (GKD without any teacher)
+    before any model is built."""
     from megatron_opd.config import ConfigError
     from megatron_opd.config.train import load_train_config
     from megatron_opd.trainer.trainer import check_supported
 
     server = {"teacher_model": "null", "teacher_model_server": "http://h:1", "gkd_logits_topk": 4}
-    config = load_train_config(None, overrides(setup, tmp_path, **server), world_size=1)
-    with pytest.raises(ConfigError, match="teacher_model_server"):
+    config = load_train_config(None, overrides(setup, tmp_path, teacher_model="null"), world_size=1)
+    with pytest.raises(ConfigError, match="teacher_model=None is invalid: GKD needs a teacher"):
         check_supported(config)
     for fields, name in (({**server, "seq_kd": True}, "seq_kd=True is invalid"),
                          ({"algorithm": "sft"}, "teacher_model=.* is invalid: .*null with algorithm: sft"),

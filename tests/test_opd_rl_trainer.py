@@ -134,7 +134,7 @@ def teacher_against_hf(argv: list[str], out: str, steps: int) -> dict:
     microbatches = trainer.microbatches(examples)
     seen = []
     forward = trainer.teacher.forward
-    trainer.teacher.forward = lambda batches: seen.append(batches) or forward(batches)
+    trainer.teacher.forward = lambda batches, examples: seen.append(batches) or forward(batches, examples)
 
     def teacher_logits():
         outputs = trainer.teacher_forward(examples, microbatches)

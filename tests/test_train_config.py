@@ -89,7 +89,7 @@ def test_bad_values_name_the_field(yaml_file, override, message):
     (["num_iterations=2", "training.save_interval=3"], "training.save_interval=3 is invalid"),
     (["training.eval_interval=5"], "training.eval_interval=5 is invalid: 0 with algorithm: opd_rl"),
     (["teacher=self", "teacher_model=null", "offload_teacher_model=true"],
-     "offload_teacher_model=True is invalid: false with teacher: self and no teacher_model"),
+     "offload_teacher_model=True is invalid: false unless teacher_model is set"),
     (["teacher=self", "teacher_model=null", "teacher_model_server=http://h:1", "gkd_logits_topk=4"],
      "teacher_model_server='http://h:1' is invalid: null with teacher: self"),
 ])
@@ -106,6 +106,38 @@ def test_opd_rl_defaults_follow_trl():
                                       "training.global_batch_size=16"])
     assert (config.num_generations, config.num_iterations, config.epsilon, config.clip_high,
             config.teacher_kl_coef, config.reward_funcs, config.teacher) == (8, 1, 0.2, 0.2, 1.0, [], "model")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["teacher_model_server=localhost:8000"], "teacher_model_server='localhost:8000' is invalid: an http(s) URL"),
+    (["teacher_model_server=http://h:1", "gkd_logits_topk=null"], "gkd_logits_topk=None is invalid: an integer >= 1 "
+                                                                  "when teacher_model_server is set"),
+    (["teacher_model_server=http://h:1", "offload_teacher_model=true"], "offload_teacher_model=True is invalid"),
+    (["teacher_model_server=http://h:1", "algorithm=opd_rl", "num_generations=2", "training.eval_interval=0"],
+     "temperature=0.9 is invalid: 1.0 with algorithm: opd_rl and teacher_model_server"),
+    (["teacher_cache=/c", "teacher_model=t"], "teacher_model='t' is invalid: null when teacher_cache is set"),
+    (["teacher_cache=/c", "lmbda=0.5"], "lmbda=0.5 is invalid: 0 with teacher_cache"),
+    (["teacher_cache=/c", "seq_kd=true"], "lmbda=0.0 is invalid: 0 with teacher_cache and seq_kd false"),
+    (["teacher_cache=/c", "gkd_logits_topk=null"], "gkd_logits_topk=None is invalid: an integer >= 1 when "
+                                                   "teacher_cache is set"),
+    (["teacher_cache=/c", "algorithm=sft"], "teacher_cache='/c' is invalid: null with algorithm: sft"),
+    (["teacher_server.timeout_s=0"], "teacher_server.timeout_s=0.0 is invalid: a number > 0"),
+    (["teacher_server.max_concurrency=0"], "teacher_server.max_concurrency=0 is invalid"),
+    (["teacher_server.nope=1"], "teacher_server.nope"),
+])
+def test_bad_server_and_cache_settings_name_the_field(overrides, message):
+    base = ["model=m", "data.dataset=[d]", "teacher_model=null", "gkd_logits_topk=4", "lmbda=0"]
+    with pytest.raises(ConfigError) as raised:
+        load_train_config(None, base + overrides)
+    assert message in str(raised.value)
+
+
+def test_server_and_cache_settings_load():
+    base = ["model=m", "data.dataset=[d]", "gkd_logits_topk=4", "lmbda=0"]
+    server = load_train_config(None, base + ["teacher_model_server=http://127.0.0.1:8000/v1",
+                                             "teacher_server.max_retries=0"])
+    assert server.teacher_server.max_retries == 0 and server.teacher_server.verify_tokenizer
+    assert load_train_config(None, base + ["teacher_cache=/c"]).teacher_cache == "/c"
 
 
 def test_server_and_local_teacher_exclude_each_other(yaml_file):

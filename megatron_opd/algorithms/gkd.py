@@ -26,8 +26,7 @@ from typing import Literal, Optional
 import torch
 
 from megatron_opd.algorithms.sft import cross_entropy_sum
-from megatron_opd.ops import fused_linear_divergence
-from megatron_opd.teachers.local import TeacherHidden
+from megatron_opd.teachers.outputs import TeacherOutput
 
 ResponseSource = Literal["student", "teacher", "dataset"]
 
@@ -54,18 +53,17 @@ class GKDLoss:
     clip: Optional[float] = None  # OPSD's opsd_clip: each token's divergence at most this
 
     def __call__(self, student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor,
-                 loss_mask: torch.Tensor, teacher: TeacherHidden, with_sft: bool
+                 loss_mask: torch.Tensor, teacher: TeacherOutput, with_sft: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Summed loss, counted tokens and metric sums for one microbatch.
 
         student_hidden `[b, s, H]` (after `models.outputs.head_input`), student_head
-        `[V/tp, H]`, labels and loss_mask `[b, s]`, teacher hidden `[N, H_T]` at the mask's
-        N response tokens. A clipped token (`clip`) passes no gradient.
+        `[V/tp, H]`, labels and loss_mask `[b, s]`, the teacher's answer at the mask's N
+        response tokens (`teachers.outputs`). A clipped token (`clip`) passes no gradient.
         """
         mask = loss_mask.bool()
-        per_token = fused_linear_divergence(
-            student_hidden[mask], student_head, teacher.hidden, teacher.head_weight, beta=self.beta,
-            temperature=self.temperature, topk=self.topk, vocab_size=self.vocab_size, reduction="none")
+        per_token = teacher.divergence(student_hidden[mask], student_head, beta=self.beta,
+                                       temperature=self.temperature, topk=self.topk, vocab_size=self.vocab_size)
         if self.clip is not None:
             per_token = per_token.clamp(max=self.clip)
         divergence = per_token.sum()

@@ -135,7 +135,7 @@ class OPDRLLoss:
 @dataclass(frozen=True)
 class TeacherKL:
     """An evaluation loss: OPD-RL's `teacher_kl` (k3, per response token) of the student's
-    current distribution against the teacher's output (`teachers.local.TeacherHidden`),
+    current distribution against the teacher's output (`teachers.outputs`),
     for `Trainer.evaluate(loss=TeacherKL(...), sample=True)` on held-out prompts."""
 
     temperature: float
@@ -148,8 +148,7 @@ class TeacherKL:
         targets = labels[mask]
         student = fused_linear_token_logprobs(student_hidden[mask], student_head, targets,
                                               temperature=self.temperature, vocab_size=self.vocab_size)
-        teacher_logprobs = fused_linear_token_logprobs(teacher.hidden, teacher.head_weight, targets,
-                                                       temperature=self.temperature, vocab_size=self.vocab_size)
+        teacher_logprobs = teacher.token_logprobs(targets, temperature=self.temperature, vocab_size=self.vocab_size)
         kl = teacher_kl_k3(teacher_logprobs, student).double().sum()
         num_tokens = mask.sum().to(torch.int)
         return kl, num_tokens, {"teacher_kl_sum": kl.detach().clone(), "tokens": num_tokens.detach().clone()}

@@ -5,26 +5,13 @@ its initial weights) `teacher_prompt + response` while the student sees
 `prompt + response`; the divergence (GKD) or log-ratio (OPD-RL) is taken on the
 response tokens, which the two sequences share at different positions. The teacher's
 hidden states are kept at its loss-mask rows (`teachers.local`), which line up with the
-student's row for row, so the prompts may have any lengths.
+student's row for row, so the prompts may have any lengths. The teacher's view of a row
+is `data.teacher_example`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 from megatron_opd.config.schema import ConfigError
-
-
-def teacher_view(example: Mapping[str, Any]) -> Mapping[str, Any]:
-    """`example`'s input for the teacher: its `teacher_prompt_ids` followed by the example's
-    response part (`input_ids[prompt_length:]`, with its loss mask); the example itself
-    when it has no teacher prompt."""
-    teacher_prompt = example.get("teacher_prompt_ids")
-    if teacher_prompt is None:
-        return example
-    start = example["prompt_length"]
-    return {"input_ids": list(teacher_prompt) + list(example["input_ids"][start:]),
-            "loss_mask": [0] * len(teacher_prompt) + list(example["loss_mask"][start:])}
 
 
 def check_teacher_prompts(teacher_prompt_ids: list, split: str) -> None:

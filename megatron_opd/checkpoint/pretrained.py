@@ -17,6 +17,7 @@ from megatron_opd.checkpoint.hf_io import HFWeightReader
 from megatron_opd.checkpoint.hf_weights import load_hf_weights
 from megatron_opd.checkpoint.megatron_checkpoint import (
     DTYPES,
+    HF_DIR,
     is_megatron_checkpoint,
     load_model_checkpoint,
     read_checkpoint_info,
@@ -37,6 +38,11 @@ class Pretrained:
     family: str
     hf_config: dict[str, Any]
     dtype: Optional[torch.dtype]  # the stored weights' dtype, when known
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        """Where its tokenizer files are (a Megatron checkpoint keeps them in `hf/`)."""
+        return self.path / HF_DIR if self.kind == "megatron" else self.path
 
 
 def inspect_pretrained(path: Path | str, make_vocab_size_divisible_by: int = 128) -> Pretrained:

@@ -105,6 +105,25 @@ class TrainingConfig:
         return self.global_batch_size // per_step
 
 
+@dataclass
+class TeacherServerConfig:
+    """How to talk to `teacher_model_server` (vLLM's `vllm serve ... --max-logprobs K`, or
+    `megatron-opd serve-teacher`): every failure retries, then stops the run naming the server."""
+
+    timeout_s: float = 120.0  # one request's wall-clock limit (connect + answer)
+    max_retries: int = 4  # after the first attempt; on connection errors, timeouts and 5xx
+    retry_backoff_s: float = 1.0  # wait before retry i: backoff * 2^i, at most 30 s
+    max_concurrency: int = 16  # requests in flight per data-parallel rank
+    model_name: Optional[str] = None  # the served model to ask (null: the server's only one)
+    verify_tokenizer: bool = True  # at start: the server tokenizes a probe text as our tokenizer does
+
+    def __post_init__(self) -> None:
+        check(self.timeout_s > 0, "teacher_server.timeout_s", self.timeout_s, "a number > 0 (seconds)")
+        check(self.max_retries >= 0, "teacher_server.max_retries", self.max_retries, "an integer >= 0")
+        check(self.retry_backoff_s >= 0, "teacher_server.retry_backoff_s", self.retry_backoff_s, "a number >= 0")
+        check(self.max_concurrency >= 1, "teacher_server.max_concurrency", self.max_concurrency, "an integer >= 1")
+
+
 ALGORITHMS = ("gkd", "opd_rl", "sft")
 
 
@@ -120,7 +139,10 @@ class TrainConfig:
     # (dynamic), a frozen copy of its initial weights when teacher_model is the student's path (fixed)
     teacher: Literal["model", "self"] = "model"
     teacher_model: Optional[str] = None
-    teacher_model_server: Optional[str] = None
+    teacher_model_server: Optional[str] = None  # URL of an OpenAI-style server with prompt_logprobs
+    # A directory written by `megatron-opd cache-teacher`: the teacher's top-K per response
+    # token of the dataset, for off-policy GKD with no teacher loaded
+    teacher_cache: Optional[str] = None
     offload_teacher_model: bool = False
     beta: float = 0.5  # 0 forward KL(teacher || student), 1 reverse KL, between: generalized JSD
     lmbda: float = 0.5  # probability that a step trains on student samples (on-policy)
@@ -139,6 +161,7 @@ class TrainConfig:
     teacher_kl_coef: float = 1.0  # weight of log p_T - log p_S in each token's advantage
     reward_funcs: list[str] = field(default_factory=list)  # module:function, summed; none: pure distillation
     make_vocab_size_divisible_by: int = 128
+    teacher_server: TeacherServerConfig = field(default_factory=TeacherServerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -157,17 +180,10 @@ class TrainConfig:
                   "an integer >= 1, or null for the full vocabulary")
         check(self.make_vocab_size_divisible_by >= 1, "make_vocab_size_divisible_by",
               self.make_vocab_size_divisible_by, "an integer >= 1")
-        if self.teacher_model_server is not None:
-            check(self.teacher_model is None, "teacher_model", self.teacher_model,
-                  "null when teacher_model_server is set (one teacher source)")
-            check(self.gkd_logits_topk is not None, "gkd_logits_topk", self.gkd_logits_topk,
-                  "an integer >= 1 when teacher_model_server is set (the server returns top-K logprobs)")
-            check(not self.seq_kd, "seq_kd", self.seq_kd,
-                  "false when teacher_model_server is set (teacher samples need the teacher in-process)")
         check(self.algorithm in ALGORITHMS, "algorithm", self.algorithm, f"one of {list(ALGORITHMS)}")
         check(self.teacher in ("model", "self"), "teacher", self.teacher, "one of ['model', 'self']")
         if self.algorithm == "sft":
-            for name in ("teacher_model", "teacher_model_server"):
+            for name in ("teacher_model", "teacher_model_server", "teacher_cache"):
                 check(getattr(self, name) is None, name, getattr(self, name), "null with algorithm: sft (no teacher)")
             check(self.teacher == "model", "teacher", self.teacher, "'model' with algorithm: sft (no teacher)")
             check(not self.seq_kd, "seq_kd", self.seq_kd, "false with algorithm: sft")
@@ -175,9 +191,31 @@ class TrainConfig:
             check(self.teacher_model_server is None, "teacher_model_server", self.teacher_model_server,
                   "null with teacher: self (the student is its own teacher)")
             check(not self.seq_kd, "seq_kd", self.seq_kd, "false with teacher: self")
-            check(self.teacher_model is not None or not self.offload_teacher_model, "offload_teacher_model",
-                  self.offload_teacher_model, "false with teacher: self and no teacher_model (the teacher is "
-                  "the student's own weights)")
+        if self.teacher_model_server is not None:
+            check(self.teacher_model is None, "teacher_model", self.teacher_model,
+                  "null when teacher_model_server is set (one teacher source)")
+            check(re.match(r"^https?://[^/\s]+", self.teacher_model_server) is not None, "teacher_model_server",
+                  self.teacher_model_server, "an http(s) URL, e.g. http://127.0.0.1:8000")
+            if self.algorithm == "gkd":
+                check(self.gkd_logits_topk is not None, "gkd_logits_topk", self.gkd_logits_topk,
+                      "an integer >= 1 when teacher_model_server is set (the server returns top-K logprobs)")
+            check(not self.seq_kd, "seq_kd", self.seq_kd,
+                  "false when teacher_model_server is set (teacher samples need the teacher in-process)")
+            check(self.algorithm != "opd_rl" or self.temperature == 1.0, "temperature", self.temperature,
+                  "1.0 with algorithm: opd_rl and teacher_model_server (servers return log-probs at "
+                  "temperature 1, and a sampled token's tempered log-prob needs the whole vocab)")
+        check(not self.offload_teacher_model or self.teacher_model is not None, "offload_teacher_model",
+              self.offload_teacher_model, "false unless teacher_model is set (only an in-process teacher has weights)")
+        if self.teacher_cache is not None:
+            for name in ("teacher_model", "teacher_model_server"):
+                check(getattr(self, name) is None, name, getattr(self, name),
+                      "null when teacher_cache is set (one teacher source)")
+            check(self.algorithm == "gkd", "algorithm", self.algorithm, "'gkd' with teacher_cache")
+            check(self.teacher == "model", "teacher", self.teacher, "'model' with teacher_cache")
+            check(self.lmbda == 0.0 and not self.seq_kd, "lmbda", self.lmbda,
+                  "0 with teacher_cache and seq_kd false (the cache holds the dataset's responses only)")
+            check(self.gkd_logits_topk is not None, "gkd_logits_topk", self.gkd_logits_topk,
+                  "an integer >= 1 when teacher_cache is set (at most the cache's K)")
         if self.opsd_clip is not None:
             check(self.teacher == "self", "opsd_clip", self.opsd_clip, "null unless teacher: self")
             check(self.opsd_clip > 0, "opsd_clip", self.opsd_clip, "a number > 0, or null (off)")

@@ -1,5 +1,18 @@
-"""Teacher sources: what the distillation loss compares the student with."""
+"""Teacher sources: what the distillation loss compares the student with.
 
-from megatron_opd.teachers.local import LocalTeacher, TeacherHidden
+Each has `forward(microbatches, examples)` -> per microbatch, on the last pipeline stage,
+the teacher's answer at the response tokens (`outputs.TeacherHidden` or
+`outputs.TeacherTopK`), None on other stages; collective over the model-parallel ranks.
+"""
 
-__all__ = ["LocalTeacher", "TeacherHidden"]
+from typing import Union
+
+from megatron_opd.teachers.cache import TeacherCache
+from megatron_opd.teachers.local import LocalTeacher
+from megatron_opd.teachers.outputs import TeacherHidden, TeacherOutput, TeacherTopK
+from megatron_opd.teachers.server import ServerTeacher, TeacherServerError
+
+TeacherSource = Union[LocalTeacher, ServerTeacher, TeacherCache]
+
+__all__ = ["LocalTeacher", "ServerTeacher", "TeacherCache", "TeacherHidden", "TeacherOutput", "TeacherServerError",
+           "TeacherSource", "TeacherTopK"]

@@ -20,21 +20,13 @@ then its forward runs on the student's current weights, without gradient.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 
 from megatron_opd.models.outputs import head_input, lm_head_weight
+from megatron_opd.teachers.outputs import TeacherHidden
 from megatron_opd.trainer.schedule import Microbatch, run_microbatches
-
-
-@dataclass
-class TeacherHidden:
-    """A teacher's output for one microbatch on the last stage."""
-
-    hidden: torch.Tensor  # [N, H_T] at the response tokens (loss mask, row-major), no grad
-    head_weight: torch.Tensor  # [V/tp, H_T], no grad
 
 
 class LocalTeacher:
@@ -74,7 +66,8 @@ class LocalTeacher:
                 self.model.to("cpu")
 
     @torch.no_grad()
-    def forward(self, microbatches: list[Microbatch]) -> Optional[list[TeacherHidden]]:
+    def forward(self, microbatches: list[Microbatch], examples: Optional[list] = None
+                ) -> Optional[list[TeacherHidden]]:
         """The teacher's output per microbatch on the last stage, None elsewhere.
 
         `microbatches`: the teacher's own inputs (e.g. teacher_prompt + response), whose

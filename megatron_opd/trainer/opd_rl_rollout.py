@@ -64,10 +64,8 @@ def build_rollout_batch(trainer: "Trainer", clock) -> RolloutBatch:
             rows = local_base[index * size:(index + 1) * size]
             teacher_logprobs = None
             if teacher_outputs is not None:
-                teacher = teacher_outputs[index]
-                teacher_logprobs = fused_linear_token_logprobs(
-                    teacher.hidden, teacher.head_weight, batch.labels.to(mask.device)[mask],
-                    temperature=config.temperature, vocab_size=trainer.vocab_size)
+                teacher_logprobs = teacher_outputs[index].token_logprobs(
+                    batch.labels.to(mask.device)[mask], temperature=config.temperature, vocab_size=trainer.vocab_size)
             tokens.append(RolloutTokens(rows.unsqueeze(1).expand(mask.shape)[mask], teacher_logprobs,
                                         old_logprobs[index] if old_logprobs is not None else None))
     sums = {"sampled_tokens": rollout.num_tokens, "samples": len(rollout.completions)}

@@ -35,42 +35,42 @@ from megatron.core import parallel_state
 
 from megatron_opd.algorithms.gkd import GKDLoss, ResponseSource, response_source
 from megatron_opd.algorithms.opd_rl import OPDRLLoss
-from megatron_opd.algorithms.opsd import check_teacher_prompts, teacher_view
+from megatron_opd.algorithms.opsd import check_teacher_prompts
 from megatron_opd.algorithms.rewards import load_reward_functions
 from megatron_opd.algorithms.sft import SFTLoss
 from megatron_opd.checkpoint.hf_weights import write_hf_weights
 from megatron_opd.checkpoint.megatron_checkpoint import (
-    HF_DIR,
     CheckpointInfo,
     atomic_output_dir,
     copy_hf_side_files,
     dtype_name,
 )
-from megatron_opd.checkpoint.pretrained import Pretrained, inspect_pretrained, load_pretrained
-from megatron_opd.config.model import with_common_padded_vocab
+from megatron_opd.checkpoint.pretrained import load_pretrained
 from megatron_opd.config.schema import ConfigError, to_dict
 from megatron_opd.config.train import TrainConfig
-from megatron_opd.data import DataIterator, OUTPUT_COLUMNS, build_dataset, collate, pad_token_id
+from megatron_opd.data import DataIterator, OUTPUT_COLUMNS, pad_token_id, teacher_example
 from megatron_opd.models.outputs import head_input, lm_head_weight
 from megatron_opd.rollout import MegatronSampler, Rollout, SamplingParams
 from megatron_opd.runtime.distributed import Runtime, initialize_runtime, seed_everything
-from megatron_opd.teachers.local import LocalTeacher
+from megatron_opd.teachers import LocalTeacher, TeacherSource
 from megatron_opd.trainer.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from megatron_opd.trainer.metrics import MetricsWriter
 from megatron_opd.trainer.opd_rl_rollout import RolloutBatch, build_rollout_batch
 from megatron_opd.trainer.optim import build_optimizer, wrap_student
 from megatron_opd.trainer.schedule import Microbatch, run_microbatches
+from megatron_opd.trainer.setup import make_microbatches, remote_teacher, resolve_models, tokenized_split
 
 _PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def check_supported(config: TrainConfig) -> None:
-    """Refuse settings whose machinery is not built yet, naming the field (never a silent fallback)."""
-    if config.teacher_model_server is not None:
-        raise ConfigError("teacher_model_server is not supported by this trainer yet; use teacher_model")
-    if config.algorithm == "gkd" and config.teacher_model is None and config.teacher != "self":
+    """Cross-field rules that need the file system, naming the field (never a silent fallback)."""
+    has_teacher = any(value is not None for value in
+                      (config.teacher_model, config.teacher_model_server, config.teacher_cache))
+    if config.algorithm == "gkd" and not has_teacher and config.teacher != "self":
         raise ConfigError("teacher_model=None is invalid: GKD needs a teacher (an HF dir or megatron_opd "
-                          "checkpoint), or teacher: self with a teacher_prompt column (OPSD)")
+                          "checkpoint, teacher_model_server or teacher_cache), or teacher: self with a "
+                          "teacher_prompt column (OPSD)")
     if config.teacher == "self" and config.teacher_model is not None:
         if Path(config.teacher_model).resolve() != Path(config.model).resolve():
             raise ConfigError(f"teacher_model={config.teacher_model!r} is invalid with teacher: self: a fixed "
@@ -96,10 +96,6 @@ def resolve_distributed_optimizer(requested: Optional[bool], optimizer: str) -> 
                           "Apex: Megatron-Core's DistributedOptimizer does not resume torch's Adam state "
                           "exactly; set it to false or null")
     return requested
-
-
-def tokenizer_dir(pretrained: Pretrained) -> Path:
-    return pretrained.path / HF_DIR if pretrained.kind == "megatron" else pretrained.path
 
 
 def eos_token_ids(tokenizer, model_dir: Path) -> tuple[int, ...]:
@@ -143,37 +139,20 @@ class Trainer:
     def __init__(self, config: TrainConfig, runtime: Optional[Runtime] = None):
         check_supported(config)
         self.config = config
-        student_source = inspect_pretrained(config.model, config.make_vocab_size_divisible_by)
-        teacher_source = (inspect_pretrained(config.teacher_model, config.make_vocab_size_divisible_by)
-                          if config.teacher_model is not None else None)
-        for name, source in (("model", student_source), ("teacher_model", teacher_source)):
-            try:
-                if source is not None:
-                    source.model.check_parallel(config.parallel)
-            except ConfigError as error:
-                raise ConfigError(f"{name} {source.path}: {error}") from error
+        models = resolve_models(config)
         self.runtime = runtime or initialize_runtime(config.parallel)
-        tp = config.parallel.tensor_model_parallel_size
-        sources = [student_source] + ([teacher_source] if teacher_source is not None else [])
-        padded = with_common_padded_vocab([source.model for source in sources], tp)
         self.dtype = resolve_dtype(config.training.precision, self.runtime)
-        self.student_source = dataclasses.replace(student_source, model=padded[0])
+        self.student_source, self.tokenizer, self.vocab_size = models.student, models.tokenizer, models.vocab_size
+        # A teacher that is not loaded here is checked before the student is: a server that
+        # is down or a cache built for other data fails the run in seconds.
+        self.teacher: Optional[TeacherSource] = remote_teacher(config, models, self.runtime)
 
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or tokenizer_dir(student_source))
-        self.vocab_size = min(source.model.vocab_size for source in sources)
-        if len(self.tokenizer) > self.vocab_size:
-            raise ConfigError(f"data.tokenizer has {len(self.tokenizer)} tokens, more than the models' "
-                              f"vocab ({self.vocab_size}): student and teacher must share the tokenizer")
-
-        student = load_pretrained(student_source, self.runtime, "student", self.dtype, padded[0].pad_vocab_size_to)
+        student = load_pretrained(models.student, self.runtime, "student", self.dtype)
         optimizer_config = dataclasses.replace(
             config.optimizer, use_distributed_optimizer=resolve_distributed_optimizer(config.optimizer.use_distributed_optimizer, config.optimizer.optimizer))
         self.model = wrap_student(student, optimizer_config.use_distributed_optimizer)
-        self.teacher: Optional[LocalTeacher] = None
-        if teacher_source is not None:
-            teacher = load_pretrained(teacher_source, self.runtime, "teacher", self.dtype, padded[1].pad_vocab_size_to)
+        if models.teacher is not None:
+            teacher = load_pretrained(models.teacher, self.runtime, "teacher", self.dtype)
             self.teacher = LocalTeacher(teacher, offload=config.offload_teacher_model)
         elif config.teacher == "self":
             self.teacher = LocalTeacher(self.model, is_student=True)
@@ -186,7 +165,7 @@ class Trainer:
         if self.samples_responses:
             self.sampling = SamplingParams(
                 max_new_tokens=config.max_completion_length, temperature=config.temperature, top_k=config.top_k,
-                eos_token_ids=eos_token_ids(self.tokenizer, tokenizer_dir(student_source)))
+                eos_token_ids=eos_token_ids(self.tokenizer, models.student.tokenizer_dir))
 
         self.train_data = self._dataset("train")
         self.eval_data = self._dataset("val") if config.data.val_dataset else None
@@ -218,13 +197,7 @@ class Trainer:
                        topk=config.gkd_logits_topk, vocab_size=self.vocab_size, clip=config.opsd_clip)
 
     def _dataset(self, split: str):
-        """Rank 0 tokenizes first (filling the datasets cache), the others then read it."""
-        if self.runtime.rank != 0:
-            torch.distributed.barrier()
-        dataset, stats = build_dataset(self.config.data, self.tokenizer, split)
-        if self.runtime.rank == 0:
-            print(f"data ({split}): {stats.summary()}", flush=True)
-            torch.distributed.barrier()
+        dataset = tokenized_split(self.config, self.tokenizer, split, self.runtime.rank)
         if len(dataset) < self.config.training.global_batch_size and split == "train":
             raise ConfigError(f"training.global_batch_size={self.config.training.global_batch_size} is invalid: "
                               f"the training data has only {len(dataset)} usable rows")
@@ -259,21 +232,15 @@ class Trainer:
     def local_examples(self, indices: list[int], dataset, repeat: int = 1) -> list[dict]:
         """This DP rank's contiguous share of a global batch's rows, each row `repeat` times
         in a row (OPD-RL's groups), with its position in the global batch (`_position`, what
-        its sampling seed derives from) and its dataset row (`_row`)."""
+        its sampling seed derives from), its dataset row (`_row`) and split (`_split`)."""
         share = len(indices) * repeat // self.data_parallel_size
         first = parallel_state.get_data_parallel_rank() * share
-        return [{**dataset[indices[position // repeat]], "_position": position, "_row": indices[position // repeat]}
-                for position in range(first, first + share)]
+        split = "train" if dataset is self.train_data else "val"
+        return [{**dataset[indices[position // repeat]], "_position": position, "_row": indices[position // repeat],
+                 "_split": split} for position in range(first, first + share)]
 
     def microbatches(self, examples: list[dict]) -> list[Microbatch]:
-        """`examples` padded to their longest sequence (a multiple of 8, and of TP under
-        sequence parallelism) and split into microbatches."""
-        multiple = 8 * (self.config.parallel.tensor_model_parallel_size if self.config.parallel.sequence_parallel else 1)
-        batch = collate(examples, self.pad_id, pad_to_multiple_of=multiple)
-        tokens, loss_mask = batch["tokens"], batch["loss_mask"].bool()
-        size = self.config.training.micro_batch_size
-        return [Microbatch(tokens[start:start + size], loss_mask[start:start + size])
-                for start in range(0, len(examples), size)]
+        return make_microbatches(examples, self.pad_id, self.config)
 
     def sample_responses(self, examples: list[dict], source: ResponseSource,
                          iteration: Optional[int] = None) -> tuple[list[dict], Rollout]:
@@ -285,7 +252,7 @@ class Trainer:
         seeds = [sample_seed(self.config.parallel.seed, iteration, example["_position"]) for example in examples]
         sampling = self.sampling or SamplingParams(
             max_new_tokens=self.config.max_completion_length, temperature=self.config.temperature,
-            top_k=self.config.top_k, eos_token_ids=eos_token_ids(self.tokenizer, tokenizer_dir(self.student_source)))
+            top_k=self.config.top_k, eos_token_ids=eos_token_ids(self.tokenizer, self.student_source.tokenizer_dir))
         if source == "student":
             rollout = MegatronSampler(self.model, self.vocab_size).generate(prompts, sampling, seeds)
         else:
@@ -302,8 +269,8 @@ class Trainer:
         if self.teacher is None:
             return None
         if any(example.get("teacher_prompt_ids") is not None for example in examples):
-            microbatches = self.microbatches([teacher_view(example) for example in examples])
-        return self.teacher.forward(microbatches)
+            microbatches = self.microbatches([teacher_example(example) for example in examples])
+        return self.teacher.forward(microbatches, examples)
 
     # ------------------------------------------------------------------ one step
 
@@ -432,14 +399,14 @@ class Trainer:
         state = {"scheduler": self.scheduler.state_dict(), "data": self.data_iterator.state_dict(),
                  "config": to_dict(self.config)}
         return save_training_checkpoint(self.config.training.output_dir, self.iteration, self.model,
-                                        self.optimizer, self._checkpoint_info(), tokenizer_dir(self.student_source),
+                                        self.optimizer, self._checkpoint_info(), self.student_source.tokenizer_dir,
                                         state)
 
     def export_hf(self, out: Path) -> None:
         """The student as an HF directory (streamed, one tensor at a time, to rank 0)."""
         with atomic_output_dir(out, force=True) as staging:
             if self.runtime.rank == 0:
-                copy_hf_side_files(tokenizer_dir(self.student_source), staging)
+                copy_hf_side_files(self.student_source.tokenizer_dir, staging)
             write_hf_weights(self.model, self.student_source.model, staging, self.dtype,
                              label="exporting the student to HF")
 

@@ -1,0 +1,210 @@
+"""The teacher-server client against scripted servers: parsing, retries, timeouts, refusals.
+
+A scripted server (the standard library's HTTP server in a thread) answers each request
+the way a test tells it to: vLLM's format, or a broken variant. Every broken answer must
+become a `TeacherServerError` or `ValueError` that says what is wrong; none may turn
+into numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from megatron_opd.config.train import TeacherServerConfig
+from megatron_opd.teachers.server_client import (
+    TeacherServerClient,
+    TeacherServerError,
+    parse_prompt_logprobs,
+    served_tokens,
+)
+
+VOCAB = 50
+
+
+def vllm_entry(position_logprobs: dict[int, float], rank_of=None) -> dict:
+    return {str(token): {"logprob": value, "rank": (rank_of or {}).get(token), "decoded_token": f"t{token}"}
+            for token, value in position_logprobs.items()}
+
+
+def answer_for(prompt: list[int], k: int) -> dict:
+    """A well-formed vLLM answer: at position t the top-k of a fixed distribution over ids
+    0..k (descending), plus the prompt token when it is outside them."""
+    entries = [None]
+    for position in range(1, len(prompt)):
+        values = {token: -0.1 * (token + 1) - 0.01 * position for token in range(k)}
+        if prompt[position] not in values:
+            values[prompt[position]] = -9.0
+        entries.append(vllm_entry(values))
+    return {"choices": [{"index": 0, "text": "x", "prompt_logprobs": entries, "finish_reason": "length"}]}
+
+
+def test_parse_takes_the_top_k_and_the_prompt_tokens_own_logprob():
+    prompt = [3, 1, 40, 2]
+    parsed = parse_prompt_logprobs(answer_for(prompt, 4)["choices"][0], prompt, 4, VOCAB)
+    assert parsed.ids.shape == (3, 4) and parsed.logprobs.dtype == np.float32
+    assert parsed.ids.tolist() == [[0, 1, 2, 3]] * 3, "the extra entry (token 40, outside the top 4) is not in the top K"
+    assert parsed.token_logprobs.tolist() == pytest.approx([-0.2 - 0.01, -9.0, -0.3 - 0.03], abs=1e-6)
+    assert (np.diff(parsed.logprobs, axis=1) <= 0).all()
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda entries: entries.pop(), "prompt_logprobs has 3 entries for a prompt of 4 tokens"),
+    (lambda entries: entries[1].pop("0"), "fewer than the K=4"),
+    (lambda entries: entries[1].update({"77": {"logprob": -5.0}}), "token id 77, outside the student's vocab"),
+    (lambda entries: entries[1].update({"9": {"logprob": float("nan")}}), "logprob nan: not a log-probability"),
+    (lambda entries: entries[1].update({"9": {"logprob": 0.5}}), "logprob 0.5: not a log-probability"),
+    (lambda entries: entries[2].pop("40"), "lacks the prompt token 40 itself"),
+    (lambda entries: entries[1].update({"x": {"logprob": -1.0}}), "invalid literal"),
+    (lambda entries: entries[1].update({"9": {"rank": 3}}), "has no numeric logprob"),
+    (lambda entries: entries.__setitem__(2, [1, 2]), r"prompt_logprobs\[2\] is list"),
+])
+def test_parse_refuses_damaged_answers_by_name(damage, message):
+    prompt = [3, 1, 40, 2]
+    choice = answer_for(prompt, 4)["choices"][0]
+    damage(choice["prompt_logprobs"])
+    with pytest.raises(ValueError, match=message):
+        parse_prompt_logprobs(choice, prompt, 4, VOCAB)
+
+
+def test_served_tokens_reads_the_servers_tokenization():
+    choice = {"prompt_logprobs": [None, vllm_entry({5: -1.0}), vllm_entry({7: -2.0})]}
+    assert served_tokens(choice) == [5, 7]
+    with pytest.raises(ValueError, match="exactly the prompt token"):
+        served_tokens({"prompt_logprobs": [None, vllm_entry({5: -1.0, 6: -2.0})]})
+
+
+class ScriptedServer:
+    """A local HTTP server whose `/v1/completions` behaviour is `mode`."""
+
+    def __init__(self, mode: str = "ok", delay: float = 0.0):
+        self.mode, self.delay, self.requests = mode, delay, 0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status: int, body: bytes) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except BrokenPipeError:  # the client gave up (timeout tests)
+                    pass
+
+            def do_GET(self):
+                self.reply(200, json.dumps({"object": "list", "data": [{"id": "teacher"}]}).encode())
+
+            def do_POST(self):
+                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests += 1
+                time.sleep(server.delay)
+                if server.mode == "malformed":
+                    return self.reply(200, b'{"choices": [')
+                if server.mode == "bad_request":
+                    return self.reply(400, json.dumps({"error": {"message": "prompt_logprobs 5 > max 2"}}).encode())
+                if server.mode == "flaky" and server.requests <= 2:
+                    return self.reply(503, json.dumps({"message": "warming up"}).encode())
+                self.reply(200, json.dumps(answer_for(request["prompt"], request["prompt_logprobs"])).encode())
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.http.daemon_threads = True  # closing does not wait for a sleeping handler
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
+@pytest.fixture
+def scripted():
+    servers = []
+
+    def start(mode: str = "ok", delay: float = 0.0) -> ScriptedServer:
+        servers.append(ScriptedServer(mode, delay))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def client(url: str, **settings) -> TeacherServerClient:
+    return TeacherServerClient(url, TeacherServerConfig(**{"retry_backoff_s": 0.01, **settings}))
+
+
+def test_well_formed_answers_round_trip_concurrently(scripted):
+    server = scripted()
+    teacher = client(server.url + "/v1", max_concurrency=4)  # an OpenAI-style base URL works too
+    assert [card["id"] for card in teacher.model_cards()] == ["teacher"]
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]] * 4
+    choices = teacher.map(lambda prompt: teacher.completion("teacher", prompt, 3), prompts)
+    for prompt, choice in zip(prompts, choices):
+        assert parse_prompt_logprobs(choice, prompt, 3, VOCAB).ids.shape == (len(prompt) - 1, 3)
+    assert server.requests == len(prompts)
+
+
+def test_5xx_is_retried_with_backoff(scripted):
+    server = scripted("flaky")
+    teacher = client(server.url, max_retries=3)
+    choice = teacher.completion("teacher", [1, 2, 3], 2)
+    assert len(choice["prompt_logprobs"]) == 3 and teacher.retries == 2 and server.requests == 3
+
+
+def test_retries_run_out_with_a_message_naming_the_server(scripted):
+    server = scripted("flaky")
+    with pytest.raises(TeacherServerError, match=rf"teacher server {server.url} failed POST /v1/completions 2 "
+                                                 r"times .* last error: HTTP 503: warming up"):
+        client(server.url, max_retries=1).completion("teacher", [1, 2], 1)
+
+
+def test_slow_server_hits_the_timeout(scripted):
+    server = scripted(delay=2.0)
+    started = time.monotonic()
+    with pytest.raises(TeacherServerError, match=r"failed POST /v1/completions 2 times .*timeout 0.3 s per request"
+                                                 r".*timed out"):
+        client(server.url, timeout_s=0.3, max_retries=1).completion("teacher", [1, 2], 1)
+    assert time.monotonic() - started < 1.8, "the timeout was not honoured"
+
+
+def test_malformed_json_and_4xx_fail_at_once(scripted):
+    malformed = scripted("malformed")
+    with pytest.raises(TeacherServerError, match="answered POST /v1/completions with invalid JSON"):
+        client(malformed.url, max_retries=3).completion("teacher", [1, 2], 1)
+    assert malformed.requests == 1, "a malformed answer is not retried"
+    refused = scripted("bad_request")
+    with pytest.raises(TeacherServerError, match=r"refused POST /v1/completions with HTTP 400: prompt_logprobs 5 > max 2"):
+        client(refused.url, max_retries=3).completion("teacher", [1, 2], 5)
+    assert refused.requests == 1
+
+
+def test_unreachable_server_is_an_error_not_a_hang():
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(TeacherServerError, match=rf"http://127.0.0.1:{port} failed GET /v1/models 3 times.*"
+                                                 r"ConnectionRefusedError"):
+        client(f"http://127.0.0.1:{port}", max_retries=2).model_cards()
+
+
+def test_ranks_expose_a_short_top_k():
+    """K entries of which one is the prompt token outside the top: ranks show only K - 1 are top."""
+    prompt = [3, 9]
+    ranked = {"choices": [{"prompt_logprobs": [None, vllm_entry({0: -0.1, 1: -0.2, 2: -0.3, 9: -5.0},
+                                                                 rank_of={0: 1, 1: 2, 2: 3, 9: 20})]}]}
+    with pytest.raises(ValueError, match=r"ranks \[1, 2, 3, 20\], not 1..4"):
+        parse_prompt_logprobs(ranked["choices"][0], prompt, 4, VOCAB)
+    assert parse_prompt_logprobs(ranked["choices"][0], prompt, 3, VOCAB).ids.tolist() == [[0, 1, 2]]
