@@ -30,18 +30,22 @@ def tensors(dtype=torch.float64):
             draw(N, H_TEACHER), draw(VOCAB, H_TEACHER, std=0.8), mask)
 
 
+def tp_rank(tp: int) -> int:
+    """This process's TP rank: Megatron initialized at TP=`tp` on gloo ranks, or 0 in-process."""
+    if tp == 1:
+        return 0
+    from megatron.core import parallel_state
+
+    from megatron_opd.config import ParallelConfig
+    from megatron_opd.runtime import initialize_runtime
+
+    initialize_runtime(ParallelConfig(tensor_model_parallel_size=tp))
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
 def both_paths(tp: int, dtype=torch.float64) -> list:
     """Per case on this rank: (fused value, unfused value, fused grads, unfused grads)."""
-    if tp > 1:
-        from megatron.core import parallel_state
-
-        from megatron_opd.config import ParallelConfig
-        from megatron_opd.runtime import initialize_runtime
-
-        initialize_runtime(ParallelConfig(tensor_model_parallel_size=tp))
-        rank = parallel_state.get_tensor_model_parallel_rank()
-    else:
-        rank = 0
+    rank = tp_rank(tp)
     student_hidden, student_weight, teacher_hidden, teacher_weight, mask = tensors(dtype)
     student_weight = student_weight.chunk(tp)[rank]
     teacher_weight = teacher_weight.chunk(tp)[rank]
@@ -104,15 +108,7 @@ def token_logprobs_on_rank(tp: int) -> tuple:
     """fused_linear_token_logprobs on this rank's head shard: value and grads (float64)."""
     from megatron_opd.ops import fused_linear_token_logprobs
 
-    rank = 0
-    if tp > 1:
-        from megatron.core import parallel_state
-
-        from megatron_opd.config import ParallelConfig
-        from megatron_opd.runtime import initialize_runtime
-
-        initialize_runtime(ParallelConfig(tensor_model_parallel_size=tp))
-        rank = parallel_state.get_tensor_model_parallel_rank()
+    rank = tp_rank(tp)
     hidden, weight, _, _, _ = tensors()
     ids = torch.randint(0, VOCAB - 3, (N,), generator=torch.Generator().manual_seed(4))
     hidden = hidden.clone().requires_grad_()
@@ -141,15 +137,7 @@ def test_fused_token_logprobs_match_log_softmax(tp):
 
 
 def topk_logprobs_on_rank(tp: int, k: int, chunk_size) -> tuple:
-    rank = 0
-    if tp > 1:
-        from megatron.core import parallel_state
-
-        from megatron_opd.config import ParallelConfig
-        from megatron_opd.runtime import initialize_runtime
-
-        initialize_runtime(ParallelConfig(tensor_model_parallel_size=tp))
-        rank = parallel_state.get_tensor_model_parallel_rank()
+    rank = tp_rank(tp)
     hidden, weight, _, _, _ = tensors()
     ids = torch.randint(0, VOCAB - 3, (N,), generator=torch.Generator().manual_seed(5))
     return fused_linear_topk_logprobs(hidden, weight.chunk(tp)[rank], k, token_ids=ids, temperature=0.7,
@@ -177,15 +165,7 @@ def test_fused_topk_logprobs_match_log_softmax(tp, k, chunk_size):
 def sparse_paths_on_rank(tp: int) -> list:
     """Per normalization: the fused sparse divergence and its grads, the unfused one on
     materialized logits and its grads, and (renorm) the local top-K path's value."""
-    rank = 0
-    if tp > 1:
-        from megatron.core import parallel_state
-
-        from megatron_opd.config import ParallelConfig
-        from megatron_opd.runtime import initialize_runtime
-
-        initialize_runtime(ParallelConfig(tensor_model_parallel_size=tp))
-        rank = parallel_state.get_tensor_model_parallel_rank()
+    rank = tp_rank(tp)
     student_hidden, student_weight, teacher_hidden, teacher_weight, mask = tensors()
     student_weight, teacher_weight = student_weight.chunk(tp)[rank], teacher_weight.chunk(tp)[rank]
     # What a server returns: the teacher's top-6 full-vocab log-probs at temperature 1.

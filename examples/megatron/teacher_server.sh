@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# GKD against a teacher served over HTTP: the server returns top-K prompt logprobs of each
+# sequence (OpenAI-style /v1/completions with vLLM's prompt_logprobs), training asks it.
+#
+#   TEACHER=/models/Qwen2.5-7B-Instruct MODEL=... DATA=train.jsonl \
+#       bash examples/megatron/teacher_server.sh [CONFIG.yaml] [key=value ...]
+#
+# Starts the server in the background, waits until it answers, runs train.sh with
+# teacher_model_server pointing at it, and stops the server at the end (also on failure).
+#
+# Environment:
+#   TEACHER      the teacher: an HF model directory (vLLM) or HF dir / megatron_opd checkpoint (ours)
+#   SERVER       vllm: `vllm serve` (GPU; its own GPUs via SERVER_GPUS, e.g. 4,5,6,7)
+#                megatron: `megatron-opd serve-teacher` (CPU or GPU, our Megatron model; default without vLLM)
+#   K            top-K logprobs per token = gkd_logits_topk (default 20)
+#   PORT         (default 8000)       TEACHER_TP   the server's tensor parallelism (default 1)
+#   SERVER_URL   use a server that is already running instead of starting one
+#   and train.sh's: NPROC, TP, PP, MODEL, DATA, OUTPUT_DIR, multi-node.
+# Without a GPU: the training ranks and our server run on the CPU (gloo).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+cd "$here/../.."
+if [[ "${1:-}" == *.yaml ]]; then config=$1; shift; else config=configs/gkd_qwen2.5_0.5b_from_7b.yaml; fi
+if [[ -x .venv/bin/python ]]; then PYTHON=${PYTHON:-.venv/bin/python}; else PYTHON=${PYTHON:-python}; fi
+K=${K:-20}
+PORT=${PORT:-8000}
+TEACHER_TP=${TEACHER_TP:-1}
+if [[ -z "${SERVER:-}" ]]; then
+    if command -v vllm >/dev/null 2>&1 && command -v nvidia-smi >/dev/null 2>&1; then SERVER=vllm; else SERVER=megatron; fi
+fi
+
+server_pid=""
+stop_server() { [[ -n "$server_pid" ]] && kill -TERM "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null || true; }
+trap stop_server EXIT
+
+if [[ -z "${SERVER_URL:-}" ]]; then
+    : "${TEACHER:?set TEACHER (the teacher model directory) or SERVER_URL}"
+    SERVER_URL="http://127.0.0.1:$PORT"
+    case "$SERVER" in
+        vllm)
+            CUDA_VISIBLE_DEVICES=${SERVER_GPUS:-${CUDA_VISIBLE_DEVICES:-0}} \
+                vllm serve "$TEACHER" --port "$PORT" --max-logprobs "$K" \
+                --tensor-parallel-size "$TEACHER_TP" --dtype bfloat16 &
+            ;;
+        megatron)
+            command -v nvidia-smi >/dev/null 2>&1 || export MEGATRON_OPD_DEVICE=cpu
+            if [[ "$TEACHER_TP" == 1 ]]; then
+                "$PYTHON" -m megatron_opd.serve.server --model "$TEACHER" --port "$PORT" --max-logprobs "$K" &
+            else
+                "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$TEACHER_TP" \
+                    -m megatron_opd.serve.server --tp "$TEACHER_TP" --model "$TEACHER" --port "$PORT" \
+                    --max-logprobs "$K" &
+            fi
+            ;;
+        *) echo "SERVER=$SERVER is invalid: vllm or megatron" >&2; exit 2 ;;
+    esac
+    server_pid=$!
+    echo "waiting for the teacher server at $SERVER_URL ..."
+    for _ in $(seq 1 600); do
+        if "$PYTHON" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/health', timeout=2)" \
+            "$SERVER_URL" 2>/dev/null; then break; fi
+        kill -0 "$server_pid" 2>/dev/null || { echo "the teacher server exited" >&2; exit 1; }
+        sleep 1
+    done
+fi
+
+# The teacher is the server: no teacher_model in this process (TEACHER names the server's model).
+unset TEACHER
+bash "$here/train.sh" "$config" teacher_model=null "teacher_model_server=$SERVER_URL" "gkd_logits_topk=$K" "$@"
