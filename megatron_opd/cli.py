@@ -2,6 +2,8 @@
 
     megatron-opd convert hf-to-megatron | megatron-to-hf | verify ...
     megatron-opd train --config X.yaml [key=value ...]
+    megatron-opd serve-teacher --model DIR --port P --max-logprobs K ...
+    megatron-opd cache-teacher --config X.yaml --out DIR [key=value ...]
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = {"convert": "megatron_opd.checkpoint.convert", "train": "megatron_opd.train"}
+COMMANDS = {"convert": "megatron_opd.checkpoint.convert", "train": "megatron_opd.train",
+            "serve-teacher": "megatron_opd.serve.server", "cache-teacher": "megatron_opd.teachers.cache_writer"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
