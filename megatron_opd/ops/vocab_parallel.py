@@ -361,7 +361,13 @@ def fused_linear_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: in
     source = LinearLogits(hidden, weight, chunk_size)
     dtype = compute_dtype(source.dtype)
     local_k = min(k, shard.local_vocab)
-    values, ids, maxes, sums = [], [], [], []
+    owned = local = None
+    if token_ids is not None:
+        if token_ids.shape != (source.num_rows,):
+            raise ValueError(f"token_ids has shape {tuple(token_ids.shape)}, expected [{source.num_rows}]")
+        check_ids(token_ids, shard, "token_ids")
+        owned, local = owned_positions(token_ids.reshape(-1, 1).long(), shard)
+    values, ids, maxes, sums, picks = [], [], [], [], []
     for _, rows in row_chunks(None, source.num_rows, shard.local_vocab, chunk_size or source.chunk_rows):
         x = tempered(source.chunk(rows), shard, temperature)
         chunk_values, chunk_ids = x.topk(local_k, dim=-1)
@@ -370,15 +376,12 @@ def fused_linear_topk_logprobs(hidden: torch.Tensor, weight: torch.Tensor, k: in
         row_max, sumexp = local_max_and_sumexp(x)
         maxes.append(row_max)
         sums.append(sumexp)
+        if local is not None:  # the given tokens' logits, read from the same chunk (0 where not owned)
+            picks.append(torch.where(owned[rows], x.gather(-1, local[rows]), torch.zeros((), dtype=dtype,
+                                                                                        device=x.device)))
     picked = None
-    if token_ids is not None:
-        if token_ids.shape != (source.num_rows,):
-            raise ValueError(f"token_ids has shape {tuple(token_ids.shape)}, expected [{source.num_rows}]")
-        check_ids(token_ids, shard, "token_ids")
-        owned, local = owned_positions(token_ids.reshape(-1, 1).long(), shard)
-        rows = torch.arange(source.num_rows, device=source.device).unsqueeze(-1)
-        picked = torch.where(owned, (source.at(rows, local).to(dtype) / temperature).clamp(min=NEG_INF),
-                             torch.zeros((), dtype=dtype, device=source.device))
+    if local is not None:
+        picked = torch.cat(picks) if picks else torch.empty(0, 1, dtype=dtype, device=source.device)
     empty = torch.empty(0, dtype=dtype, device=source.device)
     (shift, log_total), picked = combine_logsumexp(shard, torch.cat(maxes) if maxes else empty,
                                                    torch.cat(sums) if sums else empty, extra_sum=picked)
