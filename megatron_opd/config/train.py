@@ -6,8 +6,9 @@ Algorithm parameters sit at the top level under ms-swift's names (`beta`, `lmbda
 `sft_alpha`, `temperature`, `max_completion_length`, `gkd_logits_topk`, `seq_kd`,
 `teacher_model`, `teacher_model_server`, `offload_teacher_model`, `teacher_kl_coef`)
 and TRL's GRPO names (`num_generations`, `num_iterations`, `epsilon`, `epsilon_high`,
-`reward_funcs`) so that a recipe reads the same in both; the machinery (parallel layout, data, optimizer, training
-schedule, checkpoints, logging) is in sections.
+`reward_funcs`) so that a recipe reads the same in both; `teacher_cache` is ours. The
+machinery (parallel layout, data, optimizer, training schedule, checkpoints, logging, the
+teacher server's client) is in sections.
 """
 
 from __future__ import annotations
@@ -191,6 +192,17 @@ class TrainConfig:
             check(self.teacher_model_server is None, "teacher_model_server", self.teacher_model_server,
                   "null with teacher: self (the student is its own teacher)")
             check(not self.seq_kd, "seq_kd", self.seq_kd, "false with teacher: self")
+        self._check_remote_teacher()
+        if self.opsd_clip is not None:
+            check(self.teacher == "self", "opsd_clip", self.opsd_clip, "null unless teacher: self")
+            check(self.opsd_clip > 0, "opsd_clip", self.opsd_clip, "a number > 0, or null (off)")
+        check(self.algorithm == "opd_rl" or not self.reward_funcs, "reward_funcs", self.reward_funcs,
+              "empty unless algorithm: opd_rl")
+        if self.algorithm == "opd_rl":
+            self._check_opd_rl()
+
+    def _check_remote_teacher(self) -> None:
+        """teacher_model_server and teacher_cache: one teacher source, and what each needs."""
         if self.teacher_model_server is not None:
             check(self.teacher_model is None, "teacher_model", self.teacher_model,
                   "null when teacher_model_server is set (one teacher source)")
@@ -216,13 +228,6 @@ class TrainConfig:
                   "0 with teacher_cache and seq_kd false (the cache holds the dataset's responses only)")
             check(self.gkd_logits_topk is not None, "gkd_logits_topk", self.gkd_logits_topk,
                   "an integer >= 1 when teacher_cache is set (at most the cache's K)")
-        if self.opsd_clip is not None:
-            check(self.teacher == "self", "opsd_clip", self.opsd_clip, "null unless teacher: self")
-            check(self.opsd_clip > 0, "opsd_clip", self.opsd_clip, "a number > 0, or null (off)")
-        check(self.algorithm == "opd_rl" or not self.reward_funcs, "reward_funcs", self.reward_funcs,
-              "empty unless algorithm: opd_rl")
-        if self.algorithm == "opd_rl":
-            self._check_opd_rl()
 
     def _check_opd_rl(self) -> None:
         check(self.num_generations >= 2, "num_generations", self.num_generations,
