@@ -24,6 +24,7 @@ final HF export of the student.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -161,11 +162,8 @@ class Trainer:
         self.reward_functions = load_reward_functions(config.reward_funcs)
         self.samples_responses = config.algorithm == "opd_rl" or (
             config.algorithm == "gkd" and (config.lmbda > 0 or config.seq_kd))
-        self.sampling = None
         if self.samples_responses:
-            self.sampling = SamplingParams(
-                max_new_tokens=config.max_completion_length, temperature=config.temperature, top_k=config.top_k,
-                eos_token_ids=eos_token_ids(self.tokenizer, models.student.tokenizer_dir))
+            self.sampling  # a tokenizer without EOS fails now, not at the first sampled step
 
         self.train_data = self._dataset("train")
         self.eval_data = self._dataset("val") if config.data.val_dataset else None
@@ -184,6 +182,14 @@ class Trainer:
             self._resume()
 
     # ------------------------------------------------------------------ setup
+
+    @functools.cached_property
+    def sampling(self) -> SamplingParams:
+        """How responses are sampled (on-policy steps, seq_kd, evaluations on samples)."""
+        config = self.config
+        return SamplingParams(max_new_tokens=config.max_completion_length, temperature=config.temperature,
+                              top_k=config.top_k,
+                              eos_token_ids=eos_token_ids(self.tokenizer, self.student_source.tokenizer_dir))
 
     def _build_loss(self):
         config = self.config
@@ -250,14 +256,11 @@ class Trainer:
         prompts = [example["input_ids"][:example["prompt_length"]] for example in examples]
         iteration = self.iteration if iteration is None else iteration
         seeds = [sample_seed(self.config.parallel.seed, iteration, example["_position"]) for example in examples]
-        sampling = self.sampling or SamplingParams(
-            max_new_tokens=self.config.max_completion_length, temperature=self.config.temperature,
-            top_k=self.config.top_k, eos_token_ids=eos_token_ids(self.tokenizer, self.student_source.tokenizer_dir))
         if source == "student":
-            rollout = MegatronSampler(self.model, self.vocab_size).generate(prompts, sampling, seeds)
+            rollout = MegatronSampler(self.model, self.vocab_size).generate(prompts, self.sampling, seeds)
         else:
             with self.teacher.on_device() as teacher:
-                rollout = MegatronSampler(teacher, self.vocab_size).generate(prompts, sampling, seeds)
+                rollout = MegatronSampler(teacher, self.vocab_size).generate(prompts, self.sampling, seeds)
         sampled = [{**example, "input_ids": list(prompt) + completion,
                     "loss_mask": [0] * len(prompt) + [1] * len(completion)}
                    for example, prompt, completion in zip(examples, prompts, rollout.completions)]
