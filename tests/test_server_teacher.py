@@ -24,7 +24,7 @@ from megatron_opd.serve.launch import launch, start_server
 from megatron_opd.testing import DistributedTestError, run_distributed
 from tests.gkd_setup import make_gkd_setup, overrides
 from tests.hf_models import VOCAB
-from tests.test_gkd_trainer import SGD, assert_same_update, merged, run
+from tests.test_gkd_trainer import assert_same_update, merged, run
 
 SERVER_ENV = {"MEGATRON_OPD_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
 ROOT = Path(__file__).parents[1]
