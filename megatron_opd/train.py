@@ -1,38 +1,8 @@
-"""`python -m megatron_opd.train --config X.yaml [key=value ...]`: distillation training.
+"""`python -m megatron_opd.train`: the name the launchers use for `megatron-opd train` (`commands.train`)."""
 
-Launch with torchrun for several ranks (`torchrun --nproc-per-node N -m megatron_opd.train ...`);
-a single process runs as one rank (CPU mode when there is no GPU).
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
 import sys
-from typing import Optional, Sequence
 
-from megatron_opd.config.schema import ConfigError
-from megatron_opd.config.train import load_train_config
-from megatron_opd.teachers.server_client import TeacherServerError
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="megatron_opd.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML training config")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. beta=0 training.train_iters=10")
-    args = parser.parse_args(argv)
-    try:
-        config = load_train_config(args.config, args.overrides)
-        from megatron_opd.trainer.trainer import Trainer
-
-        result = Trainer(config).train()
-    except (ConfigError, FileNotFoundError, FileExistsError, TeacherServerError) as error:
-        print(f"megatron_opd.train: error: {error}", file=sys.stderr)
-        return 1
-    if os.environ.get("RANK", "0") == "0":
-        print(f"done: iteration {result['iteration']}, checkpoint {result['checkpoint']}", flush=True)
-    return 0
-
+from megatron_opd.commands.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from megatron_opd.checkpoint.convert import main as convert_main
+from megatron_opd.commands.convert import main as convert_main
 from megatron_opd.testing import run_distributed
 from tests.hf_models import VOCAB, hf_logits, make_hf_model
 
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cli_on_rank(argv: list[str]):
     """One rank of `megatron-opd convert ARGV`: the exit code, or the verify result."""
-    from megatron_opd.checkpoint import convert
+    from megatron_opd.commands import convert
 
     if argv[0] == "verify":
         args = convert.build_parser().parse_args(argv)
@@ -244,7 +244,7 @@ def logits_with_padding_on_rank(path: str, tp: int, pp: int, pad_vocab_size_to: 
     from megatron_opd.checkpoint import load_pretrained
     from megatron_opd.config import ParallelConfig
     from megatron_opd.runtime import initialize_runtime
-    from megatron_opd.trainer import lm_forward_backward
+    from megatron_opd.pipeline import lm_forward_backward
 
     runtime = initialize_runtime(ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp))
     model = load_pretrained(path, runtime, role="teacher", pad_vocab_size_to=pad_vocab_size_to)

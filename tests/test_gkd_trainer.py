@@ -31,11 +31,11 @@ def train_on_rank(argv: list[str], steps: int, weights: bool = False, evaluate: 
                   save: bool = False) -> dict:
     """`steps` training steps; each step's metrics, optionally the full updated weights,
     and a checkpoint at the end when `save`."""
-    from megatron_opd.config.train import load_train_config
+    from megatron_opd.config.job import load_job_config
     from megatron_opd.models import gather_full_tensors
     from megatron_opd.trainer.trainer import Trainer
 
-    trainer = Trainer(load_train_config(None, argv))
+    trainer = Trainer(load_job_config(None, argv))
     result = {"eval_before": trainer.evaluate() if evaluate else None}
     result["steps"] = [trainer.train_step() for _ in range(steps)]
     result["eval_after"] = trainer.evaluate() if evaluate else None
@@ -87,11 +87,11 @@ def test_gradient_accumulation_invariance(setup, tmp_path):
 def test_mean_of_microbatch_means_would_differ(setup, tmp_path):
     """Control: the batches above must make per-microbatch normalization visible, or the
     invariance test could not fail. Their microbatches count different token numbers."""
-    from megatron_opd.config.train import load_train_config
+    from megatron_opd.config.job import load_job_config
     from megatron_opd.data import DataIterator, build_dataset, collate
     from transformers import AutoTokenizer
 
-    config = load_train_config(None, overrides(setup, tmp_path, **{"training.micro_batch_size": 2}), world_size=1)
+    config = load_job_config(None, overrides(setup, tmp_path, **{"training.micro_batch_size": 2}), world_size=1)
     tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer)
     dataset, _ = build_dataset(config.data, tokenizer)
     indices = next(DataIterator(dataset, 8, seed=config.data.seed))
@@ -192,7 +192,7 @@ def test_distributed_optimizer_needs_te_or_apex():
     from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
 
     from megatron_opd.config import ConfigError
-    from megatron_opd.trainer.trainer import resolve_distributed_optimizer
+    from megatron_opd.trainer.optim import resolve_distributed_optimizer
 
     assert resolve_distributed_optimizer(None, "adam") == HAVE_APEX_OR_TE
     assert resolve_distributed_optimizer(None, "sgd") is False
@@ -202,19 +202,16 @@ def test_distributed_optimizer_needs_te_or_apex():
 
 
 def test_contradicting_settings_are_refused(setup, tmp_path):
-    """Settings that contradict each other are refused at load, or (GKD without any teacher)
-    before any model is built."""
+    """Settings that contradict each other (GKD without any teacher too) are refused at load."""
     from megatron_opd.config import ConfigError
-    from megatron_opd.config.train import load_train_config
-    from megatron_opd.trainer.trainer import check_supported
+    from megatron_opd.config.job import load_job_config
 
     server = {"teacher_model": "null", "teacher_model_server": "http://h:1", "gkd_logits_topk": 4}
-    config = load_train_config(None, overrides(setup, tmp_path, teacher_model="null"), world_size=1)
     with pytest.raises(ConfigError, match="teacher_model=None is invalid: GKD needs a teacher"):
-        check_supported(config)
+        load_job_config(None, overrides(setup, tmp_path, teacher_model="null"), world_size=1)
     for fields, name in (({**server, "seq_kd": True}, "seq_kd=True is invalid"),
                          ({"algorithm": "sft"}, "teacher_model=.* is invalid: .*null with algorithm: sft"),
                          ({"algorithm": "sft", "teacher_model": "null", "seq_kd": True}, "seq_kd=True is invalid"),
                          ({"top_k": 0}, "top_k=0 is invalid")):
         with pytest.raises(ConfigError, match=name):
-            load_train_config(None, overrides(setup, tmp_path, **fields), world_size=1)
+            load_job_config(None, overrides(setup, tmp_path, **fields), world_size=1)

@@ -352,7 +352,7 @@ def padded_logits_on_rank(directories: dict, common: int, tokens: dict) -> dict:
 
     from megatron_opd.checkpoint import load_pretrained
     from megatron_opd.runtime import initialize_runtime
-    from megatron_opd.trainer import lm_forward_backward
+    from megatron_opd.pipeline import lm_forward_backward
 
     runtime = initialize_runtime(ParallelConfig(tensor_model_parallel_size=2))
     report = {}

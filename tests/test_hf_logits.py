@@ -40,7 +40,7 @@ def megatron_logits_on_rank(directories: dict, parallel: ParallelConfig, tokens:
 
     from megatron_opd.checkpoint import load_pretrained
     from megatron_opd.runtime import initialize_runtime
-    from megatron_opd.trainer import lm_forward_backward
+    from megatron_opd.pipeline import lm_forward_backward
 
     runtime = initialize_runtime(parallel)
     report = {}

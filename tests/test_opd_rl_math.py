@@ -66,7 +66,7 @@ def test_token_advantages_add_the_detached_teacher_log_ratio():
     assert not actual.requires_grad
     assert token_advantages(base, teacher, old, teacher_kl_coef=0.0).tolist() == base.tolist()
     assert token_advantages(base, None, old, teacher_kl_coef=1.0).tolist() == base.tolist()
-    clipped = token_advantages(base, teacher, old, teacher_kl_coef=1.0, log_ratio_clip=0.5)
+    clipped = token_advantages(base, teacher, old, teacher_kl_coef=1.0, opsd_clip=0.5)
     assert clipped.tolist() == pytest.approx([0.0, 1.0, -1.5], rel=1e-6)
 
 

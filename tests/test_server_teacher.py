@@ -113,7 +113,7 @@ def test_more_logprobs_than_the_server_gives_is_refused(setup, server, tmp_path)
 # ----------------------------------------------------------------------------- the cache
 
 def cache_on_rank(argv: list[str]) -> int:
-    from megatron_opd.teachers.cache_writer import main
+    from megatron_opd.commands.cache_teacher import main
 
     return main(argv)
 

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from megatron_opd.config.train import TeacherServerConfig
+from megatron_opd.config.job import TeacherServerConfig
 from megatron_opd.teachers.server_client import (
     TeacherServerClient,
     TeacherServerError,

@@ -86,7 +86,7 @@ class Servers:
 
 def convert_to_megatron(hf_dir: Path, out: Path) -> None:
     completed = subprocess.run(
-        [sys.executable, "-m", "megatron_opd.cli", "convert", "hf-to-megatron", "--hf-path", str(hf_dir),
+        [sys.executable, "-m", "megatron_opd.commands.cli", "convert", "hf-to-megatron", "--hf-path", str(hf_dir),
          "--out", str(out)], capture_output=True, text=True, env={**os.environ, **ENV}, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
 
@@ -369,7 +369,7 @@ def test_http_errors(servers):
 
 
 def test_bad_arguments_exit_1_before_loading(servers, tmp_path, capsys, monkeypatch):
-    from megatron_opd.serve.server import main
+    from megatron_opd.commands.serve_teacher import main
 
     model = str(servers.model_dir("tp1"))
     cases = [

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from megatron_opd.config import ConfigError
-from megatron_opd.config.train import TrainConfig, apply_overrides, load_train_config
+from megatron_opd.config.job import JobConfig, apply_overrides, load_job_config
 
-MINIMAL = "model: /models/student\ndata:\n  dataset: [train.jsonl]\n"
+MINIMAL = "model: /models/student\nteacher_model: /models/teacher\ndata:\n  dataset: [train.jsonl]\n"
 
 
 @pytest.fixture
@@ -20,15 +20,15 @@ def yaml_file(tmp_path):
 
 
 def test_defaults_follow_ms_swift(yaml_file):
-    config = load_train_config(yaml_file(), world_size=1)
-    assert isinstance(config, TrainConfig)
+    config = load_job_config(yaml_file(), world_size=1)
+    assert isinstance(config, JobConfig)
     assert (config.beta, config.lmbda, config.sft_alpha, config.temperature) == (0.5, 0.5, 0.0, 0.9)
     assert (config.max_completion_length, config.gkd_logits_topk, config.seq_kd) == (512, None, False)
-    assert config.teacher_model is None and config.data.dataset == ["train.jsonl"]
+    assert config.teacher_model == "/models/teacher" and config.data.dataset == ["train.jsonl"]
 
 
 def test_overrides_are_typed_by_yaml(yaml_file):
-    config = load_train_config(yaml_file(), [
+    config = load_job_config(yaml_file(), [
         "beta=0", "lmbda=1.0", "gkd_logits_topk=64", "teacher_model=/models/teacher",
         "parallel.tensor_model_parallel_size=2", "training.train_iters=7",
         "data.dataset=[a.jsonl, b.parquet]", "optimizer.lr=2e-5"], world_size=2)
@@ -63,7 +63,7 @@ def test_override_creates_missing_sections():
     ("parallel.tensor_model_parallel_size=0", "parallel.tensor_model_parallel_size=0 is invalid"),
     ("trainig.train_iters=3", "unknown key(s) trainig"),
     ("training.iters=3", "unknown key(s) training.iters"),
-    ("teacher_model_server=http://localhost:8000", "gkd_logits_topk=None is invalid: an integer >= 1 when "
+    (("teacher_model=null", "teacher_model_server=http://localhost:8000"), "gkd_logits_topk=None is invalid: an integer >= 1 when "
                                                    "teacher_model_server is set"),
     ("beta", "write key=value"),
     ("optimizer={optimizer: sgd, use_distributed_optimizer: true}",
@@ -72,7 +72,8 @@ def test_override_creates_missing_sections():
 ])
 def test_bad_values_name_the_field(yaml_file, override, message):
     with pytest.raises(ConfigError) as raised:
-        load_train_config(yaml_file(), ["training.micro_batch_size=2", override], world_size=1)
+        extra = list(override) if isinstance(override, tuple) else [override]
+        load_job_config(yaml_file(), ["training.micro_batch_size=2", *extra], world_size=1)
     assert message in str(raised.value)
 
 
@@ -97,15 +98,15 @@ def test_bad_opd_rl_and_opsd_settings_name_the_field(yaml_file, overrides, messa
     base = ["algorithm=opd_rl", "teacher_model=t", "num_generations=4", "training.global_batch_size=8",
             "training.train_iters=4", "training.eval_interval=0"]
     with pytest.raises(ConfigError) as raised:
-        load_train_config(yaml_file(), base + overrides, world_size=1)
+        load_job_config(yaml_file(), base + overrides, world_size=1)
     assert message in str(raised.value)
 
 
 def test_opd_rl_defaults_follow_trl():
-    config = load_train_config(None, ["model=m", "data.dataset=[d]", "algorithm=opd_rl", "teacher_model=t",
+    config = load_job_config(None, ["model=m", "data.dataset=[d]", "algorithm=opd_rl", "teacher_model=t",
                                       "training.global_batch_size=16"])
-    assert (config.num_generations, config.num_iterations, config.epsilon, config.clip_high,
-            config.teacher_kl_coef, config.reward_funcs, config.teacher) == (8, 1, 0.2, 0.2, 1.0, [], "model")
+    assert (config.num_generations, config.num_iterations, config.epsilon, config.epsilon_high,
+            config.teacher_kl_coef, config.reward_funcs, config.teacher) == (8, 1, 0.2, None, 1.0, [], "model")
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -126,23 +127,23 @@ def test_opd_rl_defaults_follow_trl():
     (["teacher_server.nope=1"], "teacher_server.nope"),
 ])
 def test_bad_server_and_cache_settings_name_the_field(overrides, message):
-    base = ["model=m", "data.dataset=[d]", "teacher_model=null", "gkd_logits_topk=4", "lmbda=0"]
+    base = ["model=m", "data.dataset=[d]", "teacher_model=null", "teacher_cache=/c", "gkd_logits_topk=4", "lmbda=0"]
     with pytest.raises(ConfigError) as raised:
-        load_train_config(None, base + overrides)
+        load_job_config(None, base + overrides)
     assert message in str(raised.value)
 
 
 def test_server_and_cache_settings_load():
     base = ["model=m", "data.dataset=[d]", "gkd_logits_topk=4", "lmbda=0"]
-    server = load_train_config(None, base + ["teacher_model_server=http://127.0.0.1:8000/v1",
+    server = load_job_config(None, base + ["teacher_model_server=http://127.0.0.1:8000/v1",
                                              "teacher_server.max_retries=0"])
     assert server.teacher_server.max_retries == 0 and server.teacher_server.verify_tokenizer
-    assert load_train_config(None, base + ["teacher_cache=/c"]).teacher_cache == "/c"
+    assert load_job_config(None, base + ["teacher_cache=/c"]).teacher_cache == "/c"
 
 
 def test_server_and_local_teacher_exclude_each_other(yaml_file):
     with pytest.raises(ConfigError, match="teacher_model='t' is invalid: null when teacher_model_server"):
-        load_train_config(yaml_file(), ["teacher_model=t", "teacher_model_server=http://h:1",
+        load_job_config(yaml_file(), ["teacher_model=t", "teacher_model_server=http://h:1",
                                         "gkd_logits_topk=8"], world_size=1)
 
 
@@ -154,28 +155,28 @@ def test_server_and_local_teacher_exclude_each_other(yaml_file):
 ])
 def test_layout_checked_against_world_size(yaml_file, world, overrides, message):
     if message is None:
-        assert load_train_config(yaml_file(), overrides, world_size=world).check_world(world) == 1
+        assert load_job_config(yaml_file(), overrides, world_size=world).check_world(world) == 1
         return
     with pytest.raises(ConfigError, match=message.replace("*", r"\*")):
-        load_train_config(yaml_file(), overrides, world_size=world)
+        load_job_config(yaml_file(), overrides, world_size=world)
 
 
 def test_missing_required_and_bad_files(yaml_file, tmp_path):
     with pytest.raises(ConfigError, match="missing required key model"):
-        load_train_config(yaml_file("data:\n  dataset: [a.jsonl]\n"), world_size=1)
+        load_job_config(yaml_file("data:\n  dataset: [a.jsonl]\n"), world_size=1)
     with pytest.raises(ConfigError, match="missing required key data.dataset"):
-        load_train_config(yaml_file("model: m\ndata: {}\n"), world_size=1)
+        load_job_config(yaml_file("model: m\ndata: {}\n"), world_size=1)
     with pytest.raises(ConfigError, match="not valid YAML"):
-        load_train_config(yaml_file("model: [unclosed\n"), world_size=1)
+        load_job_config(yaml_file("model: [unclosed\n"), world_size=1)
     with pytest.raises(ConfigError, match="top level must be a mapping"):
-        load_train_config(yaml_file("- a\n- b\n"), world_size=1)
+        load_job_config(yaml_file("- a\n- b\n"), world_size=1)
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
-        load_train_config(tmp_path / "nope.yaml")
+        load_job_config(tmp_path / "nope.yaml")
 
 
 def test_exponent_without_dot_is_a_float(yaml_file):
     """PyYAML alone reads `2e-5` as a string; Megatron users write learning rates that way."""
-    config = load_train_config(yaml_file(MINIMAL + "optimizer:\n  lr: 2e-5\n  min_lr: 1E-6\n"), world_size=1)
+    config = load_job_config(yaml_file(MINIMAL + "optimizer:\n  lr: 2e-5\n  min_lr: 1E-6\n"), world_size=1)
     assert config.optimizer.lr == 2e-5 and config.optimizer.min_lr == 1e-6
 
 
@@ -185,6 +186,6 @@ def test_shipped_recipes_load():
     recipes = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
     assert {recipe.stem.split("_")[0] for recipe in recipes} >= {"gkd", "opd", "opsd", "quickstart"}
     for recipe in recipes:
-        config = load_train_config(recipe)
+        config = load_job_config(recipe)
         parallel = config.parallel
         config.check_world(parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size)

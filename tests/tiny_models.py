@@ -103,7 +103,7 @@ def train_step_on_rank(
 
     from megatron_opd.models import build_gpt_model, gather_full_tensors, load_full_state_dict
     from megatron_opd.runtime import initialize_runtime
-    from megatron_opd.trainer import lm_forward_backward
+    from megatron_opd.pipeline import lm_forward_backward
 
     runtime = initialize_runtime(parallel)
     if sabotage == "skip_tp_all_reduce":

@@ -100,7 +100,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def bench_mode(args, paths: dict, runtime, lmbda: float) -> tuple[dict, object]:
-    from megatron_opd.config.train import load_train_config
+    from megatron_opd.config.job import load_job_config
     from megatron_opd.trainer.trainer import Trainer
 
     overrides = {
@@ -114,7 +114,7 @@ def bench_mode(args, paths: dict, runtime, lmbda: float) -> tuple[dict, object]:
         "training.resume": False, "training.export_hf": False, "training.tensorboard": False,
         "training.precision": "auto", "optimizer.lr": 1e-5,
     }
-    config = load_train_config(None, [f"{key}={value}" for key, value in overrides.items()])
+    config = load_job_config(None, [f"{key}={value}" for key, value in overrides.items()])
     trainer = Trainer(config, runtime)
     steps = [trainer.train_step() for _ in range(args.warmup + args.steps)][args.warmup:]
     result = {"peak_memory_gib": peak_memory_bytes(runtime.device) / 2**30}

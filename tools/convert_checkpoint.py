@@ -8,7 +8,7 @@
 
 import sys
 
-from megatron_opd.checkpoint.convert import main
+from megatron_opd.commands.convert import main
 
 if __name__ == "__main__":
     sys.exit(main())

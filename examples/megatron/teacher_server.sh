@@ -45,10 +45,10 @@ if [[ -z "${SERVER_URL:-}" ]]; then
         megatron)
             command -v nvidia-smi >/dev/null 2>&1 || export MEGATRON_OPD_DEVICE=cpu
             if [[ "$TEACHER_TP" == 1 ]]; then
-                "$PYTHON" -m megatron_opd.serve.server --model "$TEACHER" --port "$PORT" --max-logprobs "$K" &
+                "$PYTHON" -m megatron_opd.commands.serve_teacher --model "$TEACHER" --port "$PORT" --max-logprobs "$K" &
             else
                 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node "$TEACHER_TP" \
-                    -m megatron_opd.serve.server --tp "$TEACHER_TP" --model "$TEACHER" --port "$PORT" \
+                    -m megatron_opd.commands.serve_teacher --tp "$TEACHER_TP" --model "$TEACHER" --port "$PORT" \
                     --max-logprobs "$K" &
             fi
             ;;

@@ -13,22 +13,25 @@ states and LM-head shards (temperature on both; top-K of the teacher when
 `gkd_logits_topk`), the CE `ops.fused_linear_token_logprobs` at temperature 1, only on
 dataset (or teacher) responses, never on the student's own samples.
 
-Which responses a step trains on (`lmbda`, `seq_kd`) is `response_source`; the trainer
+Which responses a step trains on (`lmbda`, `seq_kd`) is `response_source`; `GKD.responses`
 samples them (`rollout.MegatronSampler`) before the teacher's forward, with no gradient.
+`algorithm: sft` is `SFT`: the dataset's responses and plain CE, no teacher.
 """
 
 from __future__ import annotations
 
-import random
+import functools
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 
+from megatron_opd.algorithms.base import Algorithm, MicrobatchLoss, Responses, ResponseSource, dataset_responses
+from megatron_opd.algorithms.context import StepContext
 from megatron_opd.algorithms.sft import cross_entropy_sum
+from megatron_opd.config.job import JobConfig
+from megatron_opd.runtime.seeds import step_uniform
 from megatron_opd.teachers.outputs import TeacherOutput
-
-ResponseSource = Literal["student", "teacher", "dataset"]
 
 
 def response_source(lmbda: float, seq_kd: bool, seed: int, iteration: int) -> ResponseSource:
@@ -38,7 +41,7 @@ def response_source(lmbda: float, seq_kd: bool, seed: int, iteration: int) -> Re
     One draw per step from a generator seeded by (seed, iteration): every rank computes
     the same decision without communicating, and a resumed run repeats it.
     """
-    if random.Random(f"gkd/{seed}/{iteration}").random() < lmbda:
+    if step_uniform(seed, "gkd", iteration) < lmbda:
         return "student"
     return "teacher" if seq_kd else "dataset"
 
@@ -50,22 +53,23 @@ class GKDLoss:
     sft_alpha: float
     topk: Optional[int]
     vocab_size: int  # ids >= this are padding in both models' heads
-    clip: Optional[float] = None  # OPSD's opsd_clip: each token's divergence at most this
+    opsd_clip: Optional[float] = None  # teacher: self: each token's divergence at most this
 
     def __call__(self, student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor,
-                 loss_mask: torch.Tensor, teacher: TeacherOutput, with_sft: bool
+                 loss_mask: torch.Tensor, teacher: TeacherOutput, with_sft: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Summed loss, counted tokens and metric sums for one microbatch.
 
         student_hidden `[b, s, H]` (after `models.outputs.head_input`), student_head
         `[V/tp, H]`, labels and loss_mask `[b, s]`, the teacher's answer at the mask's N
-        response tokens (`teachers.outputs`). A clipped token (`clip`) passes no gradient.
+        response tokens (`teachers.outputs`). A clipped token (`opsd_clip`) passes no gradient;
+        `with_sft`: add `sft_alpha` * CE (on dataset or teacher responses, never on student samples).
         """
         mask = loss_mask.bool()
         per_token = teacher.divergence(student_hidden[mask], student_head, beta=self.beta,
                                        temperature=self.temperature, topk=self.topk, vocab_size=self.vocab_size)
-        if self.clip is not None:
-            per_token = per_token.clamp(max=self.clip)
+        if self.opsd_clip is not None:
+            per_token = per_token.clamp(max=self.opsd_clip)
         divergence = per_token.sum()
         loss = divergence
         metrics = {"divergence_sum": divergence.detach().clone()}
@@ -77,3 +81,33 @@ class GKDLoss:
         metrics["loss_sum"] = loss.detach().clone()
         metrics["tokens"] = num_tokens.detach().clone()
         return loss, num_tokens, metrics
+
+
+class GKD(Algorithm):
+    """Generalized KD: each step the dataset's responses, the student's samples (`lmbda`) or
+    the teacher's (`seq_kd`), and the divergence to the teacher on them."""
+
+    def __init__(self, config: JobConfig, vocab_size: int):
+        self.lmbda, self.seq_kd, self.seed = config.lmbda, config.seq_kd, config.parallel.seed
+        self.samples = config.lmbda > 0 or config.seq_kd
+        self.loss = GKDLoss(beta=config.beta, temperature=config.temperature, sft_alpha=config.sft_alpha,
+                            topk=config.gkd_logits_topk, vocab_size=vocab_size, opsd_clip=config.opsd_clip)
+
+    def responses(self, context: StepContext, iteration: int) -> Responses:
+        if not self.samples:
+            return dataset_responses(context)
+        examples = context.next_examples()
+        source = response_source(self.lmbda, self.seq_kd, self.seed, iteration)
+        sums: dict[str, float] = {}
+        if source != "dataset":
+            examples, rollout = context.sample_responses(examples, source, iteration)
+            sums = {"sampled_tokens": rollout.num_tokens, "samples": len(rollout.completions)}
+        metrics = {"on_policy": float(source == "student"), "teacher_sampled": float(source == "teacher")}
+        return Responses(examples, context.microbatches(examples), source, sums, metrics)
+
+    def microbatch_loss(self, responses: Responses) -> MicrobatchLoss:
+        return functools.partial(self.loss, with_sft=responses.source != "student")
+
+    @property
+    def eval_loss(self) -> MicrobatchLoss:
+        return functools.partial(self.loss, with_sft=False)

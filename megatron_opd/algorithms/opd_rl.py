@@ -58,15 +58,15 @@ def group_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tenso
 
 def token_advantages(base_advantages: torch.Tensor, teacher_logprobs: Optional[torch.Tensor],
                      old_logprobs: torch.Tensor, teacher_kl_coef: float,
-                     log_ratio_clip: Optional[float] = None) -> torch.Tensor:
+                     opsd_clip: Optional[float] = None) -> torch.Tensor:
     """`[N]` per-token advantages A_base + coef * (log p_T - log p_old), detached.
-    `teacher_logprobs` None (no teacher): A_base alone. `log_ratio_clip` (OPSD's
-    `opsd_clip`): the log-ratio clamped to [-clip, clip] first."""
+    `teacher_logprobs` None (no teacher): A_base alone. `opsd_clip` (teacher: self):
+    the log-ratio clamped to [-opsd_clip, opsd_clip] first."""
     if teacher_logprobs is None or teacher_kl_coef == 0:
         return base_advantages.detach().float()
     log_ratio = teacher_logprobs - old_logprobs
-    if log_ratio_clip is not None:
-        log_ratio = log_ratio.clamp(-log_ratio_clip, log_ratio_clip)
+    if opsd_clip is not None:
+        log_ratio = log_ratio.clamp(-opsd_clip, opsd_clip)
     return (base_advantages + teacher_kl_coef * log_ratio).detach().float()
 
 
@@ -101,11 +101,11 @@ class RolloutTokens:
 @dataclass(frozen=True)
 class OPDRLLoss:
     epsilon: float
-    epsilon_high: float
+    epsilon_high: Optional[float]  # None: epsilon
     teacher_kl_coef: float
     temperature: float
     vocab_size: int
-    log_ratio_clip: Optional[float] = None  # OPSD's opsd_clip
+    opsd_clip: Optional[float] = None  # teacher: self: |log-ratio| at most this
 
     def __call__(self, student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor,
                  loss_mask: torch.Tensor, rollout: RolloutTokens, with_sft: bool = False
@@ -120,9 +120,9 @@ class OPDRLLoss:
                                                temperature=self.temperature, vocab_size=self.vocab_size)
         old_logprobs = rollout.old_logprobs if rollout.old_logprobs is not None else logprobs.detach()
         advantages = token_advantages(rollout.base_advantages, rollout.teacher_logprobs, old_logprobs,
-                                      self.teacher_kl_coef, self.log_ratio_clip)
-        per_token, metrics = clipped_policy_loss(logprobs, old_logprobs, advantages, self.epsilon,
-                                                 self.epsilon_high)
+                                      self.teacher_kl_coef, self.opsd_clip)
+        epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        per_token, metrics = clipped_policy_loss(logprobs, old_logprobs, advantages, self.epsilon, epsilon_high)
         loss = per_token.sum()
         num_tokens = mask.sum().to(torch.int)
         metrics.update(loss_sum=loss.detach().clone(), advantage_sum=advantages.double().sum(),

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_opd.algorithms.base import Algorithm, MicrobatchLoss, Responses, dataset_responses
+from megatron_opd.algorithms.context import StepContext
 from megatron_opd.ops import fused_linear_token_logprobs
 
 
@@ -26,11 +28,30 @@ class SFTLoss:
     vocab_size: int
 
     def __call__(self, student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor,
-                 loss_mask: torch.Tensor, teacher=None, with_sft: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+                 loss_mask: torch.Tensor, teacher=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Summed CE, counted tokens and metric sums for one microbatch (shapes as in `GKDLoss`)."""
         mask = loss_mask.bool()
         loss = cross_entropy_sum(student_hidden, student_head, labels, mask, self.vocab_size)
         num_tokens = mask.sum().to(torch.int)
         return loss, num_tokens, {"loss_sum": loss.detach().clone(), "sft_loss_sum": loss.detach().clone(),
                                   "tokens": num_tokens.detach().clone()}
+
+
+class SFT(Algorithm):
+    """Plain CE on the dataset's responses, no teacher."""
+
+    def __init__(self, vocab_size: int):
+        self.loss = SFTLoss(vocab_size=vocab_size)
+
+    def responses(self, context: StepContext, iteration: int) -> Responses:
+        return dataset_responses(context)
+
+    def teacher_signal(self, context: StepContext, responses: Responses) -> None:
+        return None
+
+    def microbatch_loss(self, responses: Responses) -> MicrobatchLoss:
+        return self.loss
+
+    @property
+    def eval_loss(self) -> MicrobatchLoss:
+        return self.loss

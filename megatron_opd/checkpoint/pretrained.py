@@ -22,7 +22,7 @@ from megatron_opd.checkpoint.megatron_checkpoint import (
     load_model_checkpoint,
     read_checkpoint_info,
 )
-from megatron_opd.config.model import ModelConfig
+from megatron_opd.config.model import MAKE_VOCAB_SIZE_DIVISIBLE_BY, ModelConfig
 from megatron_opd.models.builder import Role, build_gpt_model
 from megatron_opd.models.hf_config import hf_family, model_config_from_hf, read_hf_config
 from megatron_opd.runtime.distributed import Runtime
@@ -45,7 +45,7 @@ class Pretrained:
         return self.path / HF_DIR if self.kind == "megatron" else self.path
 
 
-def inspect_pretrained(path: Path | str, make_vocab_size_divisible_by: int = 128) -> Pretrained:
+def inspect_pretrained(path: Path | str, make_vocab_size_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> Pretrained:
     """What is at `path`, checked without loading weights.
 
     Raises `FileNotFoundError` for a directory that is neither kind, and the config

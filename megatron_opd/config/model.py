@@ -10,6 +10,10 @@ from megatron_opd.config.parallel import ParallelConfig
 from megatron_opd.config.schema import check
 
 
+# Megatron-LM's default: the vocab is padded to a multiple of this times TP.
+MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
+
+
 @dataclass
 class ModelConfig:
     """A pre-norm RMSNorm decoder with RoPE, grouped-query attention and a (Swi)GLU MLP.
@@ -39,7 +43,7 @@ class ModelConfig:
     add_qkv_bias: bool = False
     qk_layernorm: bool = False
     tie_word_embeddings: bool = False
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY
     pad_vocab_size_to: Optional[int] = None
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0

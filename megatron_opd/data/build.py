@@ -200,4 +200,20 @@ def _concatenate(parts: list[datasets.Dataset], paths: list[str]) -> datasets.Da
     return datasets.concatenate_datasets(aligned)
 
 
-__all__ = ["DataStats", "OUTPUT_COLUMNS", "build_dataset", "check_tokenizer"]
+
+
+def tokenized_split(config: DataConfig, tokenizer, split: str, rank: int) -> datasets.Dataset:
+    """`build_dataset` on every rank: rank 0 tokenizes first (filling the datasets cache), the
+    others then read it, instead of all ranks tokenizing the same files at once."""
+    import torch.distributed as dist
+
+    if rank != 0:
+        dist.barrier()
+    dataset, stats = build_dataset(config, tokenizer, split)
+    if rank == 0:
+        print(f"data ({split}): {stats.summary()}", flush=True)
+        dist.barrier()
+    return dataset
+
+
+__all__ = ["DataStats", "OUTPUT_COLUMNS", "build_dataset", "check_tokenizer", "tokenized_split"]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
-from megatron_opd.config.model import ModelConfig
+from megatron_opd.config.model import MAKE_VOCAB_SIZE_DIVISIBLE_BY, ModelConfig
 from megatron_opd.config.schema import ConfigError
 
 
@@ -142,7 +142,7 @@ def _scan_unhandled(hf_config: Mapping[str, Any]) -> None:
 def model_config_from_hf(
     hf_config: Union[Mapping[str, Any], str, Path],
     *,
-    make_vocab_size_divisible_by: int = 128,
+    make_vocab_size_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY,
     pad_vocab_size_to: Optional[int] = None,
 ) -> ModelConfig:
     """The `ModelConfig` that computes exactly what the HF model computes.

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_opd.algorithms.gkd import GKDLoss
-from megatron_opd.config.train import TrainConfig, load_train_config
+from megatron_opd.config.job import JobConfig, load_job_config
 from megatron_opd.quickstart.task import AdditionTask, score, write_dataset, write_random_model, write_tokenizer
 from megatron_opd.rollout import MegatronSampler, SamplingParams
 
@@ -103,11 +103,11 @@ def shipped_teacher_matches(args: argparse.Namespace) -> bool:
     return task == {"max_digits": args.max_digits, "digit_order": args.digit_order, "seed": 0}
 
 
-def stage_config(args: argparse.Namespace, *fields: str) -> TrainConfig:
+def stage_config(args: argparse.Namespace, *fields: str) -> JobConfig:
     out = args.out.resolve()
     paths = [f"data.dataset=[{out / 'data' / 'train.jsonl'}]", f"data.val_dataset=[{out / 'data' / 'val.jsonl'}]",
              f"data.tokenizer={out / 'tokenizer'}", f"model={out / 'student_init'}"]
-    return load_train_config(args.config, [*paths, f"training.output_dir={out / 'gkd'}", *args.overrides, *fields])
+    return load_job_config(args.config, [*paths, f"training.output_dir={out / 'gkd'}", *args.overrides, *fields])
 
 
 def greedy_accuracy(model: torch.nn.Module, tokenizer, vocab_size: int, rows: list[dict],
@@ -134,7 +134,7 @@ class Stages:
     """The stages of one quickstart or demo run on this process group: each a `Trainer`
     at its own layout, timed, with progress lines from rank 0."""
 
-    def __init__(self, args: argparse.Namespace, config: TrainConfig):
+    def __init__(self, args: argparse.Namespace, config: JobConfig):
         from megatron_opd.runtime import initialize_runtime
 
         self.args = args
@@ -148,7 +148,7 @@ class Stages:
         if self.rank_zero:
             print(f"[quickstart {time.monotonic() - self.started:5.0f}s] {message}", flush=True)
 
-    def run(self, name: str, config: TrainConfig, before=None, after=None) -> None:
+    def run(self, name: str, config: JobConfig, before=None, after=None) -> None:
         from megatron.core import parallel_state
 
         from megatron_opd.runtime import initialize_runtime

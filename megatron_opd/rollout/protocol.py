@@ -11,8 +11,12 @@ which other prompts share its batch, the data-parallel split or the TP size.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Protocol, Sequence
+
+from megatron_opd.config.schema import ConfigError
 
 
 @dataclass(frozen=True)
@@ -56,3 +60,17 @@ class RolloutEngine(Protocol):
         `params.temperature == 0`. Collective over the model's TP and PP groups: every rank
         of them calls it with the same prompts and gets the same result."""
         ...
+
+
+def eos_token_ids(tokenizer, model_dir: Path) -> tuple[int, ...]:
+    """Ids that end a sampled response: the tokenizer's EOS and the model's
+    `generation_config.json` ones (instruct models stop on e.g. Qwen's <|im_end|>)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    generation_config = Path(model_dir) / "generation_config.json"
+    if generation_config.is_file():
+        value = json.loads(generation_config.read_text()).get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    if not ids:
+        raise ConfigError(f"the tokenizer of {model_dir} has no EOS token and no generation_config.json "
+                          "eos_token_id: sampled responses (lmbda > 0 or seq_kd) could not end")
+    return tuple(sorted(int(i) for i in ids))

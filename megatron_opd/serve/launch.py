@@ -35,7 +35,7 @@ _READY = re.compile(r"^serving (?P<name>.+) on (?P<url>http://\S+)$")
 def server_command(model: Path | str, *, tp: int = 1, port: int = 0, max_logprobs: int = 20,
                    args: Sequence[str] = (), python: str = sys.executable) -> list[str]:
     """The command line of a server for `model`: plain Python at TP=1, torchrun at TP > 1."""
-    serve = ["-m", "megatron_opd.serve.server", "--model", str(model), "--port", str(port),
+    serve = ["-m", "megatron_opd.commands.serve_teacher", "--model", str(model), "--port", str(port),
              "--max-logprobs", str(max_logprobs), "--tp", str(tp), *args]
     if tp == 1:
         return [python, *serve]

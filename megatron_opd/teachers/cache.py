@@ -31,7 +31,7 @@ from megatron.core import parallel_state
 
 from megatron_opd.config.schema import ConfigError
 from megatron_opd.teachers.outputs import TeacherTopK
-from megatron_opd.trainer.schedule import Microbatch
+from megatron_opd.pipeline import Microbatch
 
 CACHE_FORMAT = 1
 METADATA = "teacher_cache.json"

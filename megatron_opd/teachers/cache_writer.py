@@ -1,56 +1,30 @@
-"""`megatron-opd cache-teacher --config X.yaml --out DIR [key=value ...]`: the teacher cache, written once.
+"""Writing the teacher cache: a teacher run over a dataset in order, its top-K kept per response token.
 
-Runs the config's teacher (`teacher_model` in process at the config's TP/PP, or
-`teacher_model_server`) over every row of the training data (and the val data) in
-order, keeps its top `gkd_logits_topk` ids and full-vocab log-probs at each response
-token (temperature 1, as a server returns them), and stores them with `datasets`
-(`teachers.cache` has the layout). Off-policy GKD then trains from DIR with
-`teacher_cache: DIR` and no teacher loaded, with the loss the live teacher gives.
+`cache_split` runs a teacher source (in process or a server) over every row of one
+split, global batch by global batch, and keeps its top `gkd_logits_topk` ids and
+full-vocab log-probs at each response token (temperature 1, as a server returns them);
+`teachers.cache` has the layout and reads it back. The command is
+`megatron-opd cache-teacher` (`commands.cache_teacher`).
 
 Rows are written as Parquet shards while the teacher runs (memory stays bounded), then
-turned into one memory-mapped Arrow dataset per split; DIR appears only when complete.
-Data parallelism is not used: the world is the teacher's TP x PP.
+turned into one memory-mapped Arrow dataset per split.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
-import torch
-from megatron.core import parallel_state
 
-from megatron_opd.checkpoint.megatron_checkpoint import atomic_output_dir
-from megatron_opd.checkpoint.pretrained import load_pretrained
-from megatron_opd.config.schema import ConfigError
-from megatron_opd.config.train import TrainConfig, load_train_config
-from megatron_opd.data import OUTPUT_COLUMNS, pad_token_id
-from megatron_opd.teachers.cache import CACHE_FORMAT, METADATA, cache_features
-from megatron_opd.teachers.local import LocalTeacher
+from megatron_opd.config.job import JobConfig
+from megatron_opd.pipeline import make_microbatches
+from megatron_opd.teachers.cache import cache_features
 from megatron_opd.teachers.outputs import TeacherHidden, TeacherTopK
-from megatron_opd.teachers.server_client import TeacherServerError
 
 SHARD_ROWS = 4096  # rows per Parquet shard written while the teacher runs
-
-
-def check_cache_config(config: TrainConfig) -> int:
-    """The K to cache; ConfigError naming the field when the config cannot be cached."""
-    if config.teacher_cache is not None:
-        raise ConfigError(f"teacher_cache={config.teacher_cache!r} is invalid for cache-teacher: set the teacher "
-                          "to cache (teacher_model or teacher_model_server) instead")
-    if config.teacher == "self" or (config.teacher_model is None and config.teacher_model_server is None):
-        raise ConfigError("teacher_model=None is invalid for cache-teacher: it caches a teacher_model or a "
-                          "teacher_model_server (not teacher: self)")
-    if config.gkd_logits_topk is None:
-        raise ConfigError("gkd_logits_topk=None is invalid for cache-teacher: the cache holds the teacher's top-K "
-                          "per token; set K")
-    return config.gkd_logits_topk
 
 
 def _topk(output, batch, k: int, vocab_size: int) -> TeacherTopK:
@@ -106,11 +80,9 @@ class _SplitWriter:
         return self.rows
 
 
-def cache_split(teacher, dataset, split: str, config: TrainConfig, vocab_size: int, pad_id: int,
+def cache_split(teacher, dataset, split: str, config: JobConfig, vocab_size: int, pad_id: int,
                 staging: Path, writes: bool) -> int:
     """Run the teacher over `dataset` in order, global batch by global batch; rows written."""
-    from megatron_opd.trainer.setup import make_microbatches
-
     k = config.gkd_logits_topk
     batch_size, micro = config.training.global_batch_size, config.training.micro_batch_size
     writer = _SplitWriter(staging, split) if writes else None
@@ -138,58 +110,3 @@ def cache_split(teacher, dataset, split: str, config: TrainConfig, vocab_size: i
             print(f"cache-teacher {split}: {done}/{total} rows, {done / max(time.monotonic() - started, 1e-9):.1f} "
                   "rows/s", file=sys.stderr, flush=True)
     return writer.finish() if writer is not None else 0
-
-
-def write_cache(config: TrainConfig, out: Path, force: bool) -> dict:
-    from megatron_opd.runtime import initialize_runtime
-    from megatron_opd.trainer.setup import remote_teacher, resolve_models, tokenized_split
-    from megatron_opd.trainer.trainer import resolve_dtype
-
-    k = check_cache_config(config)
-    models = resolve_models(config)
-    runtime = initialize_runtime(config.parallel)
-    model_parallel = config.parallel.tensor_model_parallel_size * config.parallel.pipeline_model_parallel_size
-    if runtime.world_size != model_parallel:
-        raise ConfigError(f"cache-teacher runs on TP x PP = {model_parallel} ranks, not {runtime.world_size}: "
-                          "launch it with that many processes (no data parallelism)")
-    teacher = remote_teacher(config, models, runtime)
-    if teacher is None:
-        model = load_pretrained(models.teacher, runtime, "teacher", resolve_dtype(config.training.precision, runtime))
-        teacher = LocalTeacher(model)
-    writes = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-    splits = ["train"] + (["val"] if config.data.val_dataset else [])
-    pad_id = pad_token_id(models.tokenizer)
-    metadata = {"format": CACHE_FORMAT, "k": k, "vocab_size": models.vocab_size, "temperature": 1.0,
-                "teacher": config.teacher_model or config.teacher_model_server,
-                "data": {"dataset": list(config.data.dataset), "val_dataset": list(config.data.val_dataset)},
-                "splits": {}}
-    with atomic_output_dir(out, force) as staging:
-        for split in splits:
-            dataset = tokenized_split(config, models.tokenizer, split, runtime.rank)
-            dataset = dataset.select_columns(list(OUTPUT_COLUMNS))
-            metadata["splits"][split] = cache_split(teacher, dataset, split, config, models.vocab_size, pad_id,
-                                                    staging, writes)
-        if writes:
-            (staging / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
-    return metadata
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="megatron-opd cache-teacher", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="the training YAML (its teacher, data and gkd_logits_topk)")
-    parser.add_argument("--out", required=True, type=Path, help="the cache directory to write")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
-    args = parser.parse_args(argv)
-    try:
-        metadata = write_cache(load_train_config(args.config, args.overrides), args.out, args.force)
-    except (ConfigError, FileNotFoundError, FileExistsError, TeacherServerError) as error:
-        print(f"megatron-opd cache-teacher: error: {error}", file=sys.stderr)
-        return 1
-    if torch.distributed.get_rank() == 0:
-        print(f"wrote {args.out}: top-{metadata['k']} of {metadata['teacher']}, rows {metadata['splits']}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

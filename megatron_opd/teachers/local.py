@@ -23,10 +23,11 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_opd.models.outputs import head_input, lm_head_weight
+from megatron_opd.pipeline import Microbatch, collect_forward_only, eval_mode
 from megatron_opd.teachers.outputs import TeacherHidden
-from megatron_opd.trainer.schedule import Microbatch, run_microbatches
 
 
 class LocalTeacher:
@@ -48,7 +49,7 @@ class LocalTeacher:
         self.offload = offload and self.device.type == "cuda"
         self._head: Optional[torch.Tensor] = None
         if self.offload:
-            self._head = lm_head_weight(model).detach().clone() if _is_last_stage() else None
+            self._head = lm_head_weight(model).detach().clone() if parallel_state.is_pipeline_last_stage() else None
             self.model.to("cpu")
 
     @contextmanager
@@ -56,12 +57,10 @@ class LocalTeacher:
         """The model on its device for the duration (a no-op unless offloaded), in eval mode."""
         if self.offload:
             self.model.to(self.device)
-        was_training = self.model.training
-        self.model.eval()
         try:
-            yield self.model
+            with eval_mode(self.model):
+                yield self.model
         finally:
-            self.model.train(was_training)
             if self.offload:
                 self.model.to("cpu")
 
@@ -73,19 +72,9 @@ class LocalTeacher:
         `microbatches`: the teacher's own inputs (e.g. teacher_prompt + response), whose
         loss masks count the same response tokens, row by row, as the student's.
         """
-        outputs: list[Optional[TeacherHidden]] = [None] * len(microbatches)
-
-        def keep(index: int, batch: Microbatch, hidden: torch.Tensor):
+        def keep(index: int, batch: Microbatch, hidden: torch.Tensor) -> TeacherHidden:
             head = self._head if self._head is not None else lm_head_weight(self.model).detach()
-            outputs[index] = TeacherHidden(head_input(self.model, hidden).detach()[batch.loss_mask], head)
-            return hidden.new_zeros(()), {}
+            return TeacherHidden(head_input(self.model, hidden).detach()[batch.loss_mask], head)
 
         with self.on_device():
-            result = run_microbatches(self.model, microbatches, keep, forward_only=True)
-        return outputs if result is not None else None
-
-
-def _is_last_stage() -> bool:
-    from megatron.core import parallel_state
-
-    return parallel_state.is_pipeline_last_stage()
+            return collect_forward_only(self.model, microbatches, keep)

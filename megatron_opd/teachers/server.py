@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from megatron.core import parallel_state
 
-from megatron_opd.config.train import TeacherServerConfig
+from megatron_opd.config.job import TeacherServerConfig
+from megatron_opd.runtime.agreement import run_agreed
 from megatron_opd.teachers.outputs import TeacherTopK
 from megatron_opd.teachers.server_client import (
     PromptLogprobs,
@@ -34,7 +35,7 @@ from megatron_opd.teachers.server_client import (
     parse_prompt_logprobs,
     served_tokens,
 )
-from megatron_opd.trainer.schedule import Microbatch
+from megatron_opd.pipeline import Microbatch
 
 PROBE_TEXT = "Distillation probe: The quick brown fox jumps over 13 lazy dogs; 7 * 6 = 42."
 PROBE_TOKENS = 48
@@ -155,21 +156,9 @@ class ServerTeacher:
 
     def _agree(self, work):
         """Run `work` on the asking ranks; every rank raises if any of them failed."""
-        error: Optional[TeacherServerError] = None
-        result = None
-        if self.client is not None:
-            try:
-                result = work()
-            except TeacherServerError as caught:
-                error = caught
-        failed = torch.tensor([float(error is not None)], device=self.device)
-        torch.distributed.all_reduce(failed)
-        if error is not None:
-            raise error
-        if failed.item() > 0:
-            raise TeacherServerError(f"a request to the teacher server {self.url} failed on another rank "
-                                     "(see the first error in the log)")
-        return result
+        return run_agreed(work, runs_here=self.client is not None, catch=(TeacherServerError,), device=self.device,
+                          elsewhere=lambda: TeacherServerError(f"a request to the teacher server {self.url} failed "
+                                                               "on another rank (see the first error in the log)"))
 
     def forward(self, microbatches: list[Microbatch], examples: Optional[list] = None
                 ) -> Optional[list[TeacherTopK]]:

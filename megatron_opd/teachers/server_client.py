@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from megatron_opd.config.train import TeacherServerConfig
+from megatron_opd.config.job import TeacherServerConfig
 
 MAX_BACKOFF_S = 30.0
 RETRY_STATUSES = {429, 500, 502, 503, 504}

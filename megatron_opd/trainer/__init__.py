@@ -1,5 +1,1 @@
-"""The training step loop shared by every algorithm."""
-
-from megatron_opd.trainer.lm_step import lm_forward_backward
-
-__all__ = ["lm_forward_backward"]
+"""The training loop shared by every algorithm (`trainer.Trainer`), its optimizer, checkpoints and metrics."""

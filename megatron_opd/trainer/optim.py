@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -9,7 +11,8 @@ from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_opd.config.train import OptimizerConfig
+from megatron_opd.config.job import OptimizerConfig
+from megatron_opd.config.schema import ConfigError
 
 
 def wrap_student(model: torch.nn.Module, use_distributed_optimizer: bool) -> DistributedDataParallel:
@@ -63,3 +66,17 @@ def build_optimizer(ddp_model: DistributedDataParallel, optimizer: OptimizerConf
         wd_incr_style="constant",
     )
     return megatron_optimizer, scheduler
+
+
+def resolve_distributed_optimizer(requested: Optional[bool], optimizer: str) -> bool:
+    """Megatron's DistributedOptimizer needs Transformer Engine's or Apex's Adam to checkpoint
+    exactly (with torch's Adam, 0.16 loses state on resume): on by default where they exist."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+    if requested is None:
+        return HAVE_APEX_OR_TE and optimizer == "adam"
+    if requested and not HAVE_APEX_OR_TE:
+        raise ConfigError("optimizer.use_distributed_optimizer=True is invalid without Transformer Engine or "
+                          "Apex: Megatron-Core's DistributedOptimizer does not resume torch's Adam state "
+                          "exactly; set it to false or null")
+    return requested

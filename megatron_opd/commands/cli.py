@@ -11,8 +11,10 @@ from __future__ import annotations
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = {"convert": "megatron_opd.checkpoint.convert", "train": "megatron_opd.train",
-            "serve-teacher": "megatron_opd.serve.server", "cache-teacher": "megatron_opd.teachers.cache_writer"}
+# Imported only when chosen: `--help` of one command does not load every room.
+COMMANDS = {"convert": "megatron_opd.commands.convert", "train": "megatron_opd.commands.train",
+            "serve-teacher": "megatron_opd.commands.serve_teacher",
+            "cache-teacher": "megatron_opd.commands.cache_teacher"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

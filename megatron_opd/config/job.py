@@ -1,6 +1,6 @@
 """The training config: one schema for every algorithm, loaded from YAML with overrides.
 
-    config = load_train_config("configs/gkd.yaml", ["beta=0.0", "training.train_iters=10"])
+    config = load_job_config("configs/gkd.yaml", ["beta=0.0", "training.train_iters=10"])
 
 Algorithm parameters sit at the top level under ms-swift's names (`beta`, `lmbda`,
 `sft_alpha`, `temperature`, `max_completion_length`, `gkd_logits_topk`, `seq_kd`,
@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Sequence
 import yaml
 
 from megatron_opd.config.data import DataConfig
+from megatron_opd.config.model import MAKE_VOCAB_SIZE_DIVISIBLE_BY
 from megatron_opd.config.parallel import ParallelConfig
 from megatron_opd.config.schema import ConfigError, check, from_dict
 
@@ -129,7 +130,7 @@ ALGORITHMS = ("gkd", "opd_rl", "sft")
 
 
 @dataclass
-class TrainConfig:
+class JobConfig:
     model: str  # the student: an HF model directory or a megatron_opd checkpoint
     data: DataConfig
     # gkd: divergence to the teacher as the loss; opd_rl: GRPO with the teacher's log-ratio in the
@@ -161,7 +162,7 @@ class TrainConfig:
     epsilon_high: Optional[float] = None  # high bound 1 + epsilon_high (null: epsilon)
     teacher_kl_coef: float = 1.0  # weight of log p_T - log p_S in each token's advantage
     reward_funcs: list[str] = field(default_factory=list)  # module:function, summed; none: pure distillation
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY
     teacher_server: TeacherServerConfig = field(default_factory=TeacherServerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -200,6 +201,12 @@ class TrainConfig:
               "empty unless algorithm: opd_rl")
         if self.algorithm == "opd_rl":
             self._check_opd_rl()
+        has_teacher = any(value is not None for value in
+                          (self.teacher_model, self.teacher_model_server, self.teacher_cache))
+        if self.algorithm == "gkd" and not has_teacher and self.teacher != "self":
+            raise ConfigError("teacher_model=None is invalid: GKD needs a teacher (an HF dir or megatron_opd "
+                              "checkpoint, teacher_model_server or teacher_cache), or teacher: self with a "
+                              "teacher_prompt column (OPSD)")
 
     def _check_remote_teacher(self) -> None:
         """teacher_model_server and teacher_cache: one teacher source, and what each needs."""
@@ -251,10 +258,6 @@ class TrainConfig:
         check(training.eval_interval == 0, "training.eval_interval", training.eval_interval,
               "0 with algorithm: opd_rl (no held-out loss; measure generations instead, as the demo does)")
 
-    @property
-    def clip_high(self) -> float:
-        return self.epsilon if self.epsilon_high is None else self.epsilon_high
-
     def check_world(self, world_size: int) -> int:
         """The data-parallel size for `world_size` ranks; raises when the layout does not fit."""
         data_parallel = self.parallel.data_parallel_size(world_size)
@@ -289,8 +292,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
-def load_train_config(path: Optional[Path | str], overrides: Sequence[str] = (),
-                      world_size: Optional[int] = None) -> TrainConfig:
+def load_job_config(path: Optional[Path | str], overrides: Sequence[str] = (),
+                      world_size: Optional[int] = None) -> JobConfig:
     """Read YAML at `path` (or start empty), apply overrides, build and validate the config.
 
     With `world_size` (default: $WORLD_SIZE when set) the layout is checked against it too.
@@ -306,7 +309,7 @@ def load_train_config(path: Optional[Path | str], overrides: Sequence[str] = (),
             raise ConfigError(f"{path} is not valid YAML: {error}") from error
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(raw).__name__}")
-    config = from_dict(TrainConfig, apply_overrides(raw, overrides))
+    config = from_dict(JobConfig, apply_overrides(raw, overrides))
     if world_size is None and "WORLD_SIZE" in os.environ:
         world_size = int(os.environ["WORLD_SIZE"])
     if world_size is not None:

@@ -1,0 +1,117 @@
+"""The toolbox an algorithm's step uses: this DP rank's examples, sampled responses,
+microbatches, the teacher's forward, and student forward passes through Megatron's schedule.
+
+One object per run, built by the trainer; it holds no per-step state except the data
+iterator's position (saved in checkpoints by the trainer).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_opd.config.job import JobConfig
+from megatron_opd.data import DataIterator, local_batch, pad_token_id, teacher_example
+from megatron_opd.models.outputs import head_input, lm_head_weight
+from megatron_opd.ops import fused_linear_token_logprobs
+from megatron_opd.pipeline import Microbatch, collect_forward_only, make_microbatches, run_microbatches
+from megatron_opd.rollout import MegatronSampler, Rollout, SamplingParams, eos_token_ids
+from megatron_opd.runtime import Runtime
+from megatron_opd.runtime.seeds import sample_seed
+
+ResponseSource = Literal["student", "teacher", "dataset"]
+
+# (student_hidden [b, s, H], student_head [V/tp, H], labels [b, s], loss_mask [b, s], signal) ->
+# (summed loss, counted tokens, metric sums named `<metric>_sum`, plus `tokens`)
+MicrobatchLoss = Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
+
+class StepContext:
+    def __init__(self, config: JobConfig, runtime: Runtime, model: torch.nn.Module, teacher, tokenizer,
+                 vocab_size: int, tokenizer_dir: Path, train_data, data_iterator: DataIterator):
+        self.config, self.runtime, self.model, self.teacher = config, runtime, model, teacher
+        self.tokenizer, self.vocab_size, self.tokenizer_dir = tokenizer, vocab_size, tokenizer_dir
+        self.train_data, self.data_iterator = train_data, data_iterator
+        self.pad_id = pad_token_id(tokenizer)
+        self.data_parallel_size = config.check_world(runtime.world_size)
+
+    # ------------------------------------------------------------------ examples
+
+    def local_examples(self, indices: list[int], dataset, split: str, repeat: int = 1) -> list[dict]:
+        """This DP rank's contiguous share of a global batch's rows, each row `repeat` times in
+        a row (OPD-RL's groups), with its position in the global batch (`_position`, what its
+        sampling seed derives from), its dataset row (`_row`) and split (`_split`)."""
+        positions = local_batch(list(range(len(indices) * repeat)), parallel_state.get_data_parallel_rank(),
+                                self.data_parallel_size)
+        return [{**dataset[indices[position // repeat]], "_position": position,
+                 "_row": indices[position // repeat], "_split": split} for position in positions]
+
+    def next_examples(self, repeat: int = 1) -> list[dict]:
+        """The next training batch's rows on this DP rank (advances the data iterator)."""
+        return self.local_examples(next(self.data_iterator), self.train_data, "train", repeat)
+
+    def microbatches(self, examples: list[dict]) -> list[Microbatch]:
+        return make_microbatches(examples, self.pad_id, self.config)
+
+    # ------------------------------------------------------------------ responses
+
+    @functools.cached_property
+    def sampling(self) -> SamplingParams:
+        """How responses are sampled (on-policy steps, seq_kd, evaluations on samples)."""
+        config = self.config
+        return SamplingParams(max_new_tokens=config.max_completion_length, temperature=config.temperature,
+                              top_k=config.top_k, eos_token_ids=eos_token_ids(self.tokenizer, self.tokenizer_dir))
+
+    def sample_responses(self, examples: list[dict], source: ResponseSource, iteration: int
+                         ) -> tuple[list[dict], Rollout]:
+        """`examples` with their responses replaced by samples of the student or the teacher
+        for the same prompts (loss on every sampled token, EOS included), seeded by
+        (seed, `iteration`, position in the global batch)."""
+        prompts = [example["input_ids"][:example["prompt_length"]] for example in examples]
+        seeds = [sample_seed(self.config.parallel.seed, iteration, example["_position"]) for example in examples]
+        if source == "student":
+            rollout = MegatronSampler(self.model, self.vocab_size).generate(prompts, self.sampling, seeds)
+        else:
+            with self.teacher.on_device() as teacher:
+                rollout = MegatronSampler(teacher, self.vocab_size).generate(prompts, self.sampling, seeds)
+        sampled = [{**example, "input_ids": list(prompt) + completion,
+                    "loss_mask": [0] * len(prompt) + [1] * len(completion)}
+                   for example, prompt, completion in zip(examples, prompts, rollout.completions)]
+        return sampled, rollout
+
+    # ------------------------------------------------------------------ forward passes
+
+    def teacher_forward(self, examples: list[dict], microbatches: list[Microbatch]) -> Optional[list]:
+        """The teacher's output for the step's microbatches (None without a teacher); rows
+        with a teacher_prompt are fed to it as teacher_prompt + response (OPSD)."""
+        if self.teacher is None:
+            return None
+        if any(example.get("teacher_prompt_ids") is not None for example in examples):
+            microbatches = self.microbatches([teacher_example(example) for example in examples])
+        return self.teacher.forward(microbatches, examples)
+
+    def student_token_logprobs(self, microbatches: list[Microbatch]) -> Optional[list[torch.Tensor]]:
+        """log p of each microbatch's response tokens `[N]` under the student's current weights
+        (tempered, in eval mode, no gradient), on the last stage; None elsewhere."""
+        def keep(index: int, batch: Microbatch, hidden: torch.Tensor) -> torch.Tensor:
+            mask = batch.loss_mask
+            return fused_linear_token_logprobs(head_input(self.model, hidden)[mask], lm_head_weight(self.model),
+                                               batch.labels[mask], temperature=self.config.temperature,
+                                               vocab_size=self.vocab_size)
+
+        return collect_forward_only(self.model, microbatches, keep)
+
+    def student_pass(self, microbatches: list[Microbatch], signals: Optional[list], loss: MicrobatchLoss,
+                     forward_only: bool) -> Optional[list[dict]]:
+        """The student's forward (and backward) of every microbatch with `loss` on its final
+        hidden states and `signals[index]`; the loss metrics per microbatch on the last stage."""
+        def microbatch_loss(index: int, batch: Microbatch, hidden: torch.Tensor):
+            signal = signals[index] if signals is not None else None
+            return loss(head_input(self.model, hidden), lm_head_weight(self.model), batch.labels, batch.loss_mask,
+                        signal)
+
+        return run_microbatches(self.model, microbatches, microbatch_loss, forward_only=forward_only)
