@@ -1,4 +1,7 @@
-"""fused_linear_divergence equals the unfused kernel on h @ W.T, and never holds [N, V/tp].
+"""fused_linear_divergence / fused_linear_sparse_divergence equal the unfused divergences on
+h @ W.T, and never hold [N, V/tp].
+
+(The fused token log-probs and top-k are tested in test_ops_token_logprobs.py and test_ops_topk.py.)
 
 Reference: `vocab_parallel_divergence` on logits materialized by an ordinary matmul,
 with autograd carrying its gradient back to the hidden states and the LM head.
@@ -16,6 +19,7 @@ from megatron_opd.ops import (
     vocab_parallel_divergence,
 )
 from megatron_opd.testing import run_distributed
+from tests.ops_helpers import tp_rank
 
 N, H_STUDENT, H_TEACHER, VOCAB = 64, 8, 12, 40
 CASES = [(beta, topk, norm) for beta in (0.0, 0.5, 1.0)
@@ -28,19 +32,6 @@ def tensors(dtype=torch.float64):
     mask = torch.rand(N, generator=generator) > 0.25
     return (draw(N, H_STUDENT), draw(VOCAB, H_STUDENT, std=0.8),
             draw(N, H_TEACHER), draw(VOCAB, H_TEACHER, std=0.8), mask)
-
-
-def tp_rank(tp: int) -> int:
-    """This process's TP rank: Megatron initialized at TP=`tp` on gloo ranks, or 0 in-process."""
-    if tp == 1:
-        return 0
-    from megatron.core import parallel_state
-
-    from megatron_opd.config import ParallelConfig
-    from megatron_opd.runtime import initialize_runtime
-
-    initialize_runtime(ParallelConfig(tensor_model_parallel_size=tp))
-    return parallel_state.get_tensor_model_parallel_rank()
 
 
 def both_paths(tp: int, dtype=torch.float64) -> list:
@@ -102,64 +93,6 @@ def test_fused_never_materializes_all_logits(topk):
     # [N, H] hidden states and gradients, [V, H] heads and [4, V] logit chunks.
     assert tracker.largest <= max(N * H_TEACHER, VOCAB * H_TEACHER, 4 * VOCAB)
     assert tracker.largest < N * VOCAB / 2
-
-
-def token_logprobs_on_rank(tp: int) -> tuple:
-    """fused_linear_token_logprobs on this rank's head shard: value and grads (float64)."""
-    from megatron_opd.ops import fused_linear_token_logprobs
-
-    rank = tp_rank(tp)
-    hidden, weight, _, _, _ = tensors()
-    ids = torch.randint(0, VOCAB - 3, (N,), generator=torch.Generator().manual_seed(4))
-    hidden = hidden.clone().requires_grad_()
-    shard = weight.chunk(tp)[rank].clone().requires_grad_()
-    logp = fused_linear_token_logprobs(hidden, shard, ids, temperature=0.8, vocab_size=VOCAB - 3, chunk_size=5)
-    (logp * torch.linspace(-1, 1, N, dtype=logp.dtype)).sum().backward()
-    return logp.detach(), hidden.grad, shard.grad, ids
-
-
-@pytest.mark.parametrize("tp", [1, 2])
-def test_fused_token_logprobs_match_log_softmax(tp):
-    results = run_distributed(token_logprobs_on_rank, tp, tp) if tp > 1 else [token_logprobs_on_rank(1)]
-    hidden, weight, _, _, _ = tensors()
-    hidden.requires_grad_(), weight.requires_grad_()
-    logits = (hidden @ weight.T)[:, : VOCAB - 3] / 0.8
-    ids = results[0][3]
-    expected = torch.log_softmax(logits, -1).gather(-1, ids[:, None]).squeeze(-1)
-    (expected * torch.linspace(-1, 1, N, dtype=expected.dtype)).sum().backward()
-    for logp, _, _, _ in results:
-        torch.testing.assert_close(logp.double(), expected.detach(), rtol=1e-6, atol=1e-6)
-    # Each rank's hidden grad comes from its vocab shard; the caller all-reduces them, as
-    # Megatron's column-parallel output layer does.
-    torch.testing.assert_close(sum(result[1] for result in results), hidden.grad, rtol=1e-6, atol=1e-6)
-    weight_grad = torch.cat([result[2] for result in results])
-    torch.testing.assert_close(weight_grad, weight.grad, rtol=1e-6, atol=1e-6)
-
-
-def topk_logprobs_on_rank(tp: int, k: int, chunk_size) -> tuple:
-    rank = tp_rank(tp)
-    hidden, weight, _, _, _ = tensors()
-    ids = torch.randint(0, VOCAB - 3, (N,), generator=torch.Generator().manual_seed(5))
-    return fused_linear_topk_logprobs(hidden, weight.chunk(tp)[rank], k, token_ids=ids, temperature=0.7,
-                                      vocab_size=VOCAB - 3, chunk_size=chunk_size) + (ids,)
-
-
-@pytest.mark.parametrize("tp,k,chunk_size", [(1, 5, 7), (1, VOCAB - 3, None), (2, 5, 7), (2, 30, None)])
-def test_fused_topk_logprobs_match_log_softmax(tp, k, chunk_size):
-    """Top-k ids and full-vocab log-probs (padding ids excluded) equal float64 log_softmax + topk."""
-    results = (run_distributed(topk_logprobs_on_rank, tp, tp, k, chunk_size) if tp > 1
-               else [topk_logprobs_on_rank(1, k, chunk_size)])
-    hidden, weight, _, _, _ = tensors()
-    reference = torch.log_softmax((hidden @ weight.T)[:, : VOCAB - 3] / 0.7, -1)
-    expected_values, expected_ids = reference.topk(k, dim=-1)
-    for logprobs, ids, token_logprobs, tokens in results:
-        assert ids.dtype == torch.long and ids.max() < VOCAB - 3
-        assert torch.equal(ids, expected_ids)
-        torch.testing.assert_close(logprobs.double(), expected_values, rtol=1e-6, atol=1e-6)
-        expected_tokens = reference.gather(-1, tokens[:, None]).squeeze(-1)
-        torch.testing.assert_close(token_logprobs.double(), expected_tokens, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="k=38 is invalid"):
-        fused_linear_topk_logprobs(hidden, weight, VOCAB - 2, vocab_size=VOCAB - 3)
 
 
 def sparse_paths_on_rank(tp: int) -> list:

@@ -228,11 +228,12 @@ def run_case(case: dict) -> dict:
     }
 
 
-def measure(case: dict, timeout: float) -> dict:
+def measure(case: dict, timeout: float, run=run_case) -> dict:
+    """`run(case)` on case["tp"] fresh gloo ranks; the worst rank's result, or the failure as "status"."""
     from megatron_opd.testing import DistributedTestError, run_distributed
 
     try:
-        results = run_distributed(run_case, case["tp"], case, timeout=timeout)
+        results = run_distributed(run, case["tp"], case, timeout=timeout)
     except DistributedTestError as error:
         text = str(error)
         status = "OOM" if ("exit code -9" in text or "out of memory" in text.lower()

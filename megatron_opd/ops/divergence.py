@@ -1,5 +1,8 @@
 """Teacher-student divergences on vocab-sharded logits: forward KL, reverse KL, JSD(beta), top-K.
 
+Hand-written because no library computes them on vocab-sharded logits: TRL's, ms-swift's
+and Liger's losses take full-vocab `[N, V]` logits, which under TP means gathering them.
+
 With P_T = softmax(teacher / tau), P_S = softmax(student / tau) over the true vocab:
 
     beta = 0      forward KL(P_T || P_S)
@@ -34,28 +37,26 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal, Optional, Sequence
+from typing import Literal, Optional
 
 import torch
 
 from megatron_opd.ops.logits_source import DenseLogits, LinearLogits
+from megatron_opd.ops.token_logprobs import ShardedLogProbsAt
+from megatron_opd.ops.topk import sharded_topk
 from megatron_opd.ops.vocab_parallel import (
     NEG_INF,
-    ShardedLogProbsAt,
     VocabShard,
     check_ids,
     check_temperature,
     combine_logsumexp,
-    log_softmax_with,
     compute_dtype,
     flatten_tokens,
     local_max_and_sumexp,
+    log_softmax_with,
     row_chunks,
-    sharded_topk,
     tempered,
     vocab_shard,
-    fused_linear_token_logprobs,
-    vocab_parallel_token_logprobs,
 )
 
 TopKNormalize = Literal["renorm", "full", "tail"]
@@ -66,11 +67,8 @@ _REDUCTIONS = ("mean", "sum", "none")
 __all__ = [
     "fused_linear_divergence",
     "fused_linear_sparse_divergence",
-    "fused_linear_token_logprobs",
     "sparse_teacher_divergence",
     "vocab_parallel_divergence",
-    "vocab_parallel_sample",
-    "vocab_parallel_token_logprobs",
 ]
 
 
@@ -78,13 +76,13 @@ __all__ = [
 
 
 def _weighted_log_ratio(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """sum_v p_v (log p_v - log q_v) over the last dim. Inputs are finite (-inf is
+    """sum_v p_v (log p_v - log q_v) over the last dim, `[..., v]` -> `[...]`. Inputs are finite (-inf is
     NEG_INF, see `vocab_parallel.tempered`), so p = 0 contributes exactly 0."""
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
 def _log_mixture(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float) -> torch.Tensor:
-    """log M, M = beta P_T + (1 - beta) P_S (for beta 0 and 1, P_S and P_T themselves)."""
+    """log M `[..., v]`, M = beta P_T + (1 - beta) P_S (for beta 0 and 1, P_S and P_T themselves)."""
     if beta == 0.0:
         return student_logp
     if beta == 1.0:
@@ -94,7 +92,7 @@ def _log_mixture(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: f
 
 def mixture_log_ratios(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float
                        ) -> torch.Tensor:
-    """`[..., 2]`: KL(P_T || M) and KL(P_S || M) summed over the last dim of the inputs.
+    """Log-probs `[..., v]` -> `[..., 2]`: KL(P_T || M) and KL(P_S || M) summed over the last dim.
 
     On a vocab shard these are partial sums; summed across shards they are exact.
     """
@@ -115,7 +113,7 @@ def combine_divergence(kl_terms: torch.Tensor, beta: float) -> torch.Tensor:
 
 def _student_logp_grad(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float
                        ) -> torch.Tensor:
-    """a = dD / dlog p_S, entrywise (p_S, p_T as functions of their log-probs)."""
+    """a = dD / dlog p_S `[..., v]`, entrywise (p_S, p_T as functions of their log-probs)."""
     if beta == 0.0:
         return -teacher_logp.exp()
     log_ratio = student_logp - _log_mixture(student_logp, teacher_logp, beta)
@@ -126,7 +124,7 @@ def _student_logp_grad(student_logp: torch.Tensor, teacher_logp: torch.Tensor, b
 
 def _sum_of_student_logp_grad(divergence: torch.Tensor, kl_terms: torch.Tensor, beta: float
                               ) -> torch.Tensor:
-    """sum_v a_v over the full vocab, from forward results (sum p = 1)."""
+    """sum_v a_v over the full vocab `[n]`, from forward results (sum p = 1)."""
     if beta == 0.0:
         return torch.full_like(divergence, -1.0)
     if beta == 1.0:
@@ -189,7 +187,7 @@ class _FullVocabDivergence(torch.autograd.Function):
 
 
 def _with_tail(logp: torch.Tensor) -> torch.Tensor:
-    """Append log(1 - sum exp(logp)) as outcome K + 1, for a teacher known only at K ids
+    """`[n, K]` -> `[n, K + 1]`: log(1 - sum exp(logp)) appended as outcome K + 1, for a teacher known only at K ids
     (float64, clamped away from log 0)."""
     mass = torch.logsumexp(logp, dim=-1, keepdim=True).clamp(max=-1e-12)
     return torch.cat([logp, torch.log(-torch.expm1(mass)).clamp(min=NEG_INF)], dim=-1)
@@ -417,65 +415,3 @@ def fused_linear_sparse_divergence(
         student_weight.shape[0], student_hidden.shape[:-1], teacher_topk_logprobs, teacher_topk_ids, beta=beta,
         temperature=temperature, normalize=normalize, vocab_size=vocab_size, mask=mask, reduction=reduction,
         tp_group=tp_group, chunk_size=chunk_size)
-
-
-# -------------------------------------------------------------------------- sampling
-
-
-@torch.no_grad()
-def vocab_parallel_sample(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 1.0,
-    top_k: Optional[int] = None,
-    vocab_size: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    row_generators: Optional[Sequence[torch.Generator]] = None,
-    tp_group=None,
-) -> torch.Tensor:
-    """Sample global ids from softmax(logits / temperature) over the sharded vocab: `[..., V/tp]` -> `[...]`.
-
-    Gumbel-max: argmax over the vocab of `logits / tau + G`, G ~ Gumbel(0, 1), is an
-    exact sample. The noise of a row is drawn for the whole true vocabulary (ids below
-    `vocab_size`, never the TP-dependent padding) on every rank and sliced, so with the
-    same generator state every TP rank, and every TP size, picks the same ids. The
-    noise comes from `generator` (all rows from one stream), or from `row_generators`
-    (one stream per row, so that a row's sample does not depend on which other rows
-    share its batch). `temperature=0` is greedy. `top_k` keeps the k largest logits
-    (ties at the k-th value are all kept). Two all-reduces of `[N]` values per call.
-    """
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature!r} is invalid: must be >= 0 (0 is greedy)")
-    if generator is not None and row_generators is not None:
-        raise ValueError("give generator or row_generators, not both")
-    shard = vocab_shard(logits.shape[-1], vocab_size, tp_group)
-    token_shape = logits.shape[:-1]
-    scores = tempered(flatten_tokens(logits), shard, temperature or 1.0)
-    if top_k is not None:
-        if not 1 <= top_k <= shard.vocab_size:
-            raise ValueError(f"top_k={top_k!r} is invalid: must be in [1, vocab_size={shard.vocab_size}]")
-        kth_value = sharded_topk(DenseLogits(flatten_tokens(logits)), top_k, shard, temperature or 1.0)[0][:, -1:]
-        scores = scores.masked_fill(scores < kth_value, float("-inf"))
-    if temperature > 0:
-        scores = scores + _gumbel_noise(scores.shape[0], shard, generator, row_generators, scores.device)
-    local_best, local_index = scores.max(dim=-1)
-    best = shard.all_reduce(local_best.clone(), torch.distributed.ReduceOp.MAX)
-    candidate = torch.where(local_best == best, local_index + shard.start,
-                            torch.full_like(local_index, shard.padded_vocab))
-    return shard.all_reduce(candidate, torch.distributed.ReduceOp.MIN).view(token_shape)
-
-
-def _gumbel_noise(num_rows: int, shard: VocabShard, generator: Optional[torch.Generator],
-                  row_generators: Optional[Sequence[torch.Generator]], device: torch.device) -> torch.Tensor:
-    """Gumbel(0, 1) noise `[num_rows, V/tp]` for this shard's ids; 0 on padding ids (already -inf)."""
-    if row_generators is not None:
-        if len(row_generators) != num_rows:
-            raise ValueError(f"row_generators has {len(row_generators)} generators for {num_rows} rows")
-        uniform = torch.stack([torch.rand(shard.vocab_size, generator=row, device=row.device)
-                               for row in row_generators]) if num_rows else torch.empty(0, shard.vocab_size)
-    else:
-        uniform = torch.rand(num_rows, shard.vocab_size, generator=generator,
-                             device=generator.device if generator is not None else device)
-    uniform = uniform[:, shard.start:shard.start + shard.valid_local].to(device)
-    noise = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(uniform.dtype).tiny)))
-    return torch.nn.functional.pad(noise, (0, shard.local_vocab - shard.valid_local))

@@ -36,6 +36,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron_opd.models.outputs import forward_hidden_states, lm_head_weight
 from megatron_opd.models.tp_layout import unwrap
 from megatron_opd.ops import vocab_parallel_sample
+from megatron_opd.pipeline import eval_mode
 from megatron_opd.rollout.protocol import Rollout, SamplingParams
 
 
@@ -70,9 +71,7 @@ class MegatronSampler:
         generated = torch.zeros(batch, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         eos = torch.tensor(params.eos_token_ids or [-1], device=device)
-        generators = None
-        if params.temperature > 0:
-            generators = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+        row_seeds = list(seeds) if params.temperature > 0 else None
 
         context = StaticInferenceContext(batch, total) if self.use_kv_cache else None
         cached = 0  # positions already in the KV cache
@@ -87,7 +86,7 @@ class MegatronSampler:
                     context.enable_decode_mode()
                     cached = position
                 sampling = (prompt_lengths <= position) & ~finished
-                ids = self._sample(hidden, sampling, params, generators)
+                ids = self._sample(hidden, sampling, params, row_seeds, position)
                 tokens[:, position] = torch.where(sampling, ids, tokens[:, position])
                 generated += sampling.long()
                 finished |= sampling & (torch.isin(ids, eos) | (generated == params.max_new_tokens))
@@ -117,9 +116,9 @@ class MegatronSampler:
         return hidden[-1]
 
     def _sample(self, hidden: Optional[torch.Tensor], sampling: torch.Tensor, params: SamplingParams,
-                generators: Optional[list[torch.Generator]]) -> torch.Tensor:
+                seeds: Optional[list[int]], position: int) -> torch.Tensor:
         """Next ids `[B]` on every rank: drawn on the last stage for the `sampling` rows
-        (others get 0), broadcast over the pipeline."""
+        (others get 0; a row's noise is keyed by its seed and `position`), broadcast over the pipeline."""
         ids = torch.zeros(sampling.shape[0], dtype=torch.long, device=sampling.device)
         if parallel_state.is_pipeline_last_stage():
             rows = sampling.nonzero().squeeze(-1)
@@ -127,7 +126,7 @@ class MegatronSampler:
                 logits = hidden[rows] @ lm_head_weight(self.model).t()  # [rows, V/tp]
                 ids[rows] = vocab_parallel_sample(
                     logits, temperature=params.temperature, top_k=params.top_k, vocab_size=self.vocab_size,
-                    row_generators=[generators[row] for row in rows.tolist()] if generators else None,
+                    seeds=[seeds[row] for row in rows.tolist()] if seeds is not None else None, step=position,
                     tp_group=parallel_state.get_tensor_model_parallel_group())
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(ids, src=parallel_state.get_pipeline_model_parallel_last_rank(),
@@ -145,21 +144,19 @@ class MegatronSampler:
         `set_model_to_sequence_parallel`, without its module cache, which is global and
         keyed by `id(model)` (a later model at a reused address would get stale modules).
         """
-        was_training = self.model.training
         switched = []
         if self.gpt.config.sequence_parallel:
             switched = [(module, name, getattr(module, name)) for module in self.gpt.modules()
                         for name in _SEQUENCE_PARALLEL_ATTRIBUTES if hasattr(module, name)]
             switched.append((self.gpt.config, "sequence_parallel", True))
-        self.model.eval()
         for owner, name, _ in switched:
             setattr(owner, name, False)
         try:
-            yield
+            with eval_mode(self.model):
+                yield
         finally:
             for owner, name, value in switched:
                 setattr(owner, name, value)
-            self.model.train(was_training)
 
     def _check(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                seeds: Optional[Sequence[int]]) -> list[int]:

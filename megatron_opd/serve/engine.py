@@ -171,11 +171,10 @@ class TeacherEngine:
         seeds = batch.seeds[rows.cpu()].tolist()
         for temperature in sorted(set(temperatures)):
             members = [i for i, value in enumerate(temperatures) if value == temperature]
-            streams = None if temperature == 0 else [
-                torch.Generator(device=self.device).manual_seed(seeds[i]) for i in members]
             index = torch.tensor(members, device=self.device)
             generated[rows[index]] = vocab_parallel_sample(
-                logits[index], temperature=temperature, vocab_size=self.vocab_size, row_generators=streams)
+                logits[index], temperature=temperature, vocab_size=self.vocab_size,
+                seeds=[seeds[i] for i in members])
         return generated
 
     @staticmethod

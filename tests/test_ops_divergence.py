@@ -34,6 +34,7 @@ import torch
 
 from megatron_opd.testing import run_distributed
 from tests import divergence_reference as ref
+from tests.ops_helpers import assert_close, randn, shard, tp_rank
 
 # float32 inputs against the float64 reference on the same (float32) values.
 VALUE_RTOL = 1e-5
@@ -44,8 +45,6 @@ GRAD_RTOL = 1e-5
 BF16_RTOL = 1e-5
 VALUE_ATOL = 2e-6  # per token, ~16 float32 eps times |log p|
 GRAD_ATOL = 1e-6  # per unit token weight, times 1 / temperature
-# Exactly-zero references (masked tokens, K=1 renorm, padding gradients).
-ZERO_ATOL = 1e-9
 # TP=k against the implementation at TP=1: same float32 math, different reduction order.
 PARITY_RTOL = 1e-5
 
@@ -56,9 +55,6 @@ MODES = ((None, "renorm"), (1, "renorm"), (1, "full"), (1, "tail"),
          (8, "renorm"), (8, "full"), (8, "tail"))
 TRUE_DIVERGENCE_MODES = ((None, "renorm"), (8, "renorm"), (8, "tail"))
 
-# Chi-square critical values at p = 0.001 by degrees of freedom.
-CHI2_CRITICAL_P001 = {2: 13.816, 3: 16.266, 15: 37.697}
-
 
 def _api():
     from megatron_opd.ops import divergence
@@ -66,24 +62,6 @@ def _api():
 
 
 # ------------------------------------------------------------------------ helpers
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str, atol: float = ZERO_ATOL,
-                 scale: float | None = None) -> None:
-    got, want = got.detach().double(), want.detach().double()
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert torch.isfinite(got).all(), f"{what}: non-finite values {got[~torch.isfinite(got)][:5].tolist()}"
-    err = (got - want).abs().max().item() if got.numel() else 0.0
-    if scale is None:
-        scale = want.abs().max().item() if want.numel() else 0.0
-    bound = rtol * scale + max(atol, ZERO_ATOL)
-    assert err <= bound, (f"{what}: max |got - want| = {err:.3g} > {bound:.3g} (max |want| = {scale:.3g}); "
-                          f"got {got.flatten()[:4].tolist()}, want {want.flatten()[:4].tolist()}")
-
-
-def randn(shape, seed: int, scale: float = 2.0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(*shape, generator=generator, dtype=torch.float64) * scale).float()
 
 
 def random_mask(shape, seed: int) -> torch.Tensor:
@@ -173,17 +151,6 @@ def sparse_call(teacher_logp, ids, mask, **kwargs):
 def sparse_reference(student, teacher_logp, ids, mask, weights, **kwargs) -> dict:
     return reference_evaluate(lambda s: ref.sparse_divergence(s, teacher_logp, ids, **kwargs),
                               student, mask, weights)
-
-
-def chi_square(samples: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
-    """Pearson's statistic of the sample counts over the support of `probs`, and its dof."""
-    support = probs > 0
-    counts = torch.bincount(samples.flatten(), minlength=probs.numel()).double()
-    assert counts[~support].sum() == 0, f"samples outside the support: {counts[~support]}"
-    expected = probs[support].double() * samples.numel()
-    assert expected.min() >= 5, "chi-square needs >= 5 expected counts per cell"
-    statistic = ((counts[support] - expected) ** 2 / expected).sum().item()
-    return statistic, int(support.sum()) - 1
 
 
 # ------------------------------------------------------------------ the reference
@@ -540,70 +507,6 @@ def test_sparse_teacher_matches_reference(normalize):
                     assert_close(got["none"], dense, VALUE_RTOL, f"{what} vs dense top-K")
 
 
-# ------------------------------------------------------------- token logprobs, sampling
-
-
-def test_token_logprobs_tp1():
-    logits = randn((3, 5, 40), 111)
-    ids = torch.randint(0, 40, (3, 5), generator=torch.Generator().manual_seed(112))
-    for temperature in (1.0, 0.7, 2.0):
-        leaf = logits.clone().requires_grad_(True)
-        got = _api().vocab_parallel_token_logprobs(leaf, ids, temperature=temperature)
-        assert got.shape == (3, 5) and got.dtype == torch.float32
-        want = ref.token_logprobs(logits, ids, temperature)
-        assert_close(got, want, VALUE_RTOL, f"token logprobs T={temperature}")
-        if got.requires_grad:  # if it is differentiable, its gradient must be right
-            weights = randn((3, 5), 113, 1.0)
-            (got * weights).sum().backward()
-            l64 = logits.double().requires_grad_(True)
-            (ref.token_logprobs(l64, ids, temperature) * weights.double()).sum().backward()
-            assert_close(leaf.grad, l64.grad, GRAD_RTOL, f"token logprobs grad T={temperature}")
-
-
-SAMPLE_ROWS, SAMPLE_VOCAB, SAMPLE_TEMPERATURE = 20000, 16, 0.7
-TOP3_IDS = (2, 6, 13)
-
-
-def sample_logits() -> torch.Tensor:
-    row = randn((SAMPLE_VOCAB,), 121, 0.8)
-    row[list(TOP3_IDS)] = torch.tensor([2.5, 2.2, 2.0])
-    return row.expand(SAMPLE_ROWS, SAMPLE_VOCAB).contiguous()
-
-
-def check_samples(samples: torch.Tensor, logits_row: torch.Tensor, top_k) -> None:
-    assert samples.shape == (SAMPLE_ROWS,) and samples.dtype == torch.int64
-    assert samples.min() >= 0 and samples.max() < SAMPLE_VOCAB
-    probs = torch.softmax(logits_row.double() / SAMPLE_TEMPERATURE, -1)
-    if top_k is not None:
-        keep = torch.zeros_like(probs, dtype=torch.bool)
-        keep[list(TOP3_IDS)] = True
-        assert set(samples.unique().tolist()) <= set(TOP3_IDS), f"top_k=3 sampled {samples.unique().tolist()}"
-        probs = torch.where(keep, probs, 0.0)
-        probs = probs / probs.sum()
-    statistic, dof = chi_square(samples, probs)
-    assert statistic < CHI2_CRITICAL_P001[dof], f"chi-square {statistic:.2f} >= {CHI2_CRITICAL_P001[dof]} (dof {dof})"
-
-
-@pytest.mark.parametrize("top_k", [None, 3])
-def test_sample_distribution_tp1(top_k):
-    logits = sample_logits()
-    samples = _api().vocab_parallel_sample(logits, temperature=SAMPLE_TEMPERATURE, top_k=top_k,
-                                           generator=torch.Generator().manual_seed(5))
-    check_samples(samples, logits[0], top_k)
-    # The same generator state gives the same ids.
-    again = _api().vocab_parallel_sample(logits, temperature=SAMPLE_TEMPERATURE, top_k=top_k,
-                                         generator=torch.Generator().manual_seed(5))
-    assert torch.equal(samples, again)
-
-
-def test_sample_chi_square_detects_a_wrong_temperature():
-    """The chi-square check bites: samples at temperature 1 fail against softmax(logits / 0.7)."""
-    logits = sample_logits()
-    samples = _api().vocab_parallel_sample(logits, temperature=1.0, generator=torch.Generator().manual_seed(5))
-    with pytest.raises(AssertionError, match="chi-square"):
-        check_samples(samples, logits[0], None)
-
-
 # ------------------------------------------------------------------ TP = 2 and 4
 
 
@@ -659,29 +562,12 @@ def tp_cases() -> dict:
             cases[f"sparse {normalize} topk_ids={topk_ids}"] = dict(
                 kind="sparse", student=student, teacher_logp=teacher_logp, ids=ids, mask=mask, weights=weights,
                 kwargs=dict(beta=0.5, temperature=2.0, normalize=normalize))
-    cases["logprobs"] = dict(kind="logprobs", logits=randn((*shape, TP_VOCAB), 460),
-                             ids=torch.randint(0, TP_VOCAB, shape, generator=torch.Generator().manual_seed(461)),
-                             temperature=0.7, weights=weights)
-    for top_k in (None, 3):
-        cases[f"sample top_k={top_k}"] = dict(kind="sample", logits=sample_logits(), top_k=top_k, seed=7)
     return cases
-
-
-def shard(tensor: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    return tensor.chunk(tp, dim=-1)[rank].contiguous()
 
 
 def tp_rank_body(tp: int, cases: dict) -> dict:
     """Rank body: evaluates every case on this rank's vocab shard."""
-    from megatron_opd.config import ParallelConfig
-    from megatron_opd.runtime import initialize_runtime
-
-    initialize_runtime(ParallelConfig(tensor_model_parallel_size=tp))
-    from megatron.core import parallel_state
-
-    rank = parallel_state.get_tensor_model_parallel_rank()
-    assert parallel_state.get_tensor_model_parallel_world_size() == tp
-    api = _api()
+    rank = tp_rank(tp)
     results = {}
     for name, case in cases.items():
         kind = case["kind"]
@@ -691,19 +577,6 @@ def tp_rank_body(tp: int, cases: dict) -> dict:
         elif kind == "sparse":
             call = sparse_call(case["teacher_logp"], case["ids"], case["mask"], **case["kwargs"])
             results[name] = evaluate(call, shard(case["student"], tp, rank), case["weights"])
-        elif kind == "logprobs":
-            leaf = shard(case["logits"], tp, rank).requires_grad_(True)
-            value = api.vocab_parallel_token_logprobs(leaf, case["ids"], temperature=case["temperature"])
-            grad = None
-            if value.requires_grad:
-                (value * case["weights"]).sum().backward()
-                grad = leaf.grad
-            results[name] = {"value": value.detach(), "grad": grad}
-        elif kind == "sample":
-            generator = torch.Generator().manual_seed(case["seed"])
-            results[name] = {"samples": api.vocab_parallel_sample(
-                shard(case["logits"], tp, rank), temperature=SAMPLE_TEMPERATURE, top_k=case["top_k"],
-                generator=generator)}
     return results
 
 
@@ -783,30 +656,3 @@ def check_tp_cases(tp: int, names: list[str]) -> None:
         except AssertionError as error:
             failures.append(str(error).splitlines()[0])
     assert not failures, f"{len(failures)} of {len(names)} cases fail:\n" + "\n".join(failures)
-
-
-@pytest.mark.parametrize("tp", [2, 4])
-def test_token_logprobs_tp(tp):
-    per_rank = tp_results(tp)
-    case = tp_cases()["logprobs"]
-    want = ref.token_logprobs(case["logits"], case["ids"], case["temperature"])
-    for rank, result in enumerate(per_rank):
-        got = result["logprobs"]["value"]
-        assert got.dtype == torch.float32
-        assert_close(got, want, VALUE_RTOL, f"TP={tp} token logprobs rank {rank}")
-    if per_rank[0]["logprobs"]["grad"] is not None:
-        grad = torch.cat([result["logprobs"]["grad"] for result in per_rank], dim=-1)
-        l64 = case["logits"].double().requires_grad_(True)
-        (ref.token_logprobs(l64, case["ids"], case["temperature"]) * case["weights"].double()).sum().backward()
-        assert_close(grad, l64.grad, GRAD_RTOL, f"TP={tp} token logprobs grad")
-
-
-@pytest.mark.parametrize("top_k", [None, 3])
-@pytest.mark.parametrize("tp", [2, 4])
-def test_sample_tp(tp, top_k):
-    per_rank = tp_results(tp)
-    name = f"sample top_k={top_k}"
-    samples = per_rank[0][name]["samples"]
-    for rank, result in enumerate(per_rank):
-        assert torch.equal(result[name]["samples"], samples), f"TP={tp}: rank {rank} sampled other ids than rank 0"
-    check_samples(samples, tp_cases()[name]["logits"][0], top_k)
