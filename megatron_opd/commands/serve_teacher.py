@@ -93,7 +93,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--port {args.port} is invalid: 0 (any free port) to 65535")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world != args.tp:
-        hint = (f"launch with `torchrun --nproc-per-node {args.tp} -m megatron_opd.serve.server --tp {args.tp} ...`"
+        hint = (f"launch with `torchrun --nproc-per-node {args.tp} -m megatron_opd.commands.serve_teacher --tp {args.tp} ...`"
                 if world == 1 else f"pass --tp {world}: only tensor parallelism is supported (no PP or DP)")
         raise UsageError(f"--tp {args.tp} needs {args.tp} process(es), this run has WORLD_SIZE={world}: {hint}")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from megatron_opd.config.schema import check
+from megatron_opd.config.schema import check, is_int
 
 TRUNCATION_STRATEGIES = ("right", "left", "delete")
 PROMPT_FORMATS = ("chat", "raw")
@@ -66,7 +66,7 @@ class DataConfig:
         if self.tokenizer is not None:
             check(isinstance(self.tokenizer, str) and self.tokenizer != "", "data.tokenizer",
                   self.tokenizer, "a tokenizer directory, or null for the student model's")
-        check(_is_int(self.max_length) and self.max_length >= 2, "data.max_length", self.max_length,
+        check(is_int(self.max_length) and self.max_length >= 2, "data.max_length", self.max_length,
               "an integer >= 2 (at least one prompt and one response token)")
         check(self.truncation_strategy in TRUNCATION_STRATEGIES, "data.truncation_strategy",
               self.truncation_strategy, f"one of {list(TRUNCATION_STRATEGIES)}")
@@ -74,12 +74,9 @@ class DataConfig:
               f"one of {list(PROMPT_FORMATS)}")
         for name in ("allow_prompt_only", "skip_bad_rows", "shuffle"):
             check(isinstance(getattr(self, name), bool), f"data.{name}", getattr(self, name), "true or false")
-        check(_is_int(self.seed) and self.seed >= 0, "data.seed", self.seed, "an integer >= 0")
-        check(_is_int(self.num_proc) and self.num_proc >= 1, "data.num_proc", self.num_proc, "an integer >= 1")
+        check(is_int(self.seed) and self.seed >= 0, "data.seed", self.seed, "an integer >= 0")
+        check(is_int(self.num_proc) and self.num_proc >= 1, "data.num_proc", self.num_proc, "an integer >= 1")
 
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 __all__ = ["DataConfig", "PROMPT_FORMATS", "TRUNCATION_STRATEGIES"]

@@ -27,6 +27,11 @@ def fail(field: str, value: Any, allowed: str) -> typing.NoReturn:
     raise ConfigError(f"{field}={value!r} is invalid: {allowed}")
 
 
+def is_int(value: object) -> bool:
+    """An integer and not a bool (YAML and JSON give `true` where a count was meant)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check(condition: bool, field: str, value: Any, allowed: str) -> None:
     if not condition:
         fail(field, value, allowed)
@@ -107,4 +112,4 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-__all__ = ["ConfigError", "check", "fail", "from_dict", "to_dict"]
+__all__ = ["ConfigError", "check", "fail", "from_dict", "is_int", "to_dict"]

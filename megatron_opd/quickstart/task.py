@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
+from megatron_opd.config.schema import is_int
+
 PathLike = Union[str, Path]
 
 SPLITS = ("train", "val")
@@ -38,9 +40,6 @@ VOCAB = (PAD, EOS, *"0123456789", "+", "=", UNK)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 _PROMPT = re.compile(r"([0-9]+)\+([0-9]+)=")
 
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -58,9 +57,9 @@ class AdditionTask:
     little_endian: bool = False  # every number written least significant digit first
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_digits) or self.max_digits < 1:
+        if not is_int(self.max_digits) or self.max_digits < 1:
             raise ValueError(f"AdditionTask.max_digits must be an integer >= 1, got {self.max_digits!r}")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise ValueError(f"AdditionTask.seed must be an integer, got {self.seed!r}")
         if not isinstance(self.little_endian, bool):
             raise ValueError(f"AdditionTask.little_endian must be true or false, got {self.little_endian!r}")
@@ -85,7 +84,7 @@ class AdditionTask:
         Pairs of the other split are rejected, so each split's draw depends only on the
         seed and the split name; the train rows do not change when val rows are added.
         """
-        if not _is_int(count) or count < 0:
+        if not is_int(count) or count < 0:
             raise ValueError(f"count must be an integer >= 0, got {count!r}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

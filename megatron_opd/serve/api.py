@@ -29,6 +29,8 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence
 
+from megatron_opd.config.schema import is_int
+
 if TYPE_CHECKING:
     from megatron_opd.serve.engine import PromptScores
 
@@ -103,9 +105,6 @@ def _show(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
@@ -127,7 +126,7 @@ def _int_field(body: dict, field: str, low: int, high: int, default: Optional[in
     value = body.get(field)
     if value is None:
         return default
-    if not _is_int(value) or not low <= value <= high:
+    if not is_int(value) or not low <= value <= high:
         raise bad_request(f"{field}={_show(value)} is invalid: {allowed}", field)
     return value
 
@@ -155,7 +154,7 @@ def _prompt_ids(prompt: Any, index: int, served: ServedModel, codec: Optional[Te
             raise bad_request(f"prompt {index} is text, but {served.tokenizer_note}: send token ids", "prompt")
         ids = codec.encode(prompt, add_special_tokens)
     else:
-        bad = next((token for token in prompt if not _is_int(token) or not 0 <= token < served.vocab_size), None)
+        bad = next((token for token in prompt if not is_int(token) or not 0 <= token < served.vocab_size), None)
         if bad is not None:
             raise bad_request(f"prompt {index} has token id {_show(bad)}: token ids must be integers in "
                               f"[0, {served.vocab_size})", "prompt")

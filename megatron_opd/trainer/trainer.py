@@ -114,9 +114,12 @@ class Trainer:
 
     def _dataset(self, split: str):
         dataset = tokenized_split(self.config.data, self.tokenizer, split, self.runtime.rank)
-        if len(dataset) < self.config.training.global_batch_size and split == "train":
+        # A run that evaluates (eval_interval) needs a full val batch: refused now, not at the first evaluation
+        evaluates = split == "train" or self.config.training.eval_interval > 0
+        if evaluates and len(dataset) < self.config.training.global_batch_size:
+            name = "data.dataset" if split == "train" else "data.val_dataset"
             raise ConfigError(f"training.global_batch_size={self.config.training.global_batch_size} is invalid: "
-                              f"the training data has only {len(dataset)} usable rows")
+                              f"{name} has only {len(dataset)} usable rows (a {split} batch needs that many)")
         if self.config.teacher == "self":
             check_teacher_prompts(dataset["teacher_prompt_ids"], split)
         if self.config.reward_funcs:
