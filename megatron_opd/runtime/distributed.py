@@ -20,9 +20,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_opd.config.parallel import ParallelConfig
-from megatron_opd.runtime import cpu_mode
+from megatron_opd.runtime import cpu_mode, quiet
 
 DEVICE_ENV = "MEGATRON_OPD_DEVICE"
+CPU_THREADS_ENV = "MEGATRON_OPD_CPU_THREADS"
 _DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
@@ -56,6 +57,40 @@ def resolve_device(requested: str | None = None) -> str:
     if choice == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"{DEVICE_ENV}=cuda but torch sees no CUDA device (torch {torch.__version__})")
     return choice
+
+
+def _positive_int(name: str, value: str, meaning: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name}={value!r} is invalid: a positive integer ({meaning})")
+    return number
+
+
+def cpu_threads_per_rank(environ=os.environ) -> tuple[int, str]:
+    """Intra-op threads for each CPU-mode rank, and where that number came from.
+
+    Which wins, and why:
+      1. `MEGATRON_OPD_CPU_THREADS`: this program's own knob, so it is meant for this run,
+         whereas OMP_NUM_THREADS is often exported for a whole shell or cluster job;
+      2. `OMP_NUM_THREADS`: the user's (or torchrun's, which sets 1 for multi-process
+         jobs) statement about this machine, which can allow for other jobs on it;
+      3. the CPUs this process may run on (its affinity) split evenly over this node's
+         ranks (`LOCAL_WORLD_SIZE`, set by torchrun; 1 without it), at least 1: a guess
+         that cannot see other jobs, so it comes last.
+    """
+    override = environ.get(CPU_THREADS_ENV, "").strip()
+    if override:
+        return _positive_int(CPU_THREADS_ENV, override, "intra-op threads per CPU-mode rank"), CPU_THREADS_ENV
+    omp = environ.get("OMP_NUM_THREADS", "").strip()
+    if omp:
+        # OpenMP allows a list for nested levels ("4,2"); the first is the outer one.
+        return _positive_int("OMP_NUM_THREADS", omp.split(",")[0].strip(), "threads per process"), "OMP_NUM_THREADS"
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_ranks = _positive_int("LOCAL_WORLD_SIZE", environ.get("LOCAL_WORLD_SIZE", "1"), "ranks on this node")
+    return max(1, cpus // local_ranks), f"{cpus} CPUs / {local_ranks} local rank{'s' if local_ranks != 1 else ''}"
 
 
 def _join_process_group(backend: str, timeout: datetime.timedelta) -> None:
@@ -92,7 +127,13 @@ def initialize_runtime(
     another one.
     """
     device_type = resolve_device(device)
+    cpu_threads = None
     if device_type == "cpu":
+        # Without this every rank runs as many intra-op threads as the machine has CPUs:
+        # 2 ranks x 2 threads on a busy 2-core machine made GKD steps 5-17x slower than
+        # 1 thread each (7 alternating pairs, median 9x; tools/bench_train.py sizes).
+        cpu_threads = cpu_threads_per_rank()
+        torch.set_num_threads(cpu_threads[0])
         cpu_mode.install(force=torch.cuda.is_available())
         backend = "gloo"
     else:
@@ -116,6 +157,7 @@ def initialize_runtime(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
         )
     seed_everything(parallel.seed)
+    quiet.print_mode_line(dist.get_rank(), device_type, backend, world_size, cpu_threads)
     return Runtime(
         device=torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda"
         else torch.device("cpu"),
