@@ -19,8 +19,12 @@ COMMANDS = {"convert": "megatron_opd.commands.convert", "train": "megatron_opd.c
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    usage = f"usage: megatron-opd {{{','.join(COMMANDS)}}} ...   (megatron-opd COMMAND --help for its options)"
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: megatron-opd {{{','.join(COMMANDS)}}} ...", file=sys.stderr)
+        print(usage, file=sys.stderr)
         return 2
     import importlib
 

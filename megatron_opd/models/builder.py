@@ -54,6 +54,9 @@ def transformer_config(
         # On CPU, Megatron's CPU init draws the full master weight and splits it, so
         # weights do not depend on the TP size.
         use_cpu_initialization=runtime.is_cpu,
+        # Megatron 0.16's default ("full") means "the whole layer" and warns on every build
+        # that it is deprecated in favour of [] (same meaning); no CUDA graphs are used here.
+        **({"cuda_graph_scope": []} if "cuda_graph_scope" in TransformerConfig.__dataclass_fields__ else {}),
         **({} if initialize else {"init_method": _leave_uninitialized,
                                    "output_layer_init_method": _leave_uninitialized}),
     )
