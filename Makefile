@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.megatron_opd-installed
 
-.PHONY: setup test test-all quickstart demo-opd-rl demo-opsd clean
+.PHONY: setup test test-slow test-all quickstart demo-opd-rl demo-opsd clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ setup: $(STAMP)
 # make fails on it like on any other non-zero exit.
 test: setup
 	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Only the tests marked slow (longer end-to-end runs); CI runs them after `make test`.
+test-slow: setup
+	$(VPY) -m pytest -m slow $(PYTEST_ARGS)
 
 # Everything, including tests marked slow.
 test-all: setup
