@@ -50,15 +50,39 @@ def test_unsplittable_model_is_refused_before_building():
         run_distributed(build_and_describe, 1, GQA_QKNORM, ParallelConfig(), "critic")
 
 
-def test_transformer_impl_resolution():
+@pytest.mark.parametrize("te_installed", [False, True], ids=["without_te", "with_te"])
+def test_transformer_impl_resolution(monkeypatch, te_installed):
+    """Both stacks on any machine (whether Transformer Engine imports is set each way): CPU is
+    always the local spec; on CUDA, auto is Transformer Engine, which without TE is an error
+    that says how to install it, never a silent fallback to the local spec."""
+    from megatron_opd.models import layer_specs
+
+    monkeypatch.setattr(layer_specs, "has_transformer_engine", lambda: te_installed)
     assert resolve_transformer_impl("auto", "cpu") == "local"
     assert resolve_transformer_impl("local", "cuda") == "local"
     with pytest.raises(ValueError, match="needs a CUDA device"):
         resolve_transformer_impl("transformer_engine", "cpu")
     with pytest.raises(ValueError, match="one of auto, transformer_engine, local"):
         resolve_transformer_impl("apex", "cpu")
+    if te_installed:
+        assert resolve_transformer_impl("auto", "cuda") == "transformer_engine"
+        assert resolve_transformer_impl("transformer_engine", "cuda") == "transformer_engine"
+    else:
+        for requested in ("auto", "transformer_engine"):
+            with pytest.raises(ImportError, match=r"pip install -e \.\[gpu\]"):
+                resolve_transformer_impl(requested, "cuda")
+
+
+def test_transformer_engine_detection_follows_this_machine():
+    """The real check, unpatched, on this machine: TE importable here or not."""
+    from megatron_opd.models.layer_specs import has_transformer_engine
+
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
+        assert has_transformer_engine() is False
         with pytest.raises(ImportError, match=r"pip install -e \.\[gpu\]"):
             resolve_transformer_impl("auto", "cuda")
+    else:
+        assert has_transformer_engine() is True
+        assert resolve_transformer_impl("auto", "cuda") == "transformer_engine"

@@ -16,12 +16,18 @@ import torch
 
 from megatron_opd.testing import DistributedTestError, run_distributed
 from tests.gkd_setup import completion_for, make_gkd_setup, overrides
+from tests.helpers.opd_rl_reference import rollout_reference, second_update_reference
+from tests.helpers.trainer_runs import PARITY_RTOL, SGD, assert_same_update, merged, run
 from tests.hf_models import VOCAB, hf_logits
-from tests.test_gkd_trainer import SGD, assert_same_update, merged, run
+from tests.kd_hf_reference import megatron_to_hf_names
+from tests.tiny_models import relative_error
 
 OPD_RL = {"algorithm": "opd_rl", "num_generations": 2, "max_completion_length": 5, "temperature": 1.2,
           "teacher_kl_coef": 0.5, "reward_funcs": "[tests.reward_functions:completion_length, tests.reward_functions:first_id_parity]",
-          "training.micro_batch_size": 2}
+          "training.micro_batch_size": 2,
+          # a seed whose samples differ in reward within 3 of the 4 groups: with equal rewards
+          # in every group (the default seed's draw) A_base is 0 and GRPO's part goes unchecked
+          "parallel.seed": 2}
 LAYOUTS = {"dp2": {"world": 2}, "tp2": {"world": 2, "parallel.tensor_model_parallel_size": 2},
            "pp2": {"world": 2, "parallel.pipeline_model_parallel_size": 2}}
 
@@ -54,16 +60,37 @@ def single(setup, tmp_path_factory):
     return merged(run(setup, tmp_path_factory.mktemp("tp1"), **OPD_RL))
 
 
-def test_opd_rl_step_metrics(single):
-    step = single["steps"][0]
-    # 4 prompts x 2 samples; rewards: the sampled length (1..5 tokens) + the first id's parity
+def reference_of(setup: dict, examples: list[dict]):
+    return rollout_reference(setup["student"], setup["teacher"], examples, group=OPD_RL["num_generations"],
+                             temperature=OPD_RL["temperature"], teacher_kl_coef=OPD_RL["teacher_kl_coef"])
+
+
+def test_opd_rl_step_metrics(setup, single):
+    """4 prompts x 2 samples; rewards: the sampled length (1..5 tokens) + the first id's parity.
+    Every number of the step against the float64 reference of HF transformers' student and
+    teacher on the samples the step drew (`tests.helpers.opd_rl_reference`)."""
+    step, examples = single["steps"][0], single["examples"][0]
+    assert sorted(example["_position"] for example in examples) == list(range(8))
+    reference = reference_of(setup, examples)
+    assert sum(value != 0 for value in reference.base_advantages) >= 4, "A_base is 0: GRPO's part goes unchecked"
+    completions = [example["input_ids"][example["prompt_length"]:] for example in examples]
+    assert step["tokens"] == reference.tokens == sum(map(len, completions))
+    assert step["sample_length"] == pytest.approx(reference.tokens / 8, rel=1e-12)
+    rewards = torch.tensor(reference.rewards, dtype=torch.float64)
+    assert step["reward_mean"] == pytest.approx(rewards.mean().item(), rel=1e-9)
+    assert step["reward_std"] == pytest.approx(rewards.std().item(), rel=1e-9) and step["reward_std"] > 0
     assert step["reward/tests.reward_functions:completion_length"] == pytest.approx(step["sample_length"])
-    parity = step["reward/tests.reward_functions:first_id_parity"]
-    assert 0 < parity < 1 and step["reward_mean"] == pytest.approx(step["sample_length"] + parity)
-    assert step["reward_std"] > 0
-    assert 8 <= step["tokens"] <= 40 and step["teacher_kl"] > 0
+    parity = sum(completion[0] % 2 for completion in completions) / 8
+    assert step["reward/tests.reward_functions:first_id_parity"] == pytest.approx(parity) and 0 < parity < 1
+    for key in ("loss", "teacher_kl", "advantage"):
+        assert step[key] == pytest.approx(getattr(reference, key), rel=1e-5, abs=1e-7), key
     assert step["clip_low"] == step["clip_high"] == 0, "one update per rollout: the ratio is exactly 1"
     assert "sft_loss" not in step and step["sampling_s"] > 0 and step["teacher_s"] > 0
+    # SGD at lr=1: the update is minus this gradient (weights that are HF weights one to one)
+    for megatron, hf in megatron_to_hf_names().items():
+        grad = single["grads"][megatron]
+        assert relative_error(grad[:VOCAB] if megatron.startswith("embedding") else grad,
+                              reference.grads[hf]) < 5e-5, megatron
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -75,19 +102,37 @@ def test_opd_rl_step_same_at_every_layout(setup, tmp_path, single, layout):
         assert actual[key] == pytest.approx(expected[key], rel=1e-9), key
     for key in ("loss", "teacher_kl", "advantage"):
         assert actual[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7), key
-    assert_same_update(other, single, 1e-5)
+    assert_same_update(other, single, PARITY_RTOL)
 
 
 def test_several_updates_per_rollout_reuse_it_and_clip(setup, tmp_path):
     """num_iterations=2: the second step trains on the first's samples against the stored
-    old log-probabilities; after an lr=1 SGD step the ratio moves and some tokens clip."""
-    steps = merged(run(setup, tmp_path, steps=2, num_iterations=2, **{**OPD_RL, "training.train_iters": 2}))["steps"]
-    first, second = steps
+    old log-probabilities; after an SGD step at lr=0.05 the ratio moves and some tokens clip
+    (9 of 40, so the loss depends on clipped and unclipped ones). Both steps' losses and
+    clip fractions against the float64 reference: HF's student moved by the reference
+    gradient of the first step, on the same samples."""
+    lr = 0.05
+    result = merged(run(setup, tmp_path, steps=2, num_iterations=2,
+                        **{**OPD_RL, "training.train_iters": 2, "optimizer.lr": lr}))
+    first, second = result["steps"]
+    examples = result["examples"][0]
+    assert result["examples"][1] == examples, "the second step must train on the first step's samples"
     assert first["clip_low"] == first["clip_high"] == 0
     # nothing sampled at the second step: no sample metrics, the same tokens
     assert second["tokens"] == first["tokens"] and "sample_length" not in second and "sample_length" in first
-    assert second["clip_low"] + second["clip_high"] > 0
-    assert second["loss"] != first["loss"]
+    reference = reference_of(setup, examples)
+    assert first["loss"] == pytest.approx(reference.loss, rel=1e-5, abs=1e-7)
+    epsilon = 0.2  # the config's default, both bounds
+    after = second_update_reference(setup["student"], examples, reference, lr=lr,
+                                    temperature=OPD_RL["temperature"], epsilon=epsilon, epsilon_high=epsilon)
+    assert 0 < after.clip_low + after.clip_high < reference.tokens, "the reference clips none or all tokens"
+    assert second["loss"] == pytest.approx(after.loss, rel=1e-4, abs=1e-6)
+    near_a_bound = ((after.ratios - (1 - epsilon)).abs().min().item() < 1e-4
+                    or (after.ratios - (1 + epsilon)).abs().min().item() < 1e-4)
+    if not near_a_bound:  # a ratio at a bound may fall either side of it in float32
+        # the metrics are the clipped tokens' fractions
+        assert second["clip_low"] == pytest.approx(after.clip_low / reference.tokens, rel=1e-12)
+        assert second["clip_high"] == pytest.approx(after.clip_high / reference.tokens, rel=1e-12)
 
 
 def test_failing_reward_function_stops_every_rank_with_its_name(setup, tmp_path):
@@ -121,7 +166,7 @@ def test_opsd_step_same_at_tp2_and_pp2(setup, tmp_path, path):
         other = merged(run(setup, tmp_path / name, world=fields.pop("world"), **opsd_fields(setup, path, **fields)))
         assert other["steps"][0]["tokens"] == reference["steps"][0]["tokens"]
         assert other["steps"][0]["loss"] == pytest.approx(reference["steps"][0]["loss"], rel=1e-5)
-        assert_same_update(other, reference, 1e-5)
+        assert_same_update(other, reference, PARITY_RTOL)
 
 
 def teacher_against_hf(argv: list[str], out: str, steps: int) -> dict:

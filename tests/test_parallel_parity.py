@@ -3,7 +3,8 @@
 Every layout loads the same full weights, runs the same two microbatches through
 Megatron's pipeline schedule, DDP and `finalize_model_grads`, and must reproduce the
 TP=1/PP=1 single-process full-vocab logits, LM losses and the gradient of every
-parameter (re-assembled from its shards) within 1e-5 (float32; relative above 1).
+parameter (re-assembled from its shards) within 1e-5 (float32), relative to each tensor's
+largest value (`tests.tiny_models.relative_error`): a gradient of 1e-4 is held to 1e-9.
 """
 
 import functools

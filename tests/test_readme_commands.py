@@ -59,7 +59,9 @@ GROUPS = {
     "opsd_launcher": ("bash examples/megatron/opsd.sh",),
     "convert": ("megatron-opd convert", "torchrun --standalone --nproc-per-node 4 tools/convert_checkpoint.py"),
 }
-SLOW = {"gkd_torchrun", "teacher_server_script", "opd_rl_launcher", "opsd_launcher"}
+# Longer runs, in `make test-slow`: each is also covered by faster tests (test_gkd_trainer,
+# test_server_teacher, test_opd_rl_trainer, test_convert), here only as the README writes it.
+SLOW = {"gkd_torchrun", "teacher_server_script", "opd_rl_launcher", "opsd_launcher", "convert", "served_teacher"}
 
 # Appended to every training command: tiny inputs, 2 short steps, no HF export.
 SHORT = ["data.tokenizer=tiny/tokenizer", "data.prompt_format=raw", "data.max_length=32",

@@ -62,14 +62,23 @@ def test_layout_that_does_not_divide_the_world_is_refused():
         run_distributed(describe_rank, 2, ParallelConfig(tensor_model_parallel_size=4))
 
 
-def test_resolve_device(monkeypatch):
+@pytest.mark.parametrize("cuda", [False, True], ids=["without_gpu", "with_gpu"])
+def test_resolve_device(monkeypatch, cuda):
+    """Both machines on any machine (torch's CUDA check is set each way): an explicit choice
+    wins over the machine, auto follows it, and CUDA asked for without a GPU is an error."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setenv("MEGATRON_OPD_DEVICE", "tpu")
     with pytest.raises(ValueError, match="MEGATRON_OPD_DEVICE='tpu' is invalid"):
         resolve_device()
     monkeypatch.setenv("MEGATRON_OPD_DEVICE", "cpu")
     assert resolve_device() == "cpu"
+    monkeypatch.setenv("MEGATRON_OPD_DEVICE", "auto")
+    assert resolve_device() == ("cuda" if cuda else "cpu")
     monkeypatch.delenv("MEGATRON_OPD_DEVICE")
-    assert resolve_device() == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
+    assert resolve_device() == ("cuda" if cuda else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    if cuda:
+        assert resolve_device("cuda") == "cuda"
+    else:
         with pytest.raises(RuntimeError, match="sees no CUDA device"):
             resolve_device("cuda")

@@ -23,8 +23,8 @@ import pytest
 from megatron_opd.serve.launch import launch, start_server
 from megatron_opd.testing import DistributedTestError, run_distributed
 from tests.gkd_setup import make_gkd_setup, overrides
+from tests.helpers.trainer_runs import assert_same_update, merged, run
 from tests.hf_models import VOCAB
-from tests.test_gkd_trainer import assert_same_update, merged, run
 
 SERVER_ENV = {"MEGATRON_OPD_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
 ROOT = Path(__file__).parents[1]
@@ -68,7 +68,7 @@ def test_gkd_with_the_server_equals_the_local_teacher(setup, server, tmp_path, l
     assert remote["steps"][0]["tokens"] == local["steps"][0]["tokens"]
     assert remote["steps"][0]["loss"] == pytest.approx(local["steps"][0]["loss"], rel=1e-5)
     assert local["steps"][0]["loss"] > 0.05
-    assert_same_update(remote, local, 1e-4)
+    assert_same_update(remote, local, 1e-5)  # same layout, another teacher path: measured ~1e-6
 
 
 def test_opd_rl_with_the_server_equals_the_local_teacher(setup, server, tmp_path):
@@ -80,7 +80,7 @@ def test_opd_rl_with_the_server_equals_the_local_teacher(setup, server, tmp_path
         assert remote["steps"][0][key] == local["steps"][0][key]
     for key in ("loss", "teacher_kl", "advantage"):
         assert remote["steps"][0][key] == pytest.approx(local["steps"][0][key], rel=1e-5, abs=1e-7), key
-    assert_same_update(remote, local, 1e-4)
+    assert_same_update(remote, local, 1e-5)  # same layout, another teacher path: measured ~1e-6
 
 
 def test_tokenizer_check_passes_for_the_same_tokenizer_and_fails_for_another(setup, server, tmp_path):
@@ -137,7 +137,7 @@ def test_training_from_the_cache_equals_the_live_teacher(setup, local_cache, tmp
     cached = merged(run(setup, tmp_path / "cached", world=2, teacher_model="null", teacher_cache=str(local_cache),
                         gkd_logits_topk=K, **tp2))
     assert cached["steps"][0]["loss"] == pytest.approx(live["steps"][0]["loss"], rel=1e-5)
-    assert_same_update(cached, live, 1e-4)
+    assert_same_update(cached, live, 1e-5)  # measured ~1e-6
 
 
 def test_cache_written_at_tp2_and_from_the_server_equals_tp1(setup, server, local_cache, tmp_path):
@@ -193,6 +193,8 @@ def test_server_down_at_start_is_a_clear_error(setup, tmp_path):
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+@pytest.mark.slow  # ~46 s; faster: test_server_down_at_start_is_a_clear_error (the failure message),
+# test_teacher_client (retries, timeouts), test_gkd_trainer.py::test_resume_continues_exactly (resume)
 def test_server_killed_mid_run_fails_cleanly_and_the_run_resumes(setup, tmp_path):
     from megatron_opd.trainer.checkpointing import latest_checkpoint
 
@@ -204,10 +206,10 @@ def test_server_killed_mid_run_fails_cleanly_and_the_run_resumes(setup, tmp_path
     server = launch(setup["served_teacher"], port=port, max_logprobs=8, env=SERVER_ENV)
     try:
         process = train_process(argv)
-        deadline = time.monotonic() + 240
+        # Ends either way: at iteration 4's checkpoint, or when the run stops by itself (60
+        # steps), which fails the assert.
         while latest_checkpoint(out) is None or latest_checkpoint(out).name < "iter_0000004":
             assert process.poll() is None, f"training ended early:\n{process.stdout.read()}"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.05)
     finally:
         server.kill()
@@ -226,6 +228,7 @@ def test_server_killed_mid_run_fails_cleanly_and_the_run_resumes(setup, tmp_path
     assert latest_checkpoint(out).name == "iter_0000060"
 
 
+@pytest.mark.slow  # ~20 s; faster: test_gkd_with_the_server_equals_the_local_teacher (training against our server)
 def test_teacher_server_script_starts_our_server_and_trains_against_it(setup, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("# everything from the command line\n")

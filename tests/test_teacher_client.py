@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -25,6 +24,7 @@ from megatron_opd.teachers.server_client import (
 )
 
 VOCAB = 50
+HANG_S = 5.0  # how long a "hang" server holds each request: far past the client's 0.3 s timeout
 
 
 def vllm_entry(position_logprobs: dict[int, float], rank_of=None) -> dict:
@@ -80,10 +80,13 @@ def test_served_tokens_reads_the_servers_tokenization():
 
 
 class ScriptedServer:
-    """A local HTTP server whose `/v1/completions` behaviour is `mode`."""
+    """A local HTTP server whose `/v1/completions` behaviour is `mode`; in mode "hang" it
+    answers after HANG_S seconds (or once `release` is set, at the test's end), counting
+    what it answered."""
 
-    def __init__(self, mode: str = "ok", delay: float = 0.0):
-        self.mode, self.delay, self.requests = mode, delay, 0
+    def __init__(self, mode: str = "ok"):
+        self.mode, self.requests, self.answered = mode, 0, 0
+        self.release = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -108,7 +111,9 @@ class ScriptedServer:
             def do_POST(self):
                 request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.requests += 1
-                time.sleep(server.delay)
+                if server.mode == "hang":
+                    server.release.wait(HANG_S)
+                    server.answered += 1
                 if server.mode == "malformed":
                     return self.reply(200, b'{"choices": [')
                 if server.mode == "bad_request":
@@ -123,6 +128,7 @@ class ScriptedServer:
         threading.Thread(target=self.http.serve_forever, daemon=True).start()
 
     def close(self) -> None:
+        self.release.set()
         self.http.shutdown()
         self.http.server_close()
 
@@ -131,8 +137,8 @@ class ScriptedServer:
 def scripted():
     servers = []
 
-    def start(mode: str = "ok", delay: float = 0.0) -> ScriptedServer:
-        servers.append(ScriptedServer(mode, delay))
+    def start(mode: str = "ok") -> ScriptedServer:
+        servers.append(ScriptedServer(mode))
         return servers[-1]
 
     yield start
@@ -170,12 +176,14 @@ def test_retries_run_out_with_a_message_naming_the_server(scripted):
 
 
 def test_slow_server_hits_the_timeout(scripted):
-    server = scripted(delay=2.0)
-    started = time.monotonic()
+    """A server that holds each request for HANG_S before answering: a client that honours
+    its 0.3 s timeout gives up on both attempts and raises while the server has answered
+    neither; one that waited (no timeout, or one of seconds) would get an answer."""
+    server = scripted("hang")
     with pytest.raises(TeacherServerError, match=r"failed POST /v1/completions 2 times .*timeout 0.3 s per request"
                                                  r".*timed out"):
         client(server.url, timeout_s=0.3, max_retries=1).completion("teacher", [1, 2], 1)
-    assert time.monotonic() - started < 1.8, "the timeout was not honoured"
+    assert server.answered == 0, "the timeout was not honoured"
 
 
 def test_malformed_json_and_4xx_fail_at_once(scripted):

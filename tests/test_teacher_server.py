@@ -5,8 +5,10 @@ HF directory with a tokenizer at TP=1, and a Qwen3 (QK-norm, a head dim unlike
 hidden/heads) converted to a megatron_opd checkpoint, without a tokenizer, at TP=2 under
 torchrun. Log-probs are checked against HF transformers' log-softmax of the same
 weights, the independent reference, within 1e-5: both models have logits of O(1) (Qwen2's
-tied embeddings reach ~50, where fp32 rounding alone is ~1.5e-5). The shutdown tests
-come last and end the servers; a test that needs one afterwards gets it restarted.
+tied embeddings reach ~50, where fp32 rounding alone is ~1.5e-5). Every test gets its
+server from `servers.get`, which restarts one that an earlier test stopped, so the tests
+pass in any order and alone. Nothing is timed: waits poll the server's /health counters
+(or its exit) for the event they wait for.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import http.client
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -127,6 +130,16 @@ def health(server: TeacherServer) -> dict:
     return payload
 
 
+def wait_for(condition, what: str, server: TeacherServer, give_up_s: float = 120.0) -> None:
+    """Poll until `condition()` holds. Not a timing claim: the bound only turns a server that
+    never gets there into a failure that says what it waited for, instead of a hang."""
+    deadline = time.monotonic() + give_up_s
+    while not condition():
+        assert server.process.poll() is None, f"the server exited while waiting for {what}:\n{server.log()}"
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
+
+
 # ------------------------------------------------------------------ the reference
 
 
@@ -226,10 +239,12 @@ def test_text_prompt_without_tokenizer_is_refused(servers):
 
 
 def test_idle_tp2_ranks_stay_in_step_through_heartbeats(servers):
+    """Two heartbeats broadcast to the idle TP=2 ranks, then a request: both ranks still
+    answer together (a rank out of step would hang or mismatch the broadcast)."""
     server = servers.get("tp2")
-    before = health(server)["heartbeats"]
-    time.sleep(0.5)
-    assert health(server)["heartbeats"] >= before + 2
+    before = health(server)
+    wait_for(lambda: health(server)["heartbeats"] >= before["heartbeats"] + 2, "two heartbeats", server)
+    assert health(server)["batches"] == before["batches"], "the heartbeats came while the server was idle"
     prompt = random_prompts(5, [6])[0]
     response = complete(server, {"prompt": prompt, "prompt_logprobs": 2, "max_tokens": 0})
     entries = response["choices"][0]["prompt_logprobs"]
@@ -389,7 +404,7 @@ def test_bad_arguments_exit_1_before_loading(servers, tmp_path, capsys, monkeypa
     assert "num_attention_heads" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------ shutdown (ends the servers)
+# ------------------------------------------------------------------ shutdown (stops a server; the next get restarts it)
 
 
 def port_is_closed(port: int) -> bool:
@@ -416,38 +431,49 @@ def test_sigterm_answers_accepted_requests_and_exits_0(servers):
         state = health(server)
         return state["prompts"] - processed_before + state["pending"]
 
-    while accepted() < 2 * MAX_PROMPTS:  # then ~1 s of work is left: a batch and its response
-        assert not answers, "a request was answered before both were seen accepted"
-        time.sleep(0.005)
-    started = time.monotonic()
+    wait_for(lambda: accepted() >= 2 * MAX_PROMPTS, "both requests accepted", server)
+    answered_when_signalled = len(answers)
     server.terminate()
-    time.sleep(0.2)  # the signal handler has run
+
+    def stopping() -> bool:  # /health says 503 "stopping" once the signal handler has run
+        status, payload = request(server, "GET", "/health")
+        return status == 503 and payload["status"] == "stopping"
+
+    wait_for(stopping, "the server to take the signal", server)
     status, payload = request(server, "POST", "/v1/completions", {"prompt": [1]})
     assert (status, payload["error"]) == (503, {"message": "the server is shutting down",
                                                 "type": "ServiceUnavailableError", "param": None, "code": 503})
-    assert server.process.wait(30) == 0
-    assert time.monotonic() - started < 10
+    assert server.process.wait(60) == 0
     for sender in senders:
-        sender.join(30)
+        sender.join(60)
+    assert answered_when_signalled < 2, "both requests were answered before the signal: nothing was drained"
     assert len(answers) == 2
     for answer in answers:
         assert len(answer["choices"]) == MAX_PROMPTS
         assert all(len(c["prompt_logprobs"]) == MAX_MODEL_LEN for c in answer["choices"])
     assert port_is_closed(server.port)
+    # It drained what it had accepted (no request left open), then stopped.
+    log = server.log()
+    assert "stopping with requests still open" not in log, log
+    stopped = re.search(r"stopped after (\d+) batches of (\d+) prompts", log)
+    assert stopped and int(stopped.group(2)) >= processed_before + 2 * MAX_PROMPTS, log
 
 
 def test_sigterm_at_tp2_exits_0(servers):
     server = servers.get("tp2")
     complete(server, {"prompt": [1, 2, 3], "prompt_logprobs": 1})
-    started = time.monotonic()
-    assert server.stop(timeout=30) == 0  # torchrun's exit code: both ranks exited 0
-    assert time.monotonic() - started < 10
+    prompts = health(server)["prompts"]
+    assert server.stop(timeout=60) == 0  # torchrun's exit code: both ranks exited 0
     assert port_is_closed(server.port)
+    log = server.log()
+    assert "stopping with requests still open" not in log, log
+    stopped = re.search(r"stopped after (\d+) batches of (\d+) prompts", log)
+    assert stopped and int(stopped.group(2)) == prompts, log
 
 
 def test_killed_server_restarts_on_its_port(servers):
     """What a trainer's test does to its teacher: SIGKILL mid-run, then a new server at the same address."""
-    server = servers.get("tp1")  # restarted: the SIGTERM test above stopped it
+    server = servers.get("tp1")
     body = {"prompt": [4, 8, 15, 16, 23, 42], "prompt_logprobs": 3, "temperature": 0}
     before = complete(server, body)["choices"][0]
     server.kill()

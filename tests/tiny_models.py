@@ -167,17 +167,27 @@ def max_abs_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def scaled_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max(1, max |expected|): absolute for O(1) values, relative above."""
+    """max |actual - expected| / max(1, max |expected|): absolute for O(1) values, relative above.
+    For logits (O(1) and above); gradients and updates, often far below 1, need `relative_error`."""
     return max_abs_diff(actual, expected) / max(1.0, expected.abs().max().item())
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|, in float64: relative to the tensor's own scale,
+    however small; absolute only where `expected` is exactly zero everywhere."""
+    if actual.shape != expected.shape:
+        raise AssertionError(f"shapes differ: {tuple(actual.shape)} vs {tuple(expected.shape)}")
+    scale = expected.double().abs().max().item()
+    return max_abs_diff(actual, expected) / (scale if scale > 0 else 1.0)
+
+
 def compare(merged: dict, reference: dict) -> dict[str, float]:
-    """Largest scaled difference per compared quantity (logits, losses, each gradient)."""
+    """Relative error (`relative_error`) per compared quantity (logits, losses, each gradient)."""
     if set(merged["grads"]) != set(reference["grads"]):
         raise AssertionError(
             f"gradient names differ: {sorted(set(merged['grads']) ^ set(reference['grads']))}")
-    diffs = {"logits": scaled_diff(merged["logits"], reference["logits"]),
-             "losses": scaled_diff(merged["losses"], reference["losses"])}
+    diffs = {"logits": relative_error(merged["logits"], reference["logits"]),
+             "losses": relative_error(merged["losses"], reference["losses"])}
     for name, grad in reference["grads"].items():
-        diffs[name] = scaled_diff(merged["grads"][name], grad)
+        diffs[name] = relative_error(merged["grads"][name], grad)
     return diffs
