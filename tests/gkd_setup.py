@@ -35,10 +35,12 @@ def write_dataset(path: Path, rows: int, seed: int, lengths=(3, 9)) -> Path:
     return path
 
 
-def make_gkd_setup(root: Path, student_family: str = "qwen2", teacher_family: str = "llama2") -> dict:
+def make_gkd_setup(root: Path, student_family: str = "qwen2", teacher_family: str = "llama2",
+                   **config_fields) -> dict:
+    """`config_fields`: overrides of both models' configs (e.g. head counts)."""
     root.mkdir(parents=True, exist_ok=True)
-    student = make_hf_model(student_family, root / "student", seed=1)
-    teacher = make_hf_model(teacher_family, root / "teacher", seed=2)
+    student = make_hf_model(student_family, root / "student", seed=1, **config_fields)
+    teacher = make_hf_model(teacher_family, root / "teacher", seed=2, **config_fields)
     # Its own directory: next to a model's config.json, transformers 5 would load the
     # model family's tokenizer class instead of this word-level one.
     make_tokenizer(root / "tokenizer")

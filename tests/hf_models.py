@@ -49,11 +49,14 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_hf_model(family: str, directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
-                  with_tokenizer: bool = False) -> Path:
-    """Write a random `family` model (and optionally a tokenizer) to `directory`."""
+                  with_tokenizer: bool = False, **config_fields) -> Path:
+    """Write a random `family` model (and optionally a tokenizer) to `directory`;
+    `config_fields` override the family's config (e.g. head counts)."""
     from transformers import AutoModelForCausalLM
 
     config = family_configs()[family]
+    for name, value in config_fields.items():
+        setattr(config, name, value)
     config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize(model, seed)

@@ -90,3 +90,20 @@ def test_mode_line_is_printed_once_per_process_and_only_on_rank_zero(capsys, mon
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(
         "megatron_opd: CPU mode (gloo), 2 ranks, 1 intra-op thread per rank (OMP_NUM_THREADS), "), err
+
+
+def test_engine_vllm_without_vllm_is_one_line_saying_how_to_install(tmp_path):
+    """rollout.engine: vllm where vLLM does not import: exit 1, one line naming the fix, no traceback."""
+    from tests.gkd_setup import make_gkd_setup, overrides
+
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "vllm.py").write_text("raise ImportError('No module named vllm (blocked by the test)')\n")
+    setup = make_gkd_setup(tmp_path / "setup")
+    argv = overrides(setup, tmp_path / "out", lmbda=1.0, **{"rollout.engine": "vllm"})
+    result = run([sys.executable, "-m", "megatron_opd.train", *argv], PYTHONPATH=f"{blocker}{os.pathsep}{ROOT}")
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("megatron_opd.train: error: rollout.engine: vllm needs vLLM")
+    assert "make vllm-setup" in lines[0] and '.[vllm]' in lines[0]

@@ -169,3 +169,55 @@ def test_loss_and_gradients_match_dense_reference(with_old, coef):
     assert metrics["teacher_kl_sum"].item() == pytest.approx(expected_kl, rel=1e-5)
     if with_old:
         assert metrics["clip_low_sum"] + metrics["clip_high_sum"] > 0, "the stored old log-probs should clip some"
+
+
+@pytest.mark.parametrize("with_old", [False, True], ids=["num_iterations_1", "stored_old"])
+def test_truncated_importance_sampling_matches_dense_reference(with_old):
+    """rollout_importance_sampling_cap: each token's surrogate times min(p_old / p_rollout, cap),
+    a constant weight (no gradient through it); float64, per token in Python."""
+    generator = torch.Generator().manual_seed(1)
+    vocab, padded, size, cap = 11, 16, 8, 1.5
+    hidden = torch.randn(2, 5, size, generator=generator)
+    head = torch.randn(padded, size, generator=generator)
+    labels = torch.randint(0, vocab, (2, 5), generator=generator)
+    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
+    tokens = int(mask.sum())
+    base = torch.tensor([0.8] * 3 + [-1.1] * 3)
+    teacher_logprobs = -torch.rand(tokens, generator=generator) * 3
+    old = (-torch.rand(tokens, generator=generator) * 3) if with_old else None
+    logp_all = torch.log_softmax((hidden.double() @ head.double().T)[..., :vocab] / 0.8, dim=-1)
+    flat = [(b, s) for b in range(2) for s in range(5) if mask[b, s]]
+    current = [logp_all[b, s, labels[b, s]].item() for b, s in flat]
+    sampler = old.tolist() if with_old else current
+    # the engine's log-probs: some far below the trainer's (weight capped), some above (weight < 1)
+    offsets = [1.0, -0.3, 0.05, 2.0, -1.0, 0.0]
+    rollout_logprobs = torch.tensor([value - offset for value, offset in zip(sampler, offsets)])
+    weights = [min(math.exp(o - r), cap) for o, r in zip(sampler, rollout_logprobs.tolist())]
+    assert any(w == cap for w in weights) and any(w < 1 for w in weights), "the case lost a capped or a small weight"
+
+    loss_fn = OPDRLLoss(epsilon=0.2, epsilon_high=0.3, teacher_kl_coef=0.7, temperature=0.8, vocab_size=vocab,
+                        importance_sampling_cap=cap)
+    hidden_t = hidden.clone().double().requires_grad_(True)
+    head_t = head.clone().double().requires_grad_(True)
+    rollout = RolloutTokens(base, teacher_logprobs, old, rollout_logprobs)
+    loss, _, metrics = loss_fn(hidden_t, head_t, labels, mask, rollout)
+    loss.backward()
+
+    hidden_ref = hidden.double().requires_grad_(True)
+    head_ref = head.double().requires_grad_(True)
+    logp_ref = torch.log_softmax((hidden_ref @ head_ref.T)[..., :vocab] / 0.8, dim=-1)
+    expected = 0.0
+    for n, (b, s) in enumerate(flat):
+        logp = logp_ref[b, s, labels[b, s]]
+        advantage = base[n].item() + 0.7 * (teacher_logprobs[n].item() - sampler[n])
+        ratio = torch.exp(logp - sampler[n])
+        surrogate = -torch.minimum(ratio * advantage, ratio.clamp(0.8, 1.3) * advantage)
+        expected = expected + weights[n] * surrogate
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6, abs=1e-9)
+    torch.testing.assert_close(hidden_t.grad, hidden_ref.grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(head_t.grad, head_ref.grad, rtol=1e-6, atol=1e-9)
+    assert metrics["importance_weight_sum"].item() == pytest.approx(sum(weights), rel=1e-6)
+    assert metrics["importance_capped_sum"].item() == sum(w == cap for w in weights)
+    with pytest.raises(ValueError, match="rollout_importance_sampling_cap"):
+        loss_fn(hidden.double(), head.double(), labels, mask, RolloutTokens(base, teacher_logprobs, old))

@@ -18,6 +18,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
+
 from megatron_opd.algorithms.context import MicrobatchLoss, ResponseSource, StepContext
 from megatron_opd.pipeline import Microbatch
 
@@ -31,6 +33,9 @@ class Responses:
     source: ResponseSource  # the dataset's responses, or samples of the student / the teacher
     sums: dict[str, float] = field(default_factory=dict)  # this rank's sums, reduced with the loss metrics
     metrics: dict[str, float] = field(default_factory=dict)  # already global (e.g. rewards)
+    # The sampling engine's log-probs of the sampled responses, `[N]` per microbatch, when it
+    # is not the trainer's own model (vLLM); the step logs the train/inference mismatch
+    rollout_logprobs: Optional[list[torch.Tensor]] = None
 
 
 class Algorithm(ABC):

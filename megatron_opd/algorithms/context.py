@@ -2,7 +2,8 @@
 microbatches, the teacher's forward, and student forward passes through Megatron's schedule.
 
 One object per run, built by the trainer; it holds no per-step state except the data
-iterator's position (saved in checkpoints by the trainer).
+iterator's position (saved in checkpoints by the trainer). Its rollout engines
+(`rollout.engine`: the Megatron sampler, or vLLM with weight sync) start on first use.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from megatron_opd.data import DataIterator, local_batch, pad_token_id, teacher_e
 from megatron_opd.models.outputs import head_input, lm_head_weight
 from megatron_opd.ops import fused_linear_token_logprobs
 from megatron_opd.pipeline import Microbatch, collect_forward_only, make_microbatches, run_microbatches
-from megatron_opd.rollout import MegatronSampler, Rollout, SamplingParams, eos_token_ids
+from megatron_opd.rollout import Rollout, RolloutEngine, SamplingParams, eos_token_ids
 from megatron_opd.runtime import Runtime
 from megatron_opd.runtime.seeds import sample_seed
 
@@ -30,14 +31,21 @@ ResponseSource = Literal["student", "teacher", "dataset"]
 MicrobatchLoss = Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
 
+# source ("student" / "teacher") -> its engine; called once per source, on every rank
+EngineFactory = Callable[[ResponseSource], RolloutEngine]
+
+
 class StepContext:
     def __init__(self, config: JobConfig, runtime: Runtime, model: torch.nn.Module, teacher, tokenizer,
-                 vocab_size: int, tokenizer_dir: Path, train_data, data_iterator: DataIterator):
+                 vocab_size: int, tokenizer_dir: Path, train_data, data_iterator: DataIterator,
+                 engine_factory: EngineFactory):
         self.config, self.runtime, self.model, self.teacher = config, runtime, model, teacher
         self.tokenizer, self.vocab_size, self.tokenizer_dir = tokenizer, vocab_size, tokenizer_dir
         self.train_data, self.data_iterator = train_data, data_iterator
         self.pad_id = pad_token_id(tokenizer)
         self.data_parallel_size = config.check_world(runtime.world_size)
+        self.engine_factory = engine_factory
+        self.engines: dict[str, RolloutEngine] = {}
 
     # ------------------------------------------------------------------ examples
 
@@ -74,14 +82,38 @@ class StepContext:
         prompts = [example["input_ids"][:example["prompt_length"]] for example in examples]
         seeds = [sample_seed(self.config.parallel.seed, iteration, example["_position"]) for example in examples]
         if source == "student":
-            rollout = MegatronSampler(self.model, self.vocab_size).generate(prompts, self.sampling, seeds)
+            rollout = self.engine("student").generate(prompts, self.sampling, seeds)
         else:
-            with self.teacher.on_device() as teacher:
-                rollout = MegatronSampler(teacher, self.vocab_size).generate(prompts, self.sampling, seeds)
+            with self.teacher.on_device():
+                rollout = self.engine("teacher").generate(prompts, self.sampling, seeds)
         sampled = [{**example, "input_ids": list(prompt) + completion,
                     "loss_mask": [0] * len(prompt) + [1] * len(completion)}
                    for example, prompt, completion in zip(examples, prompts, rollout.completions)]
         return sampled, rollout
+
+    def engine(self, source: ResponseSource) -> RolloutEngine:
+        """The engine sampling `source`'s responses (started on first use, on every rank)."""
+        if source not in self.engines:
+            self.engines[source] = self.engine_factory(source)
+        return self.engines[source]
+
+    def weights_changed(self) -> None:
+        """After an optimizer step: the student's engine re-syncs before it samples again."""
+        if "student" in self.engines:
+            self.engines["student"].weights_changed()
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+        self.engines.clear()
+
+    def microbatch_token_values(self, per_example: list[list[float]]) -> list[torch.Tensor]:
+        """Per-example values of the response tokens -> `[N]` per microbatch (row-major over
+        the loss mask, as the losses flatten it), on the last stage's device."""
+        size = self.config.training.micro_batch_size
+        return [torch.tensor([value for row in per_example[start:start + size] for value in row],
+                             dtype=torch.float32, device=self.runtime.device)
+                for start in range(0, len(per_example), size)]
 
     # ------------------------------------------------------------------ forward passes
 
@@ -106,12 +138,34 @@ class StepContext:
         return collect_forward_only(self.model, microbatches, keep)
 
     def student_pass(self, microbatches: list[Microbatch], signals: Optional[list], loss: MicrobatchLoss,
-                     forward_only: bool) -> Optional[list[dict]]:
+                     forward_only: bool, rollout_logprobs: Optional[list[torch.Tensor]] = None
+                     ) -> Optional[list[dict]]:
         """The student's forward (and backward) of every microbatch with `loss` on its final
-        hidden states and `signals[index]`; the loss metrics per microbatch on the last stage."""
+        hidden states and `signals[index]`; the loss metrics per microbatch on the last stage.
+        `rollout_logprobs` (`[N]` per microbatch, the sampling engine's log-probs of the
+        responses): adds the train/inference mismatch metrics (`rollout_mismatch`)."""
         def microbatch_loss(index: int, batch: Microbatch, hidden: torch.Tensor):
             signal = signals[index] if signals is not None else None
-            return loss(head_input(self.model, hidden), lm_head_weight(self.model), batch.labels, batch.loss_mask,
-                        signal)
+            student_hidden, student_head = head_input(self.model, hidden), lm_head_weight(self.model)
+            result = loss(student_hidden, student_head, batch.labels, batch.loss_mask, signal)
+            if rollout_logprobs is not None:
+                mask = batch.loss_mask.bool()
+                with torch.no_grad():
+                    logprobs = fused_linear_token_logprobs(student_hidden[mask].detach(), student_head.detach(),
+                                                           batch.labels[mask], temperature=self.config.temperature,
+                                                           vocab_size=self.vocab_size)
+                result[2].update(rollout_mismatch(logprobs, rollout_logprobs[index]))
+            return result
 
         return run_microbatches(self.model, microbatches, microbatch_loss, forward_only=forward_only)
+
+
+def rollout_mismatch(trainer_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """|log p_trainer - log p_engine| of each sampled token `[N]`, as metric sums: its mean
+    per response token (`rollout_logprob_diff`) and its max over the step (`..._max`)."""
+    if trainer_logprobs.shape != rollout_logprobs.shape:
+        raise ValueError(f"the rollout engine returned {rollout_logprobs.numel()} log-probs for a microbatch "
+                         f"of {trainer_logprobs.numel()} response tokens")
+    difference = (trainer_logprobs.double() - rollout_logprobs.to(trainer_logprobs.device).double()).abs()
+    largest = difference.max() if difference.numel() else difference.new_zeros(())
+    return {"rollout_logprob_diff_sum": difference.sum(), "rollout_logprob_diff_max": largest}

@@ -24,6 +24,13 @@ log-ratio is the only signal: pure on-policy distillation by reverse KL, whose k
 estimator it is. The logged `teacher_kl` is the k3 estimator e^d - d - 1 with
 d = log p_T - log p_old (non-negative, unbiased for KL(student || teacher)).
 
+Truncated importance sampling (verl's TIS, `rollout_importance_sampling_cap`): when another
+engine (vLLM) sampled the rollout, its kernels give p_rollout != p_old for the same
+weights, and the samples are off-policy by that much. Each token's loss is then weighted
+by the detached, capped ratio
+
+    w_t = min(p_old(y_t) / p_rollout(y_t), cap)
+
 Log-probabilities are of the tempered distributions (logits / `temperature`, the
 distribution the sampler draws from), for the student and the teacher alike.
 
@@ -89,6 +96,12 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     return per_token, {"clip_low_sum": low.double(), "clip_high_sum": high.double()}
 
 
+def truncated_importance_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """`[N]` TIS weights min(p_old / p_rollout, cap), detached."""
+    return torch.exp(old_logprobs.detach().double() - rollout_logprobs.double()).clamp(max=cap).float()
+
+
 @dataclass
 class RolloutTokens:
     """What a microbatch's loss needs from its rollout, on the last stage; all `[N]`."""
@@ -96,6 +109,7 @@ class RolloutTokens:
     base_advantages: torch.Tensor  # each token's sequence A_base
     teacher_logprobs: Optional[torch.Tensor]  # log p_T(y_t); None without a teacher
     old_logprobs: Optional[torch.Tensor]  # log p_old(y_t); None: this step's own (num_iterations == 1)
+    rollout_logprobs: Optional[torch.Tensor] = None  # log p_rollout(y_t) of the sampling engine (vLLM)
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,7 @@ class OPDRLLoss:
     temperature: float
     vocab_size: int
     opsd_clip: Optional[float] = None  # teacher: self: |log-ratio| at most this
+    importance_sampling_cap: Optional[float] = None  # TIS's cap; None: off
 
     def __call__(self, student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor,
                  loss_mask: torch.Tensor, rollout: RolloutTokens, with_sft: bool = False
@@ -123,6 +138,14 @@ class OPDRLLoss:
                                       self.teacher_kl_coef, self.opsd_clip)
         epsilon_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
         per_token, metrics = clipped_policy_loss(logprobs, old_logprobs, advantages, self.epsilon, epsilon_high)
+        if self.importance_sampling_cap is not None:
+            if rollout.rollout_logprobs is None:
+                raise ValueError("rollout_importance_sampling_cap is set but the rollout engine returned no "
+                                 "log-probs of its samples (only rollout.engine: vllm does)")
+            weights = truncated_importance_weights(old_logprobs, rollout.rollout_logprobs, self.importance_sampling_cap)
+            per_token = per_token * weights
+            metrics["importance_weight_sum"] = weights.double().sum()
+            metrics["importance_capped_sum"] = (weights >= self.importance_sampling_cap).double().sum()
         loss = per_token.sum()
         num_tokens = mask.sum().to(torch.int)
         metrics.update(loss_sum=loss.detach().clone(), advantage_sum=advantages.double().sum(),

@@ -11,7 +11,9 @@ Building a rollout batch (`OPDRL.responses`, then `OPDRL.teacher_signal`):
      on by every rank first (`runtime.agreement`); then group-normalized advantages;
   3. the teacher's log-probabilities of the sampled tokens (its own input: OPSD's
      teacher_prompt + response) and, when the batch is trained on more than once,
-     the sampling student's (`old`), each `[N]` per microbatch on the last stage.
+     the sampling student's (`old`, always Megatron's, whatever engine sampled), each
+     `[N]` per microbatch on the last stage; with vLLM, also vLLM's own log-probs of the
+     samples (truncated importance sampling, `rollout_importance_sampling_cap`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from megatron_opd.runtime.agreement import run_agreed
 class RolloutBatch:
     responses: Responses
     base_advantages: torch.Tensor  # [global batch] per sequence
+    rollout_logprobs: Optional[list[torch.Tensor]] = None  # the engine's, `[N]` per microbatch (vLLM)
     tokens: Optional[list[RolloutTokens]] = None  # per microbatch on the last stage, once computed
     signal_ready: bool = False  # set on every rank (the signal's passes are collective over PP)
 
@@ -50,7 +53,8 @@ class OPDRL(Algorithm):
         self.group_size = config.num_generations
         self.loss = OPDRLLoss(epsilon=config.epsilon, epsilon_high=config.epsilon_high,
                               teacher_kl_coef=config.teacher_kl_coef, temperature=config.temperature,
-                              vocab_size=vocab_size, opsd_clip=config.opsd_clip)
+                              vocab_size=vocab_size, opsd_clip=config.opsd_clip,
+                              importance_sampling_cap=config.rollout_importance_sampling_cap)
         self.batch: Optional[RolloutBatch] = None
 
     def responses(self, context: StepContext, iteration: int) -> Responses:
@@ -60,7 +64,8 @@ class OPDRL(Algorithm):
         if self.batch is None:
             raise RuntimeError(f"iteration {iteration} is inside a rollout batch that was never built "
                                f"(num_iterations={self.config.num_iterations})")
-        return dataclasses.replace(self.batch.responses, sums={}, metrics={})  # counted at the first step
+        # Counted at the first step; the mismatch too (the weights moved since the samples were drawn).
+        return dataclasses.replace(self.batch.responses, sums={}, metrics={}, rollout_logprobs=None)
 
     def _sample(self, context: StepContext, iteration: int) -> RolloutBatch:
         examples = context.next_examples(repeat=self.group_size)
@@ -68,7 +73,11 @@ class OPDRL(Algorithm):
         rewards, metrics = self._rewards(context, examples, rollout.completions)
         base = group_advantages(rewards, self.group_size) if self.reward_functions else torch.zeros_like(rewards).float()
         sums = {"sampled_tokens": rollout.num_tokens, "samples": len(rollout.completions)}
-        return RolloutBatch(Responses(examples, context.microbatches(examples), "student", sums, metrics), base)
+        metrics.update(rollout.extra)
+        rollout_logprobs = (context.microbatch_token_values(rollout.logprobs) if rollout.logprobs is not None
+                            else None)
+        responses = Responses(examples, context.microbatches(examples), "student", sums, metrics, rollout_logprobs)
+        return RolloutBatch(responses, base, rollout_logprobs=rollout_logprobs)
 
     def teacher_signal(self, context: StepContext, responses: Responses) -> Optional[list[RolloutTokens]]:
         batch = self.batch
@@ -96,7 +105,8 @@ class OPDRL(Algorithm):
                     microbatch.labels.to(device)[mask], temperature=self.config.temperature,
                     vocab_size=context.vocab_size)
             tokens.append(RolloutTokens(rows.unsqueeze(1).expand(mask.shape)[mask], teacher_logprobs,
-                                        old_logprobs[index] if old_logprobs is not None else None))
+                                        old_logprobs[index] if old_logprobs is not None else None,
+                                        batch.rollout_logprobs[index] if batch.rollout_logprobs is not None else None))
         return tokens
 
     def _rewards(self, context: StepContext, examples: list[dict], completions: list[list[int]]

@@ -108,27 +108,35 @@ def hf_tensor_plan(config: ModelConfig, dtype: torch.dtype) -> list[tuple[str, t
 
 
 def export_hf_weights(
-    model: torch.nn.Module, config: ModelConfig, dst_rank: int = 0
+    model: torch.nn.Module, config: ModelConfig, dst_rank: Optional[int] = 0, to_cpu: bool = True
 ) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
     """Yield `(hf_name, full_tensor)` for every HF tensor, in `hf_tensor_plan` order.
 
     Collective over the whole world: every rank must iterate to the end. The tensors
     arrive on global rank `dst_rank` (padding rows stripped); other ranks get `None`.
     Data-parallel replicas other than the first only take part in the bookkeeping.
+
+    `dst_rank=None`: every data-parallel replica streams its own copy to its own first
+    rank (TP rank 0 of its first stage), e.g. one rollout engine per replica; the
+    replicas' gathers and sends run side by side. `to_cpu=False` keeps the tensors on the
+    model's device (a GPU rollout engine takes them from there).
     """
     gpt = unwrap(model)
     rank = torch.distributed.get_rank()
     local = {global_name(gpt, name): (name, param) for name, param in gpt.named_parameters()}
     # Which rank holds which tensor: a few KB of names and shapes, once.
     mine = {key: (_full_shape(param), param.dtype) for key, (_, param) in local.items()}
-    is_source_candidate = (parallel_state.get_tensor_model_parallel_rank() == 0
-                           and parallel_state.get_data_parallel_rank() == 0)
+    position = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank(),
+                parallel_state.get_data_parallel_rank())
     holdings: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(holdings, (rank, is_source_candidate, mine))
+    torch.distributed.all_gather_object(holdings, (rank, position, mine))
+    replica = position[2] if dst_rank is None else 0
+    if dst_rank is None:
+        dst_rank = next(holder for holder, (tp, pp, dp), _ in holdings if (tp, pp, dp) == (0, 0, replica))
     source: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
-    for holder, candidate, tensors in sorted(holdings, key=lambda item: item[0]):
+    for holder, (tp, _, dp), tensors in sorted(holdings, key=lambda item: item[0]):
         for key, (shape, dtype) in tensors.items():
-            if candidate and key not in source:
+            if tp == 0 and dp == replica and key not in source:
                 source[key] = (holder, shape, dtype)
     tp_group_ranks = set(torch.distributed.get_process_group_ranks(
         parallel_state.get_tensor_model_parallel_group()))
@@ -145,7 +153,7 @@ def export_hf_weights(
             if full is None:
                 full = torch.empty(shape, dtype=dtype, device=_device(gpt))
                 torch.distributed.recv(full, src)
-            yield from zip(rule.hf_names, _to_hf_cpu(rule, full, config))
+            yield from zip(rule.hf_names, _to_hf(rule, full, config, to_cpu))
         else:
             if rank == src:
                 torch.distributed.send(full.contiguous(), dst_rank)
@@ -173,5 +181,5 @@ def _device(gpt: torch.nn.Module) -> torch.device:
     return next(gpt.parameters()).device
 
 
-def _to_hf_cpu(rule: WeightRule, full: torch.Tensor, config: ModelConfig) -> list[torch.Tensor]:
-    return [tensor.to("cpu").contiguous() for tensor in to_hf(rule, full, config)]
+def _to_hf(rule: WeightRule, full: torch.Tensor, config: ModelConfig, to_cpu: bool) -> list[torch.Tensor]:
+    return [(tensor.to("cpu") if to_cpu else tensor).contiguous() for tensor in to_hf(rule, full, config)]

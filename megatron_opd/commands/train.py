@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from megatron_opd.config.job import load_job_config
 from megatron_opd.config.schema import ConfigError
+from megatron_opd.rollout import VLLMError
 from megatron_opd.teachers import TeacherServerError
 from megatron_opd.trainer.trainer import Trainer
 
@@ -24,8 +25,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_job_config(args.config, args.overrides)
-        result = Trainer(config).train()
-    except (ConfigError, FileNotFoundError, FileExistsError, TeacherServerError) as error:
+        trainer = Trainer(config)
+        try:
+            result = trainer.train()
+        finally:
+            trainer.close()
+    except (ConfigError, FileNotFoundError, FileExistsError, TeacherServerError, VLLMError) as error:
         print(f"megatron_opd.train: error: {error}", file=sys.stderr)
         return 1
     if os.environ.get("RANK", "0") == "0":

@@ -24,6 +24,7 @@ import yaml
 from megatron_opd.config.data import DataConfig
 from megatron_opd.config.model import MAKE_VOCAB_SIZE_DIVISIBLE_BY
 from megatron_opd.config.parallel import ParallelConfig
+from megatron_opd.config.rollout import RolloutConfig
 from megatron_opd.config.schema import ConfigError, check, from_dict
 
 
@@ -162,8 +163,13 @@ class JobConfig:
     epsilon_high: Optional[float] = None  # high bound 1 + epsilon_high (null: epsilon)
     teacher_kl_coef: float = 1.0  # weight of log p_T - log p_S in each token's advantage
     reward_funcs: list[str] = field(default_factory=list)  # module:function, summed; none: pure distillation
+    # OPD-RL with rollout.engine: vllm: truncated importance sampling (verl's TIS). Each token's
+    # policy loss is weighted by min(p_megatron(y) / p_vllm(y), cap), correcting for the
+    # sampler's kernels differing from the trainer's (null: off)
+    rollout_importance_sampling_cap: Optional[float] = None
     make_vocab_size_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY
     teacher_server: TeacherServerConfig = field(default_factory=TeacherServerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
@@ -201,6 +207,15 @@ class JobConfig:
               "empty unless algorithm: opd_rl")
         if self.algorithm == "opd_rl":
             self._check_opd_rl()
+        if self.rollout.engine == "vllm":
+            check(self.temperature <= 2.0, "temperature", self.temperature,
+                  "at most 2.0 with rollout.engine: vllm (vLLM samples at temperatures in [0, 2])")
+        if self.rollout_importance_sampling_cap is not None:
+            check(self.algorithm == "opd_rl" and self.rollout.engine == "vllm", "rollout_importance_sampling_cap",
+                  self.rollout_importance_sampling_cap, "null unless algorithm: opd_rl and rollout.engine: vllm "
+                  "(the Megatron sampler's log-probs are the trainer's own)")
+            check(self.rollout_importance_sampling_cap >= 1, "rollout_importance_sampling_cap",
+                  self.rollout_importance_sampling_cap, "a number >= 1 (verl's TIS uses 2), or null (off)")
         has_teacher = any(value is not None for value in
                           (self.teacher_model, self.teacher_model_server, self.teacher_cache))
         if self.algorithm == "gkd" and not has_teacher and self.teacher != "self":

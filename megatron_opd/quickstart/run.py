@@ -164,9 +164,12 @@ class Stages:
         trainer = Trainer(config, initialize_runtime(parallel))
         if before is not None:
             before(trainer)
-        trainer.train()
-        if after is not None:
-            after(trainer)
+        try:
+            trainer.train()
+            if after is not None:
+                after(trainer)
+        finally:
+            trainer.close()
         del trainer
         gc.collect()
         self.seconds[name] = round(time.monotonic() - stage_started, 1)

@@ -37,7 +37,7 @@ from megatron_opd.models.outputs import forward_hidden_states, lm_head_weight
 from megatron_opd.models.tp_layout import unwrap
 from megatron_opd.ops import vocab_parallel_sample
 from megatron_opd.pipeline import eval_mode
-from megatron_opd.rollout.protocol import Rollout, SamplingParams
+from megatron_opd.rollout.protocol import Rollout, SamplingParams, check_request
 
 
 # Module attributes through which Megatron-Core layers switch sequence parallelism on.
@@ -60,7 +60,7 @@ class MegatronSampler:
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Optional[Sequence[int]] = None) -> Rollout:
         started = time.monotonic()
-        lengths = self._check(prompts, params, seeds)
+        lengths = check_request(prompts, params, seeds, self.vocab_size)
         device = next(self.model.parameters()).device
         batch = len(prompts)
         total = max(length + params.max_new_tokens for length in lengths)
@@ -96,6 +96,12 @@ class MegatronSampler:
         completions = [tokens[row, lengths[row]:lengths[row] + int(generated[row])].tolist() for row in range(batch)]
         ended_on_eos = [bool(completion) and completion[-1] in params.eos_token_ids for completion in completions]
         return Rollout(completions, ended_on_eos, seconds=time.monotonic() - started, forward_passes=passes)
+
+    def weights_changed(self) -> None:
+        """Nothing to do: the sampler generates with the live model."""
+
+    def close(self) -> None:
+        pass
 
     # ------------------------------------------------------------------ one step
 
@@ -157,22 +163,3 @@ class MegatronSampler:
         finally:
             for owner, name, value in switched:
                 setattr(owner, name, value)
-
-    def _check(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-               seeds: Optional[Sequence[int]]) -> list[int]:
-        if len(prompts) == 0:
-            raise ValueError("generate needs at least one prompt")
-        lengths = [len(prompt) for prompt in prompts]
-        if min(lengths) < 1:
-            raise ValueError(f"prompt {lengths.index(0)} is empty: every prompt needs at least one token")
-        for row, prompt in enumerate(prompts):
-            bad = [token for token in prompt if not 0 <= int(token) < self.vocab_size]
-            if bad:
-                raise ValueError(f"prompt {row} has token ids outside [0, {self.vocab_size}): {bad[:5]}")
-        if params.top_k is not None and params.top_k > self.vocab_size:
-            raise ValueError(f"top_k={params.top_k} is invalid: larger than the vocab ({self.vocab_size})")
-        if params.temperature > 0:
-            if seeds is None or len(seeds) != len(prompts):
-                raise ValueError(f"sampling at temperature {params.temperature} needs one seed per prompt "
-                                 f"({len(prompts)}), got {None if seeds is None else len(seeds)}")
-        return lengths

@@ -1,8 +1,8 @@
 """What the trainer needs from a generation backend: prompts in, sampled completions out.
 
-The trainer only talks to a `RolloutEngine`, so the CPU-capable `MegatronSampler` (the
-student's own Megatron model, generating in place) and a GPU engine such as vLLM (which
-would sync the student's weights before generating) are interchangeable.
+The trainer only talks to a `RolloutEngine`, so `MegatronSampler` (the student's own
+Megatron model, generating in place) and `VLLMEngine` (a vLLM engine holding a copy of
+the weights, re-synced after every optimizer step) are interchangeable.
 
 Sampling is seeded per prompt: row i of a batch draws its noise from its own stream,
 seeded by `seeds[i]`, so a completion depends on (weights, prompt, seed) only, not on
@@ -46,7 +46,10 @@ class Rollout:
     finished: list[bool]  # True: ended on an EOS id; False: cut at max_new_tokens
     seconds: float = 0.0
     forward_passes: int = 0
-    extra: dict = field(default_factory=dict)
+    # The engine's own log-prob of each sampled id (of the distribution it sampled from),
+    # where it differs from the trainer's (vLLM); None: the trainer's own model sampled
+    logprobs: Optional[list[list[float]]] = None
+    extra: dict = field(default_factory=dict)  # engine statistics, e.g. weight_sync_s
 
     @property
     def num_tokens(self) -> int:
@@ -57,9 +60,39 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  seeds: Optional[Sequence[int]] = None) -> Rollout:
         """Complete every prompt (token ids). `seeds` (one per prompt) is required unless
-        `params.temperature == 0`. Collective over the model's TP and PP groups: every rank
-        of them calls it with the same prompts and gets the same result."""
+        `params.temperature == 0`. Collective: every rank of a model-parallel group calls it
+        with the same prompts and gets the same result (an engine that syncs weights first
+        needs every rank of the world)."""
         ...
+
+    def weights_changed(self) -> None:
+        """The model's weights changed (an optimizer step): an engine holding a copy re-syncs
+        before its next `generate`."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def check_request(prompts: Sequence[Sequence[int]], params: SamplingParams, seeds: Optional[Sequence[int]],
+                  vocab_size: int) -> list[int]:
+    """The prompts' lengths; raises ValueError for a request no engine can serve."""
+    if len(prompts) == 0:
+        raise ValueError("generate needs at least one prompt")
+    lengths = [len(prompt) for prompt in prompts]
+    if min(lengths) < 1:
+        raise ValueError(f"prompt {lengths.index(0)} is empty: every prompt needs at least one token")
+    for row, prompt in enumerate(prompts):
+        bad = [token for token in prompt if not 0 <= int(token) < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {row} has token ids outside [0, {vocab_size}): {bad[:5]}")
+    if params.top_k is not None and params.top_k > vocab_size:
+        raise ValueError(f"top_k={params.top_k} is invalid: larger than the vocab ({vocab_size})")
+    if params.temperature > 0:
+        if seeds is None or len(seeds) != len(prompts):
+            raise ValueError(f"sampling at temperature {params.temperature} needs one seed per prompt "
+                             f"({len(prompts)}), got {None if seeds is None else len(seeds)}")
+    return lengths
 
 
 def eos_token_ids(tokenizer, model_dir: Path) -> tuple[int, ...]:

@@ -21,20 +21,28 @@ _LINE_KEYS = ("loss", "divergence", "sft_loss", "grad_norm", "lr", "tokens_per_s
 def reduce_metrics(outputs: Optional[list[dict]], sums: dict[str, float], device: torch.device) -> dict[str, float]:
     """A step's metrics from the loss outputs of its microbatches (last stage; None elsewhere
     gives {}): every `<name>_sum` summed over microbatches and DP ranks and divided by the
-    global token count; `sums` (this rank's, e.g. sampled tokens) summed over DP ranks as they are."""
+    global token count; every `<name>_max` the largest over microbatches and DP ranks;
+    `sums` (this rank's, e.g. sampled tokens) summed over DP ranks as they are."""
     if outputs is None:
         return {}
+    group = parallel_state.get_data_parallel_group()
     keys = sorted({key for out in outputs for key in out if key.endswith("_sum")})
     totals = [sum((out[key].double() for out in outputs if key in out), torch.zeros((), dtype=torch.float64))
               for key in keys + ["tokens"]]
     totals += [torch.tensor(float(value), dtype=torch.float64) for value in sums.values()]
     reduced = torch.stack(totals).to(device)
-    torch.distributed.all_reduce(reduced, group=parallel_state.get_data_parallel_group())
+    torch.distributed.all_reduce(reduced, group=group)
     reduced = reduced.tolist()
     tokens = reduced[len(keys)]
     result = {key[:-len("_sum")]: total / max(tokens, 1) for key, total in zip(keys, reduced)}
     result["tokens"] = int(tokens)
     result.update(zip(sums, reduced[len(keys) + 1:]))
+    # Every DP rank has the same keys (the same algorithm, the same kind of step).
+    maxima = sorted({key for out in outputs for key in out if key.endswith("_max")})
+    if maxima:
+        largest = torch.stack([max(out[key].double() for out in outputs if key in out) for key in maxima]).to(device)
+        torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX, group=group)
+        result.update(zip(maxima, largest.tolist()))
     return result
 
 

@@ -40,6 +40,7 @@ from megatron_opd.config.job import JobConfig
 from megatron_opd.config.schema import ConfigError, to_dict
 from megatron_opd.data import OUTPUT_COLUMNS, DataIterator, tokenized_split
 from megatron_opd.pipeline import eval_mode
+from megatron_opd.rollout import RolloutEngine, build_rollout_engine, import_vllm
 from megatron_opd.runtime import Runtime, initialize_runtime
 from megatron_opd.runtime.distributed import seed_everything
 from megatron_opd.runtime.precision import resolve_dtype
@@ -70,6 +71,8 @@ class _Stopwatch:
 class Trainer:
     def __init__(self, config: JobConfig, runtime: Optional[Runtime] = None):
         check_teacher_paths(config)
+        if config.rollout.engine == "vllm":
+            import_vllm()  # not installed: one line saying how, before anything loads
         self.config = config
         models = resolve_models(config)
         self.runtime = runtime or initialize_runtime(config.parallel)
@@ -100,8 +103,10 @@ class Trainer:
         self.data_iterator = DataIterator(self.train_data,
                                           config.training.global_batch_size // self.algorithm.group_size,
                                           seed=config.data.seed, shuffle=config.data.shuffle)
+        self.teacher_source = models.teacher
         self.context = StepContext(config, self.runtime, self.model, self.teacher, self.tokenizer, self.vocab_size,
-                                   self.student_source.tokenizer_dir, self.train_data, self.data_iterator)
+                                   self.student_source.tokenizer_dir, self.train_data, self.data_iterator,
+                                   self._rollout_engine)
         if self.algorithm.samples:
             self.context.sampling  # a tokenizer without EOS fails now, not at the first sampled step
         self.iteration = 0
@@ -125,6 +130,17 @@ class Trainer:
         if self.config.reward_funcs:
             return dataset  # reward functions read the rows' own columns
         return dataset.select_columns(list(OUTPUT_COLUMNS))
+
+    def _rollout_engine(self, source: str) -> RolloutEngine:
+        """The engine that samples the student's (or the in-process teacher's) responses."""
+        if source == "student":
+            model, pretrained = self.model, self.student_source
+        elif self.teacher_source is not None:
+            model, pretrained = self.teacher.model, self.teacher_source
+        else:
+            raise ConfigError("seq_kd needs teacher_model (an in-process teacher samples the responses)")
+        return build_rollout_engine(self.config.rollout, model, pretrained, self.vocab_size, self.dtype,
+                                    self.config.parallel.seed, self.runtime.device, label=source)
 
     def _is_logging_rank(self) -> bool:
         return (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
@@ -157,13 +173,15 @@ class Trainer:
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self.context.student_pass(responses.microbatches, signals,
-                                            self.algorithm.microbatch_loss(responses), forward_only=False)
+                                            self.algorithm.microbatch_loss(responses), forward_only=False,
+                                            rollout_logprobs=responses.rollout_logprobs)
         student_time = clock.lap()
         updated, grad_norm, _ = self.optimizer.step()
         if not updated:
             raise FloatingPointError(f"iteration {self.iteration + 1}: the optimizer skipped the step "
                                      f"(grad norm {grad_norm}): non-finite gradients")
         self.scheduler.step(increment=1)
+        self.context.weights_changed()
         optimizer_time = clock.lap()
         self.iteration += 1
 
@@ -221,6 +239,10 @@ class Trainer:
                 copy_hf_side_files(self.student_source.tokenizer_dir, staging)
             write_hf_weights(self.model, self.student_source.model, staging, self.dtype,
                              label="exporting the student to HF")
+
+    def close(self) -> None:
+        """Stop the rollout engines' processes (vLLM); the trainer is unusable afterwards."""
+        self.context.close()
 
     def train(self) -> dict[str, Any]:
         training = self.config.training

