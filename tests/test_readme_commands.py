@@ -40,8 +40,9 @@ SKIPPED = {
     "make test": "creates .venv and runs this test suite",
     "make demo-opd-rl": "installs; the demo itself is tests/test_demos.py",
     "make demo-opsd": "installs; the demo itself is tests/test_demos.py",
-    "vllm serve /models/Qwen2.5-7B-Instruct --max-logprobs 20 --port 8000": "vLLM on a GPU; our server "
-        "speaks its API and is the next command",
+    "vllm serve /models/Qwen2.5-7B-Instruct --max-logprobs 20 --port 8000": "a 7B model on a GPU; vLLM's CPU "
+        "build serves tiny teachers in tests/test_vllm_teacher.py (`make test-vllm`), and our server, which "
+        "speaks its API, is the next command",
     "python -m venv .venv && . .venv/bin/activate": "creates an environment",
     "pip install torch": "installs packages",
     'pip install -e ".[gpu]"': "installs packages",

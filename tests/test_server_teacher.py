@@ -11,7 +11,6 @@ down, or killed mid-run and restarted.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -22,25 +21,25 @@ import pytest
 
 from megatron_opd.serve.launch import launch, start_server
 from megatron_opd.testing import DistributedTestError, run_distributed
-from tests.gkd_setup import make_gkd_setup, overrides
+from tests.gkd_setup import overrides
+from tests.helpers.teacher_runs import (
+    K,
+    SERVER_ENV,
+    assert_same_cache,
+    cache_argv,
+    cache_on_rank,
+    served,
+    served_teacher_setup,
+)
 from tests.helpers.trainer_runs import assert_same_update, merged, run
 from tests.hf_models import VOCAB
 
-SERVER_ENV = {"MEGATRON_OPD_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
 ROOT = Path(__file__).parents[1]
-K = 5
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
-    setup = make_gkd_setup(tmp_path_factory.mktemp("server_teacher"))
-    # The served teacher with the run's tokenizer beside it, as a real teacher directory has.
-    served = Path(setup["teacher"]).with_name("teacher_with_tokenizer")
-    shutil.copytree(setup["teacher"], served)
-    for name in os.listdir(setup["tokenizer"]):
-        shutil.copy(Path(setup["tokenizer"]) / name, served / name)
-    setup["served_teacher"] = str(served)
-    return setup
+    return served_teacher_setup(tmp_path_factory.mktemp("server_teacher"))
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +47,6 @@ def server(setup):
     with start_server(setup["served_teacher"], max_logprobs=8, env=SERVER_ENV,
                       args=["--tokenizer", setup["tokenizer"]]) as server:
         yield server
-
-
-def served(url: str, **fields) -> dict:
-    return {"teacher_model": "null", "teacher_model_server": url, "gkd_logits_topk": K,
-            "teacher_server.max_retries": 0, "teacher_server.verify_tokenizer": "false", **fields}
 
 
 LAYOUTS = {"tp1": {"world": 1}, "tp2": {"world": 2, "parallel.tensor_model_parallel_size": 2},
@@ -112,16 +106,6 @@ def test_more_logprobs_than_the_server_gives_is_refused(setup, server, tmp_path)
 
 # ----------------------------------------------------------------------------- the cache
 
-def cache_on_rank(argv: list[str]) -> int:
-    from megatron_opd.commands.cache_teacher import main
-
-    return main(argv)
-
-
-def cache_argv(setup: dict, out: Path, tmp_path: Path, **fields) -> list[str]:
-    return ["--out", str(out), *overrides(setup, tmp_path / "unused", gkd_logits_topk=8, **fields)]
-
-
 @pytest.fixture(scope="module")
 def local_cache(setup, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cache")
@@ -141,24 +125,14 @@ def test_training_from_the_cache_equals_the_live_teacher(setup, local_cache, tmp
 
 
 def test_cache_written_at_tp2_and_from_the_server_equals_tp1(setup, server, local_cache, tmp_path):
-    from datasets import load_from_disk
-    import numpy as np
-
     tp2 = tmp_path / "tp2_cache"
     argv = cache_argv(setup, tp2, tmp_path, **{"parallel.tensor_model_parallel_size": 2})
     assert run_distributed(cache_on_rank, 2, argv, timeout=300) == [0, 0]
     remote = tmp_path / "server_cache"
     argv = cache_argv(setup, remote, tmp_path, teacher_model="null", teacher_model_server=server.url)
     assert run_distributed(cache_on_rank, 1, argv, timeout=300) == [0]
-    for split, rows in (("train", 64), ("val", 16)):
-        reference = load_from_disk(str(local_cache / split)).with_format("numpy")
-        assert len(reference) == rows
-        for other in (tp2, remote):
-            table = load_from_disk(str(other / split)).with_format("numpy")
-            for row in range(0, rows, 7):
-                assert np.array_equal(table[row]["topk_ids"], reference[row]["topk_ids"])
-                np.testing.assert_allclose(table[row]["topk_logprobs"], reference[row]["topk_logprobs"], atol=1e-5)
-                np.testing.assert_allclose(table[row]["token_logprobs"], reference[row]["token_logprobs"], atol=1e-5)
+    for other in (tp2, remote):
+        assert_same_cache(other, local_cache, atol=1e-5)
 
 
 def test_cache_of_other_data_or_too_small_k_is_refused(setup, local_cache, tmp_path):

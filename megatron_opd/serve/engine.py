@@ -15,6 +15,12 @@ the full-vocab log-softmax on every TP rank without gathering the vocab. A score
 position t of a prompt predicts token t + 1; the last position predicts the token this
 server generates, sampled first by `ops.vocab_parallel_sample`. Log-probs are of the
 raw model (temperature 1), whatever temperature the generated token is sampled at.
+
+Each scored token also gets vLLM's rank (`vllm.v1.sample.ops.logprobs.batched_count_greater_than`):
+its 1-based position when it is among the top-k its row asked for, else the number of
+vocab entries whose value is >= its own (itself included), so a token tied with the
+k-th value ranks k + 1, as vLLM's does. `token_ranks` counts in a second pass over the
+logits of only the rows whose token is outside their top-k.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import torch.distributed as dist
 
 from megatron_opd.models.outputs import forward_hidden_states, lm_head_weight
 from megatron_opd.ops import fused_linear_topk_logprobs, vocab_parallel_sample
+from megatron_opd.ops.vocab_parallel import owned_positions, row_chunks, tempered, vocab_shard
 from megatron_opd.runtime import Runtime
 
 BATCH, HEARTBEAT, STOP = 1, 2, 3
@@ -48,13 +55,15 @@ class PromptJob:
 
 @dataclass
 class TopLogprobs:
-    """Teacher scores at n positions: the top-k `ids` / `logprobs` `[n, k]` (sorted, descending)
-    and the log-probs `token_logprobs` `[n]` of the tokens that actually follow, `token_ids` `[n]`."""
+    """Teacher scores at n positions: the top-k `ids` / `logprobs` `[n, k]` (sorted, descending),
+    and of the tokens that actually follow, `token_ids` `[n]`, their log-probs `token_logprobs`
+    `[n]` and vLLM's ranks `token_ranks` `[n]` int64 (see the module docstring)."""
 
     ids: torch.Tensor
     logprobs: torch.Tensor
     token_ids: torch.Tensor
     token_logprobs: torch.Tensor
+    token_ranks: torch.Tensor
 
 
 @dataclass
@@ -147,15 +156,26 @@ class TeacherEngine:
         next_tokens = torch.where(last, generated.unsqueeze(1), next_tokens)
         rows, cols = scored.nonzero(as_tuple=True)
         k = batch.top_k
+        targets = next_tokens[rows, cols]
         if rows.numel():
             top_logprobs, top_ids, token_logprobs = fused_linear_topk_logprobs(
-                hidden[rows, cols], weight, k, token_ids=next_tokens[rows, cols], vocab_size=self.vocab_size)
+                hidden[rows, cols], weight, k, token_ids=targets, vocab_size=self.vocab_size)
+            row_k = self._row_k(batch, rows.cpu(), last[rows, cols].cpu()).to(self.device)
+            ranks = token_ranks(hidden[rows, cols], weight, targets, top_ids, row_k, self.vocab_size)
         else:  # nothing to score; the same on every rank, so no rank enters the op alone
             top_logprobs = torch.empty(0, k, device=self.device)
             top_ids = torch.empty(0, k, dtype=torch.long, device=self.device)
             token_logprobs = torch.empty(0, device=self.device)
-        return self._split(batch, scored.sum(1).tolist(), next_tokens[rows, cols].cpu(), top_ids.cpu(),
-                           top_logprobs.cpu(), token_logprobs.cpu())
+            ranks = torch.empty(0, dtype=torch.long, device=self.device)
+        return self._split(batch, scored.sum(1).tolist(), targets.cpu(), top_ids.cpu(), top_logprobs.cpu(),
+                           token_logprobs.cpu(), ranks.cpu())
+
+    @staticmethod
+    def _row_k(batch: Batch, rows: torch.Tensor, is_last: torch.Tensor) -> torch.Tensor:
+        """`[n]`: the k each scored position's request asked for (`logprobs` at a generated
+        token, `prompt_logprobs` at a prompt token; 0 where not asked for)."""
+        k = torch.where(is_last, batch.logprobs[rows], batch.prompt_logprobs[rows])
+        return k.clamp(min=0)
 
     def _sample(self, hidden: torch.Tensor, weight: torch.Tensor, batch: Batch, lengths: torch.Tensor,
                 generates: torch.Tensor) -> torch.Tensor:
@@ -179,8 +199,13 @@ class TeacherEngine:
 
     @staticmethod
     def _split(batch: Batch, counts: list[int], targets: torch.Tensor, top_ids: torch.Tensor,
-               top_logprobs: torch.Tensor, token_logprobs: torch.Tensor) -> list[PromptScores]:
+               top_logprobs: torch.Tensor, token_logprobs: torch.Tensor, ranks: torch.Tensor) -> list[PromptScores]:
         """The flat `[N, ...]` results back into rows, each cut to the k its request asked for."""
+
+        def part(span: slice, k: int) -> TopLogprobs:
+            return TopLogprobs(top_ids[span, :k], top_logprobs[span, :k], targets[span], token_logprobs[span],
+                               ranks[span])
+
         results = []
         start = 0
         for row, count in enumerate(counts):
@@ -189,18 +214,51 @@ class TeacherEngine:
             generated = None
             if int(batch.max_tokens[row]) == 1:
                 end_prompt = end - 1
-                k = max(logprobs_k, 0)
-                generated = TopLogprobs(top_ids[end_prompt:end, :k], top_logprobs[end_prompt:end, :k],
-                                        targets[end_prompt:end], token_logprobs[end_prompt:end])
+                generated = part(slice(end_prompt, end), max(logprobs_k, 0))
             else:
                 end_prompt = end
-            prompt = None
-            if prompt_k != NONE:
-                prompt = TopLogprobs(top_ids[start:end_prompt, :prompt_k], top_logprobs[start:end_prompt, :prompt_k],
-                                     targets[start:end_prompt], token_logprobs[start:end_prompt])
+            prompt = part(slice(start, end_prompt), prompt_k) if prompt_k != NONE else None
             results.append(PromptScores(prompt=prompt, generated=generated))
             start = end
         return results
+
+
+def token_ranks(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor, top_ids: torch.Tensor,
+                row_k: torch.Tensor, vocab_size: int, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """vLLM's rank of each token `[n]` int64, from hidden states `[n, H]`, this rank's LM-head
+    shard `[V/tp, H]`, the tokens `[n]`, the top ids `[n, k]` (descending, the same on every
+    TP rank) and the k each row asked for `row_k` `[n]`.
+
+    Inside its row's top-k a token's rank is its position there (vLLM lists the top-k with
+    ranks 1..k and the token among them keeps its place). Outside, it is the count of real
+    vocab ids whose logit is >= the token's, summed over the TP shards: vLLM counts
+    log-probs >= the token's, the same order, since a log-prob is the logit minus one
+    shift per row. Collective over the TP group: every rank calls it with the same rows.
+    """
+    k = top_ids.shape[1]
+    hit = (top_ids == token_ids.unsqueeze(1)) & (torch.arange(k, device=top_ids.device) < row_k.unsqueeze(1))
+    ranks = hit.long().argmax(dim=1) + 1  # the position inside the row's top-k, where it is there
+    outside = (~hit.any(dim=1)).nonzero().squeeze(1)
+    if outside.numel():  # the same rows on every rank: top_ids and token_ids are replicated
+        ranks[outside] = _count_at_least(hidden[outside], weight, token_ids[outside], vocab_size, chunk_size)
+    return ranks
+
+
+@torch.no_grad()
+def _count_at_least(hidden: torch.Tensor, weight: torch.Tensor, token_ids: torch.Tensor, vocab_size: int,
+                    chunk_size: Optional[int]) -> torch.Tensor:
+    """Per row `[m]`: how many real vocab ids have a logit >= that of `token_ids` `[m]`
+    (the token itself included), over the whole sharded vocab. Padding ids never count."""
+    shard = vocab_shard(weight.shape[0], vocab_size, None)
+    owned, local = owned_positions(token_ids.unsqueeze(1), shard)
+    counts = []
+    for out, rows in row_chunks(None, hidden.shape[0], shard.local_vocab, chunk_size):
+        logits = tempered(hidden[rows] @ weight.t(), shard, 1.0)  # padding at NEG_INF: below any real logit
+        # The token's logit lives on one shard: MAX over ranks of (its logit there, -inf elsewhere).
+        mine = torch.where(owned[out], logits.gather(1, local[out]), torch.full_like(logits[:, :1], -float("inf")))
+        theirs = shard.all_reduce(mine, dist.ReduceOp.MAX)
+        counts.append(shard.all_reduce((logits >= theirs).sum(dim=1)))
+    return torch.cat(counts) if counts else token_ids.new_empty(0)
 
 
 class BatchChannel:

@@ -14,7 +14,9 @@ so no rank hangs in a collective while another has failed.
 At start, `connect` checks what would otherwise fail late or silently: the server
 answers and serves the model, a probe sequence gets K log-probs per token inside the
 student's vocab, and (`teacher_server.verify_tokenizer`) the server tokenizes a probe
-text exactly as the student's tokenizer does.
+text exactly as the student's tokenizer does. Both probes fit the server's context:
+vLLM's `/v1/models` (and ours) gives `max_model_len`, and a request's prompt plus the
+one generated token must fit in it.
 """
 
 from __future__ import annotations
@@ -41,13 +43,37 @@ PROBE_TEXT = "Distillation probe: The quick brown fox jumps over 13 lazy dogs; 7
 PROBE_TOKENS = 48
 
 
-def probe_text(tokenizer) -> str:
+def probe_text(tokenizer, max_tokens: Optional[int] = None) -> str:
     """A fixed sentence and the text of tokens spread over the whole vocabulary: tokenizers
-    that differ anywhere in their vocab almost surely split it differently."""
+    that differ anywhere in their vocab almost surely split it differently. Cut (by
+    characters, so both sides tokenize the same text) to at most `max_tokens` tokens."""
     special = set(tokenizer.all_special_ids)
     size = len(tokenizer)
     spread = [token for token in ((i * 7919) % size for i in range(1, 4 * PROBE_TOKENS)) if token not in special]
-    return PROBE_TEXT + " " + tokenizer.decode(spread[:PROBE_TOKENS], skip_special_tokens=True)
+    text = PROBE_TEXT + " " + tokenizer.decode(spread[:PROBE_TOKENS], skip_special_tokens=True)
+    return text if max_tokens is None else _fit(tokenizer, text, max_tokens)
+
+
+def _fit(tokenizer, text: str, max_tokens: int) -> str:
+    """The longest prefix of `text` that `tokenizer` turns into at most `max_tokens` ids
+    (binary search over characters; token counts grow with the prefix)."""
+    def count(length: int) -> int:
+        return len(tokenizer(text[:length])["input_ids"])
+
+    low, high = 0, len(text)
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if count(middle) <= max_tokens else (low, middle - 1)
+    return text[:low]
+
+
+def probe_limit(card: dict) -> Optional[int]:
+    """The most prompt tokens a request to the model of `card` (its `/v1/models` entry) may
+    have: `max_model_len` less the one token each request generates; None when not given."""
+    length = card.get("max_model_len")
+    if not isinstance(length, int) or isinstance(length, bool):
+        return None
+    return length - 1
 
 
 def asks_the_server() -> bool:
@@ -77,6 +103,7 @@ class ServerTeacher:
         self.device = device
         self.client = TeacherServerClient(url, settings) if asks_the_server() else None
         self.model_name: Optional[str] = None
+        self.max_prompt_tokens: Optional[int] = None  # the server's max_model_len - 1, when it says
         self._agree(lambda: self.connect(tokenizer))
 
     # ------------------------------------------------------------------ start
@@ -98,11 +125,16 @@ class ServerTeacher:
         if isinstance(card.get("max_logprobs"), int) and card["max_logprobs"] < self.k:
             raise TeacherServerError(f"teacher server {self.url} returns at most {card['max_logprobs']} logprobs, "
                                      f"fewer than gkd_logits_topk={self.k}: restart it with --max-logprobs {self.k}")
-        text = probe_text(tokenizer)
+        self.max_prompt_tokens = probe_limit(card)
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 2:
+            raise TeacherServerError(f"teacher server {self.url} serves {wanted} with max_model_len="
+                                     f"{card['max_model_len']}: too short to score even one token")
+        text = probe_text(tokenizer, self.max_prompt_tokens)
         probe = tokenizer(text)["input_ids"]
         if self.settings.verify_tokenizer:
             self._check_tokenizer(text, probe)
-        self._ask([probe], where="the start-up probe")
+        # The ids probe: the text's ids, or a cut of them where the tokenizer adds tokens of its own.
+        self._ask([probe[:self.max_prompt_tokens]], where="the start-up probe")
 
     def _check_tokenizer(self, text: str, probe: list[int]) -> None:
         try:
@@ -124,6 +156,8 @@ class ServerTeacher:
     # ------------------------------------------------------------------ per step
 
     def _ask(self, prompts: Sequence[list[int]], where: str) -> list[PromptLogprobs]:
+        self._check_lengths(prompts, where)
+
         def one(index: int) -> PromptLogprobs:
             choice = self.client.completion(self.model_name, prompts[index], prompt_logprobs=self.k)
             try:
@@ -133,6 +167,17 @@ class ServerTeacher:
                                          f"({len(prompts[index])} tokens): {error}") from None
 
         return self.client.map(one, range(len(prompts)))
+
+    def _check_lengths(self, prompts: Sequence[list[int]], where: str) -> None:
+        """Fail before sending when a sequence cannot fit the server's context (its 400 would say
+        so too, but not which setting to change)."""
+        limit = self.max_prompt_tokens
+        longest = max((len(prompt) for prompt in prompts), default=0)
+        if limit is not None and longest > limit:
+            raise TeacherServerError(
+                f"teacher server {self.url}, {where}: a sequence of {longest} tokens is longer than the "
+                f"{limit} the server takes (max_model_len={limit + 1}, less the one token a request generates): "
+                "start the server with a larger --max-model-len, or lower data.max_length")
 
     def _query(self, microbatches: list[Microbatch]) -> list[TeacherTopK]:
         spans = [response_spans(batch) for batch in microbatches]

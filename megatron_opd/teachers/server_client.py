@@ -5,12 +5,14 @@ Per sequence one request,
     POST /v1/completions {"model": M, "prompt": [ids], "max_tokens": 1, "prompt_logprobs": K, "temperature": 0}
 
 whose `choices[0].prompt_logprobs` has one entry per prompt token: null for the first,
-then `{"<id>": {"logprob": x, "rank": r, "decoded_token": s}, ...}` holding the K most
-likely ids of the distribution that predicts token t and token t itself (K or K + 1
-entries), at temperature 1 (vLLM's default `logprobs_mode`). `parse_prompt_logprobs`
-turns it into `[L - 1, K]` arrays and refuses anything else by name: fewer than K
-entries, ids outside the vocab, values that are not log-probabilities, a length that
-is not the prompt's.
+then `{"<id>": {"logprob": x, "rank": r, "decoded_token": s}, ...}` holding token t itself
+(first, in vLLM's order) and the K most likely ids of the distribution that predicts it
+(K entries when t is among them, else K + 1), at temperature 1 (vLLM's default
+`logprobs_mode`). vLLM ranks the top-K 1..K and token t, when outside them, by the count
+of vocab entries at least as likely (>= K + 1; exactly K + 1 when it ties the K-th value,
+common with bf16 teachers). `parse_prompt_logprobs` turns it into `[L - 1, K]` arrays
+and refuses anything else by name: fewer than K entries, ids outside the vocab, values
+that are not log-probabilities, a length that is not the prompt's.
 
 Written on the standard library (`http.client` over a thread pool): the client needs
 keep-alive connections, a bound on requests in flight, a timeout per request and its
@@ -187,6 +189,56 @@ def _entry_rank(value: Any) -> Optional[int]:
     return rank if isinstance(rank, int) and not isinstance(rank, bool) else None
 
 
+def _position_pairs(entry: Any, position: int, vocab_size: int) -> list[tuple[int, float, Optional[int]]]:
+    """One prompt_logprobs entry as `(id, logprob, rank or None)` in the server's order, each
+    id inside the vocab and each value a log-probability."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"prompt_logprobs[{position}] is {type(entry).__name__}, expected an object of "
+                         "token id -> logprob")
+    try:
+        items = [(int(key), _entry_logprob(value), _entry_rank(value)) for key, value in entry.items()]
+    except ValueError as error:
+        raise ValueError(f"prompt_logprobs[{position}]: {error}") from None
+    for token, value, _ in items:
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"prompt_logprobs[{position}] has token id {token}, outside the student's vocab "
+                             f"[0, {vocab_size}): a different tokenizer or model?")
+        if math.isnan(value) or value > LOGPROB_SLACK:
+            raise ValueError(f"prompt_logprobs[{position}] gives token {token} logprob {value}: not a "
+                             "log-probability")
+    return items
+
+
+def _top_k(items: list[tuple[int, float, Optional[int]]], actual: int, k: int, position: int
+           ) -> list[tuple[int, float]]:
+    """The K most likely `(id, logprob)` of one entry, most likely first.
+
+    With ranks on every entry (vLLM), the top-K are the entries ranked 1..K: the prompt
+    token outside them ranks >= K + 1, even when it ties the K-th value, so ranks and not
+    values decide which of tied entries is in. Without ranks (older servers), the K + 1-th
+    entry is the prompt token outside the top-K; the rest sorted by value.
+    """
+    if len(items) < k:
+        raise ValueError(f"prompt_logprobs[{position}] has {len(items)} entries, fewer than the K={k} asked "
+                         "for (start the server with --max-logprobs >= K)")
+    if all(rank is not None for _, _, rank in items):
+        top = sorted((item for item in items if item[2] <= k), key=lambda item: item[2])
+        ranks = [rank for _, _, rank in top]
+        if ranks != list(range(1, k + 1)):
+            raise ValueError(f"prompt_logprobs[{position}]: the entries ranked <= {k} have ranks {ranks}, not "
+                             f"1..{k}: the server returned fewer than K top tokens")
+    else:
+        if len(items) > k + 1:
+            raise ValueError(f"prompt_logprobs[{position}] has {len(items)} entries without ranks, more than "
+                             f"the K + 1 = {k + 1} (the top-K and the prompt token) a server returns for K={k}")
+        top = [item for item in items if len(items) == k or item[0] != actual]
+        top.sort(key=lambda item: -item[1])
+    values = [value for _, value, _ in top]
+    if any(later > earlier for earlier, later in zip(values, values[1:])):
+        raise ValueError(f"prompt_logprobs[{position}]: the top-{k} log-probs {values} do not descend with rank")
+    return [(token, value) for token, value, _ in top]
+
+
 def parse_prompt_logprobs(choice: dict, prompt: Sequence[int], k: int, vocab_size: int) -> PromptLogprobs:
     """The K most likely ids and log-probs at positions 1..L-1 of `prompt`, and the prompt
     tokens' own log-probs; ValueError (the caller names the server and row) otherwise."""
@@ -200,37 +252,15 @@ def parse_prompt_logprobs(choice: dict, prompt: Sequence[int], k: int, vocab_siz
     ids = np.empty((rows, k), dtype=np.int64)
     token_logprobs = np.empty(rows, dtype=np.float32)
     for position in range(1, len(prompt)):
-        entry = entries[position]
-        if not isinstance(entry, dict):
-            raise ValueError(f"prompt_logprobs[{position}] is {type(entry).__name__}, expected an object of "
-                             "token id -> logprob")
-        try:
-            pairs = [(int(key), _entry_logprob(value)) for key, value in entry.items()]
-        except ValueError as error:
-            raise ValueError(f"prompt_logprobs[{position}]: {error}") from None
-        ranks = {int(key): _entry_rank(value) for key, value in entry.items()}
-        if len(pairs) < k:
-            raise ValueError(f"prompt_logprobs[{position}] has {len(pairs)} entries, fewer than the K={k} asked "
-                             "for (start the server with --max-logprobs >= K)")
-        for token, value in pairs:
-            if not 0 <= token < vocab_size:
-                raise ValueError(f"prompt_logprobs[{position}] has token id {token}, outside the student's vocab "
-                                 f"[0, {vocab_size}): a different tokenizer or model?")
-            if math.isnan(value) or value > LOGPROB_SLACK:
-                raise ValueError(f"prompt_logprobs[{position}] gives token {token} logprob {value}: not a "
-                                 "log-probability")
-        actual = dict(pairs).get(int(prompt[position]))
-        if actual is None:
-            raise ValueError(f"prompt_logprobs[{position}] lacks the prompt token {prompt[position]} itself")
-        # The top K by value: an extra (K + 1-th) entry is the prompt token outside them.
-        pairs.sort(key=lambda pair: -pair[1])
-        top_ranks = [ranks[token] for token, _ in pairs[:k]]
-        if None not in top_ranks and sorted(top_ranks) != list(range(1, k + 1)):
-            raise ValueError(f"prompt_logprobs[{position}]: the {k} most likely entries have ranks {sorted(top_ranks)}, "
-                             f"not 1..{k}: the server returned fewer than K top tokens")
-        ids[position - 1] = [token for token, _ in pairs[:k]]
-        logprobs[position - 1] = [min(value, 0.0) for _, value in pairs[:k]]
-        token_logprobs[position - 1] = min(actual, 0.0)
+        items = _position_pairs(entries[position], position, vocab_size)
+        actual = int(prompt[position])
+        value = next((value for token, value, _ in items if token == actual), None)
+        if value is None:
+            raise ValueError(f"prompt_logprobs[{position}] lacks the prompt token {actual} itself")
+        top = _top_k(items, actual, k, position)
+        ids[position - 1] = [token for token, _ in top]
+        logprobs[position - 1] = [min(value, 0.0) for _, value in top]
+        token_logprobs[position - 1] = min(value, 0.0)
     return PromptLogprobs(logprobs, ids, token_logprobs)
 
 
