@@ -28,7 +28,8 @@ VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
 PROMPTS = [[5, 17, 42], [7, 7, 8, 100, 250, 3, 9, 11, 12], [299, 0, 1, 2, 64]]
 SEEDS = [11, 12, 13]
 MAX_NEW = 12
-ROLLOUT = {"rollout.engine": "vllm", "rollout.vllm_max_model_len": 128, "rollout.weight_sync_bucket_mb": 1}
+# 20 KB buckets: a layer's tensors span several (the tiny model is ~0.6 MB).
+ROLLOUT = {"rollout.engine": "vllm", "rollout.vllm_max_model_len": 320, "rollout.weight_sync_bucket_mb": 0.02}
 
 
 # vLLM's CPU attention supports head dims of 32 and more (the tiny models' default is 16).
@@ -43,7 +44,7 @@ def setup(tmp_path_factory):
 def _rollout_config():
     from megatron_opd.config.rollout import RolloutConfig
 
-    return RolloutConfig(engine="vllm", vllm_max_model_len=128, weight_sync_bucket_mb=1)
+    return RolloutConfig(engine="vllm", vllm_max_model_len=320, weight_sync_bucket_mb=0.02)
 
 
 def generate_on_rank(model_dir: str, tp: int, eos: int) -> dict:
@@ -145,14 +146,17 @@ def vllm_prompt_logprobs(engine, sequences: list[list[int]]) -> list[list[float]
 
 def sync_after_steps_on_rank(argv: list[str], steps: int, export_dir: str) -> dict:
     from megatron_opd.config.job import load_job_config
-    from megatron_opd.rollout import weight_sync
+    from megatron_opd.rollout import SamplingParams, weight_sync
     from megatron_opd.trainer.trainer import Trainer
 
     trainer = Trainer(load_job_config(None, argv))
     try:
         metrics = [trainer.train_step() for _ in range(steps)]  # each samples through vLLM, synced first
         engine = trainer.context.engine("student")
-        sequences = [prompt + [(7 * i + 5) % VOCAB for i in range(6)] for prompt in PROMPTS]
+        # Long enough to fill whole KV-cache blocks (128 tokens on CPU): a prefix cache kept
+        # across syncs would
+        # serve the second request below from the first one's (stale) blocks.
+        sequences = [prompt + [(7 * i + 5) % VOCAB for i in range(260)] for prompt in PROMPTS]
         # The weights moved at the last step: a sync that skips one tensor leaves vLLM stale there.
         add = weight_sync.WeightSync.add
         weight_sync.WeightSync.add = lambda self, name, tensor: None if name == SKIPPED else add(self, name, tensor)
@@ -161,12 +165,17 @@ def sync_after_steps_on_rank(argv: list[str], steps: int, export_dir: str) -> di
         finally:
             weight_sync.WeightSync.add = add
         skipped = vllm_prompt_logprobs(engine, sequences) if engine.is_host else None
+        # Generation (unlike prompt log-probs) reads vLLM's prefix cache: fill it with blocks
+        # of the stale weights, then sync; the next samples must not be computed from them.
+        greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+        engine.generate(sequences, greedy)
         engine.sync_weights()
         synced = vllm_prompt_logprobs(engine, sequences) if engine.is_host else None
+        rollout = engine.generate(sequences, greedy)
         trainer.export_hf(Path(export_dir))
     finally:
         trainer.close()
-    return {"metrics": metrics, "sequences": sequences, "skipped": skipped, "synced": synced}
+    return {"metrics": metrics, "sequences": sequences, "skipped": skipped, "synced": synced, "rollout": rollout}
 
 
 def hf_float64_logprobs(model_dir: Path, sequences: list[list[int]]) -> list[list[float]]:
@@ -191,6 +200,11 @@ def test_vllm_has_the_trained_weights_after_sync(setup, tmp_path, tp):
     reference = hf_float64_logprobs(tmp_path / "hf", host["sequences"])
     for mine, theirs in zip(reference, host["synced"]):
         torch.testing.assert_close(torch.tensor(theirs, dtype=torch.float64), torch.tensor(mine, dtype=torch.float64), atol=1e-4, rtol=0)
+    rollout = host["rollout"]
+    generated = hf_float64_logprobs(tmp_path / "hf", [s + c for s, c in zip(host["sequences"], rollout.completions)])
+    for sequence, mine, theirs in zip(host["sequences"], generated, rollout.logprobs):
+        torch.testing.assert_close(torch.tensor(theirs, dtype=torch.float64),
+                                   torch.tensor(mine[len(sequence) - 1:], dtype=torch.float64), atol=1e-4, rtol=0)
     largest = max(abs(a - b) for row, other in zip(reference, host["skipped"]) for a, b in zip(row, other))
     assert largest > 1e-3, f"skipping {SKIPPED} in the sync changed nothing ({largest}): the check cannot fail"
     last = next(r["metrics"] for r in results if r["metrics"][-1])

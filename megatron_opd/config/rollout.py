@@ -32,7 +32,7 @@ class RolloutConfig:
     vllm_enforce_eager: Optional[bool] = None  # null: eager on CPU, CUDA graphs on GPU
     # Weight sync: HF tensors are pushed in buckets of at most this many MiB (a tensor
     # larger than a bucket goes alone): the extra memory a sync needs is about one bucket.
-    weight_sync_bucket_mb: int = 512
+    weight_sync_bucket_mb: float = 512.0
 
     def __post_init__(self) -> None:
         check(self.engine in ENGINES, "rollout.engine", self.engine, f"one of {list(ENGINES)}")
@@ -46,5 +46,5 @@ class RolloutConfig:
         check(self.vllm_max_num_seqs >= 1, "rollout.vllm_max_num_seqs", self.vllm_max_num_seqs, "an integer >= 1")
         check(self.sleep_level in (1, 2), "rollout.sleep_level", self.sleep_level,
               "1 (offload weights, free the KV cache) or 2 (drop both)")
-        check(self.weight_sync_bucket_mb >= 1, "rollout.weight_sync_bucket_mb", self.weight_sync_bucket_mb,
-              "an integer >= 1 (MiB)")
+        check(self.weight_sync_bucket_mb > 0, "rollout.weight_sync_bucket_mb", self.weight_sync_bucket_mb,
+              "a number > 0 (MiB)")

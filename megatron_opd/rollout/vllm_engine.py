@@ -140,7 +140,7 @@ class VLLMEngine:
         sync = None
         error: Optional[BaseException] = None
         if self.is_host:
-            sync = WeightSync(self.llm, self._transport, self.rollout.weight_sync_bucket_mb * 2**20, self.dtype,
+            sync = WeightSync(self.llm, self._transport, int(self.rollout.weight_sync_bucket_mb * 2**20), self.dtype,
                               self._parameter_names)
         # Every rank drains the stream to the end even after a failure here: the other ranks'
         # sends and gathers must complete before anyone raises.

@@ -24,9 +24,11 @@ import pickle
 import torch
 
 
-def bucket_views(buffer: torch.Tensor, names: list[str], dtypes: list[str], shapes: list[list[int]],
-                 offsets: list[int]) -> list[tuple[str, torch.Tensor]]:
-    """The bucket's tensors as views into `buffer` (flat uint8)."""
+def bucket_tensors(buffer: torch.Tensor, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                   offsets: list[int]) -> list[tuple[str, torch.Tensor]]:
+    """The bucket's tensors, copied out of `buffer` (flat uint8): vLLM's layerwise reload
+    keeps the tensors it is given until their layer is complete, and a layer may span
+    buckets while the trainer refills the same buffer for the next one."""
     views = []
     for name, dtype_name, shape, offset in zip(names, dtypes, shapes, offsets):
         dtype = getattr(torch, dtype_name)
@@ -34,7 +36,7 @@ def bucket_views(buffer: torch.Tensor, names: list[str], dtypes: list[str], shap
         for size in shape:
             count *= size
         nbytes = count * torch.empty((), dtype=dtype).element_size()
-        views.append((name, buffer[offset:offset + nbytes].view(dtype).view(shape)))
+        views.append((name, buffer[offset:offset + nbytes].view(dtype).view(shape).clone()))
     return views
 
 
@@ -65,7 +67,7 @@ class WeightLoaderExtension:
         """Load the bucket laid out in the shared-memory file `path` (CPU). Returns the vLLM
         parameter names it wrote."""
         buffer = torch.from_file(path, shared=True, size=total_bytes, dtype=torch.uint8)
-        return self._megatron_opd_load(bucket_views(buffer, names, dtypes, shapes, offsets))
+        return self._megatron_opd_load(bucket_tensors(buffer, names, dtypes, shapes, offsets))
 
     def megatron_opd_load_cuda_ipc_bucket(self, handle: str, names: list[str], dtypes: list[str],
                                           shapes: list[list[int]], offsets: list[int]) -> list[str]:
@@ -76,7 +78,7 @@ class WeightLoaderExtension:
         arguments = list(arguments)
         arguments[6] = torch.cuda.current_device()  # the device index as this process numbers it
         buffer = rebuild(*arguments)
-        loaded = self._megatron_opd_load(bucket_views(buffer, names, dtypes, shapes, offsets))
+        loaded = self._megatron_opd_load(bucket_tensors(buffer, names, dtypes, shapes, offsets))
         torch.cuda.synchronize()
         return loaded
 

@@ -154,6 +154,8 @@ class WeightSync:
         """Push the last bucket; every vLLM parameter must have been written by the sync."""
         self.flush()
         self.llm.collective_rpc("megatron_opd_finish_sync")
+        # The KV blocks cached for shared prefixes were computed with the old weights.
+        self.llm.reset_prefix_cache()
         missing = sorted(set(self.parameter_names) - self.loaded)
         if missing:
             raise ValueError(f"the weight sync left {len(missing)} vLLM parameter(s) unwritten, first "
