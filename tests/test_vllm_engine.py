@@ -154,8 +154,7 @@ def sync_after_steps_on_rank(argv: list[str], steps: int, export_dir: str) -> di
         metrics = [trainer.train_step() for _ in range(steps)]  # each samples through vLLM, synced first
         engine = trainer.context.engine("student")
         # Long enough to fill whole KV-cache blocks (128 tokens on CPU): a prefix cache kept
-        # across syncs would
-        # serve the second request below from the first one's (stale) blocks.
+        # across syncs would serve the second request below from the first one's (stale) blocks.
         sequences = [prompt + [(7 * i + 5) % VOCAB for i in range(260)] for prompt in PROMPTS]
         # The weights moved at the last step: a sync that skips one tensor leaves vLLM stale there.
         add = weight_sync.WeightSync.add

@@ -106,7 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Fixed mode: a frozen copy of the warmed-up student reads the hint. Its current
         # weights (dynamic mode) would let both sides drift to a common trivial answer.
         teacher = [f"teacher_model={student}"]
-    config = stage_config(args, *data, *teacher, f"model={student}", f"training.output_dir={out / method}")
+    config = stage_config(args, *data, *teacher, f"model={student}", f"training.output_dir={out / method}",
+                          f"rollout.engine={args.engine}")
     metrics: dict = {}
 
     def measure(trainer, when: str) -> None:
@@ -120,6 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     stages.run(method, config, before=lambda t: measure(t, "before"), after=lambda t: measure(t, "after"))
     metrics["settings"] = {"method": method, "algorithm": config.algorithm, "teacher": config.teacher,
+                           "rollout_engine": args.engine,
                            "teacher_model": config.teacher_model,
                            "train_iters": config.training.train_iters, "val_prompts": len(val_rows),
                            "tensor_model_parallel_size": config.parallel.tensor_model_parallel_size}

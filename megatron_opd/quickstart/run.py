@@ -72,6 +72,9 @@ def parse_args(argv: Optional[Sequence[str]], **defaults) -> argparse.Namespace:
                         help="peak LR of the warm-up (cosine to a tenth), independent of the method's LR")
     parser.add_argument("--student-warmup-batch", type=int, default=64, help="global batch of the warm-up")
     parser.add_argument("--student-size", default="64,2,2,2,128", help="hidden,layers,heads,kv_heads,ffn of the student")
+    parser.add_argument("--engine", choices=("megatron", "vllm"), default="megatron",
+                        help="what samples the method's on-policy responses (rollout.engine); vllm needs "
+                             "`make vllm-setup` on CPU")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the GKD config")
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
@@ -237,7 +240,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         say(f"teacher: {teacher_checkpoint}")
 
     student = stages.warm_up_student()
-    gkd_config = stage_config(args, f"teacher_model={teacher_checkpoint}", f"model={student}")
+    gkd_config = stage_config(args, f"teacher_model={teacher_checkpoint}", f"model={student}",
+                              f"rollout.engine={args.engine}")
 
     def before_gkd(trainer) -> None:
         with trainer.teacher.on_device() as teacher:
@@ -257,7 +261,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               f"training.output_dir={args.out.resolve() / 'sft_baseline'}")
     run_stage("sft_baseline", sft_config, after=lambda t: metrics.update(sft_baseline_accuracy=accuracy(t)))
 
-    metrics["settings"] = {"lmbda": gkd_config.lmbda, "beta": gkd_config.beta, "train_iters":
+    metrics["settings"] = {"lmbda": gkd_config.lmbda, "beta": gkd_config.beta, "rollout_engine": args.engine,
+                           "train_iters":
                            gkd_config.training.train_iters, "tensor_model_parallel_size":
                            gkd_config.parallel.tensor_model_parallel_size, "val_prompts": len(val_rows),
                            "teacher": str(teacher_checkpoint)}
