@@ -136,19 +136,27 @@ def dense_reference(hidden, head, labels, mask, base, teacher_logprobs, old_logp
     return loss.item(), hidden.grad, head_ref.grad
 
 
-@pytest.mark.parametrize("with_old", [False, True], ids=["num_iterations_1", "stored_old"])
-@pytest.mark.parametrize("coef", [0.0, 0.7], ids=["plain_grpo", "opd"])
-def test_loss_and_gradients_match_dense_reference(with_old, coef):
-    generator = torch.Generator().manual_seed(0)
-    vocab, padded, size = 11, 16, 8
-    hidden = torch.randn(2, 5, size, generator=generator)
-    head = torch.randn(padded, size, generator=generator)
+def random_rollout_case(seed: int, vocab: int, with_old: bool) -> tuple:
+    """hidden [2, 5, 8], head [16, 8] (vocab padded to 16), labels and mask [2, 5] (6 counted
+    tokens), per-token base advantages, teacher log-probs and (`with_old`) stored old ones [6]."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, 5, 8, generator=generator)
+    head = torch.randn(16, 8, generator=generator)
     labels = torch.randint(0, vocab, (2, 5), generator=generator)
     mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
     tokens = int(mask.sum())
     base = torch.tensor([0.8] * 3 + [-1.1] * 3)
     teacher_logprobs = -torch.rand(tokens, generator=generator) * 3
     old = (-torch.rand(tokens, generator=generator) * 3) if with_old else None
+    return hidden, head, labels, mask, base, teacher_logprobs, old
+
+
+@pytest.mark.parametrize("with_old", [False, True], ids=["num_iterations_1", "stored_old"])
+@pytest.mark.parametrize("coef", [0.0, 0.7], ids=["plain_grpo", "opd"])
+def test_loss_and_gradients_match_dense_reference(with_old, coef):
+    vocab = 11
+    hidden, head, labels, mask, base, teacher_logprobs, old = random_rollout_case(0, vocab, with_old)
+    tokens = int(mask.sum())
     loss_fn = OPDRLLoss(epsilon=0.2, epsilon_high=0.3, teacher_kl_coef=coef, temperature=0.8, vocab_size=vocab)
     hidden_t = hidden.clone().double().requires_grad_(True)
     head_t = head.clone().double().requires_grad_(True)
@@ -175,16 +183,8 @@ def test_loss_and_gradients_match_dense_reference(with_old, coef):
 def test_truncated_importance_sampling_matches_dense_reference(with_old):
     """rollout_importance_sampling_cap: each token's surrogate times min(p_old / p_rollout, cap),
     a constant weight (no gradient through it); float64, per token in Python."""
-    generator = torch.Generator().manual_seed(1)
-    vocab, padded, size, cap = 11, 16, 8, 1.5
-    hidden = torch.randn(2, 5, size, generator=generator)
-    head = torch.randn(padded, size, generator=generator)
-    labels = torch.randint(0, vocab, (2, 5), generator=generator)
-    mask = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 1, 1]], dtype=torch.bool)
-    tokens = int(mask.sum())
-    base = torch.tensor([0.8] * 3 + [-1.1] * 3)
-    teacher_logprobs = -torch.rand(tokens, generator=generator) * 3
-    old = (-torch.rand(tokens, generator=generator) * 3) if with_old else None
+    vocab, cap = 11, 1.5
+    hidden, head, labels, mask, base, teacher_logprobs, old = random_rollout_case(1, vocab, with_old)
     logp_all = torch.log_softmax((hidden.double() @ head.double().T)[..., :vocab] / 0.8, dim=-1)
     flat = [(b, s) for b in range(2) for s in range(5) if mask[b, s]]
     current = [logp_all[b, s, labels[b, s]].item() for b, s in flat]
