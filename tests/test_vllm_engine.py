@@ -190,15 +190,25 @@ def hf_float64_logprobs(model_dir: Path, sequences: list[list[int]]) -> list[lis
     return result
 
 
-@pytest.mark.parametrize("tp", [2])
-def test_vllm_has_the_trained_weights_after_sync(setup, tmp_path, tp):
+# Megatron layouts of the trainer (world, overrides): TP=2 (shards gathered into one engine),
+# DP=2 (two engines, each replica streams its own copy), PP=2 (stages send to the first).
+SYNC_LAYOUTS = {"tp2": {"parallel.tensor_model_parallel_size": 2}, "dp2": {},
+                "pp2": {"parallel.pipeline_model_parallel_size": 2}}
+
+
+@pytest.mark.parametrize("layout", list(SYNC_LAYOUTS))
+def test_vllm_has_the_trained_weights_after_sync(setup, tmp_path, layout):
     argv = overrides(setup, tmp_path / "out", lmbda=1, temperature=1.0, max_completion_length=6,
-                     **{"parallel.tensor_model_parallel_size": tp, "optimizer.lr": 3e-2, **ROLLOUT})
-    results = run_distributed(sync_after_steps_on_rank, tp, argv, 2, str(tmp_path / "hf"), timeout=600, env=VLLM_ENV)
-    host = results[0]
+                     **{"optimizer.lr": 3e-2, **SYNC_LAYOUTS[layout], **ROLLOUT})
+    results = run_distributed(sync_after_steps_on_rank, 2, argv, 2, str(tmp_path / "hf"), timeout=600, env=VLLM_ENV)
+    hosts = [result for result in results if result["synced"] is not None]
+    assert len(hosts) == (2 if layout == "dp2" else 1), "one vLLM engine per data-parallel replica"
+    host = hosts[-1]
     reference = hf_float64_logprobs(tmp_path / "hf", host["sequences"])
-    for mine, theirs in zip(reference, host["synced"]):
-        torch.testing.assert_close(torch.tensor(theirs, dtype=torch.float64), torch.tensor(mine, dtype=torch.float64), atol=1e-4, rtol=0)
+    for replica in hosts:
+        for mine, theirs in zip(reference, replica["synced"]):
+            torch.testing.assert_close(torch.tensor(theirs, dtype=torch.float64),
+                                       torch.tensor(mine, dtype=torch.float64), atol=1e-4, rtol=0)
     rollout = host["rollout"]
     generated = hf_float64_logprobs(tmp_path / "hf", [s + c for s, c in zip(host["sequences"], rollout.completions)])
     for sequence, mine, theirs in zip(host["sequences"], generated, rollout.logprobs):
@@ -258,3 +268,29 @@ def test_failures_name_the_model_or_tensor_and_stop_every_rank(setup, tmp_path):
     assert "on another rank" in other["unloadable"]
     assert CORRUPTED in host["bad_shape"] and "(63, 96)" in host["bad_shape"], host["bad_shape"]
     assert "on another rank" in other["bad_shape"]
+
+
+def hf_greedy(model_dir: str, prompt: list[int], max_new: int, eos: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    output = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            do_sample=False, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=eos)
+    return output[0, len(prompt):].tolist()
+
+
+def test_seq_kd_samples_the_teacher_through_vllm(setup, tmp_path):
+    """seq_kd with rollout.engine: vllm: a second vLLM engine, synced once from the in-process
+    teacher, samples the step's responses; at top_k 1 they are HF's greedy teacher completions."""
+    from tests.helpers.trainer_runs import train_on_rank
+
+    argv = overrides(setup, tmp_path / "out", lmbda=0, seq_kd=True, top_k=1, temperature=1.0,
+                     max_completion_length=6, **ROLLOUT)
+    result = run_distributed(train_on_rank, 1, argv, 1, timeout=600, env=VLLM_ENV)[0]
+    step, examples = result["steps"][0], result["examples"][0]
+    assert step["teacher_sampled"] == 1.0 and step["on_policy"] == 0.0
+    assert "rollout_logprob_diff" not in step, "the mismatch is the student's: not logged for teacher samples"
+    model = setup["teacher"]
+    for example in examples:
+        prompt = example["input_ids"][:example["prompt_length"]]
+        assert example["input_ids"][example["prompt_length"]:] == hf_greedy(model, prompt, 6, eos=0)

@@ -28,6 +28,7 @@ documented APIs and UNTESTED: no GPU was lent to this project yet.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -38,7 +39,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_opd.checkpoint.hf_weights import export_hf_weights
+from megatron_opd.checkpoint.hf_weights import export_hf_weights, hf_tensor_plan
 from megatron_opd.checkpoint.megatron_checkpoint import copy_hf_side_files
 from megatron_opd.checkpoint.pretrained import Pretrained
 from megatron_opd.config.rollout import RolloutConfig
@@ -165,7 +166,9 @@ class VLLMEngine:
                                                "(see the first error in the log)"))
         self.stale = False
         self.sync_seconds = time.monotonic() - started
-        self.sync_bytes = float(sync.total_bytes) if sync is not None else 0.0
+        # The same on every rank (the metrics are logged by the last stage, not the host).
+        self.sync_bytes = float(sum(math.prod(shape) * dtype.itemsize
+                                    for _, shape, dtype in hf_tensor_plan(self.source.model, self.dtype)))
 
     # ------------------------------------------------------------------ generate
 
