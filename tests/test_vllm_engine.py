@@ -41,13 +41,14 @@ def setup(tmp_path_factory):
     return make_gkd_setup(tmp_path_factory.mktemp("vllm_engine"), **HEADS)
 
 
-def _rollout_config():
+def _rollout_config(vllm_tp: int = 1):
     from megatron_opd.config.rollout import RolloutConfig
 
-    return RolloutConfig(engine="vllm", vllm_max_model_len=320, weight_sync_bucket_mb=0.02)
+    return RolloutConfig(engine="vllm", vllm_max_model_len=320, weight_sync_bucket_mb=0.02,
+                         vllm_tensor_parallel_size=vllm_tp)
 
 
-def generate_on_rank(model_dir: str, tp: int, eos: int) -> dict:
+def generate_on_rank(model_dir: str, tp: int, eos: int, vllm_tp: int = 1) -> dict:
     from megatron_opd.checkpoint import load_pretrained
     from megatron_opd.checkpoint.pretrained import inspect_pretrained
     from megatron_opd.rollout import MegatronSampler, SamplingParams, VLLMEngine
@@ -59,7 +60,8 @@ def generate_on_rank(model_dir: str, tp: int, eos: int) -> dict:
     greedy = SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0, eos_token_ids=(eos,))
     sampled = SamplingParams(max_new_tokens=MAX_NEW, temperature=2.0, top_k=50, eos_token_ids=(eos,))
     megatron = MegatronSampler(model, VOCAB)
-    engine = VLLMEngine(model, source, VOCAB, _rollout_config(), torch.float32, seed=0, device=runtime.device)
+    engine = VLLMEngine(model, source, VOCAB, _rollout_config(vllm_tp), torch.float32, seed=0,
+                        device=runtime.device)
     try:
         result = {
             "megatron_greedy": megatron.generate(PROMPTS, greedy).completions,
@@ -84,9 +86,12 @@ def hf_greedy_token(model_dir: str, prompt: list[int], step: int) -> int:
     return int(output[0, len(prompt) + step])
 
 
-# (model, Megatron TP): llama2 (untied head, logits O(1): sampling differs from greedy) at
-# both layouts; qwen2 (tied head, QKV bias: the sync's hardest case) at TP=2.
-RUNS = (("teacher", 1), ("teacher", 2), ("student", 2))
+# (model, Megatron TP, vLLM TP): llama2 (untied head, logits O(1): sampling differs from
+# greedy) at both Megatron layouts; qwen2 (tied head, QKV bias: the sync's hardest case) at
+# Megatron TP=2, and into vLLM at TP=2 (two vLLM workers, each takes its shard of the pushed
+# full tensors; vLLM's CPU build binds each worker's threads to a core, named here).
+RUNS = (("teacher", 1, 1), ("teacher", 2, 1), ("student", 2, 1), ("student", 1, 2))
+VLLM_TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 
 
 @pytest.fixture(scope="module")
@@ -96,15 +101,16 @@ def eos(setup):
 
 @pytest.fixture(scope="module")
 def generated(setup, eos):
-    return {(model, tp): run_distributed(generate_on_rank, tp, setup[model], tp, eos[model], timeout=600,
-                                         env=VLLM_ENV)
-            for model, tp in RUNS}
+    return {(model, tp, vllm_tp): run_distributed(generate_on_rank, tp, setup[model], tp, eos[model], vllm_tp,
+                                                  timeout=600,
+                                                  env={**VLLM_ENV, **(VLLM_TP2_ENV if vllm_tp == 2 else {})})
+            for model, tp, vllm_tp in RUNS}
 
 
-@pytest.mark.parametrize("model,tp", RUNS)
-def test_greedy_equals_megatron_sampler(setup, generated, eos, model, tp):
+@pytest.mark.parametrize("model,tp,vllm_tp", RUNS)
+def test_greedy_equals_megatron_sampler(setup, generated, eos, model, tp, vllm_tp):
     eos = eos[model]
-    for rank, report in enumerate(generated[model, tp]):
+    for rank, report in enumerate(generated[model, tp, vllm_tp]):
         rollout = report["vllm_greedy"]
         assert rollout.completions == report["megatron_greedy"], f"rank {rank}: vLLM's greedy ids differ"
         assert rollout.finished == [bool(c) and c[-1] == eos for c in rollout.completions]
@@ -119,12 +125,12 @@ def test_greedy_equals_megatron_sampler(setup, generated, eos, model, tp):
 
 
 def test_seeded_samples_reproducible(generated):
-    reference = generated["teacher", 1][0]
+    reference = generated["teacher", 1, 1][0]
     assert reference["vllm_sampled"] != reference["megatron_greedy"], "sampling gave the greedy path"
     assert reference["vllm_other_seeds"] != reference["vllm_sampled"], "the seeds do not change the samples"
     assert reference["vllm_sampled_again"] == reference["vllm_sampled"]
     assert reference["vllm_row1_alone"] == reference["vllm_sampled"][1], "a row's sample depends on its batch"
-    for rank, report in enumerate(generated["teacher", 2]):  # another engine, in another run, at TP=2
+    for rank, report in enumerate(generated["teacher", 2, 1]):  # another engine, in another run, at TP=2
         assert report["vllm_sampled"] == reference["vllm_sampled"], f"TP=2 rank {rank}"
 
 

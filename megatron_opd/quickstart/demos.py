@@ -106,8 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # Fixed mode: a frozen copy of the warmed-up student reads the hint. Its current
         # weights (dynamic mode) would let both sides drift to a common trivial answer.
         teacher = [f"teacher_model={student}"]
-    config = stage_config(args, *data, *teacher, f"model={student}", f"training.output_dir={out / method}",
-                          f"rollout.engine={args.engine}")
+    config = stage_config(args, *data, *teacher, f"model={student}", f"training.output_dir={out / method}")
     metrics: dict = {}
 
     def measure(trainer, when: str) -> None:

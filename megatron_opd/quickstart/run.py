@@ -110,7 +110,10 @@ def stage_config(args: argparse.Namespace, *fields: str) -> JobConfig:
     out = args.out.resolve()
     paths = [f"data.dataset=[{out / 'data' / 'train.jsonl'}]", f"data.val_dataset=[{out / 'data' / 'val.jsonl'}]",
              f"data.tokenizer={out / 'tokenizer'}", f"model={out / 'student_init'}"]
-    return load_job_config(args.config, [*paths, f"training.output_dir={out / 'gkd'}", *args.overrides, *fields])
+    # The engine applies to every stage (the SFT ones never sample), so that overrides that
+    # need it (rollout_importance_sampling_cap) hold for every stage's config.
+    return load_job_config(args.config, [*paths, f"training.output_dir={out / 'gkd'}", f"rollout.engine={args.engine}",
+                                         *args.overrides, *fields])
 
 
 def greedy_accuracy(model: torch.nn.Module, tokenizer, vocab_size: int, rows: list[dict],
@@ -192,6 +195,7 @@ class Stages:
         warmup_dir = args.out.resolve() / "student_warmup"
         self.run("student_warmup", stage_config(
             args, "algorithm=sft", "teacher_model=null", "teacher=model", "opsd_clip=null", "reward_funcs=[]",
+            "rollout_importance_sampling_cap=null",
             f"training.output_dir={warmup_dir}",
             f"training.train_iters={args.student_warmup_iters}", f"optimizer.lr={args.student_warmup_lr}",
             f"optimizer.min_lr={args.student_warmup_lr / 10}", *self.data_parallel(args.teacher_tp, args.student_warmup_batch), *fields))
@@ -240,8 +244,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         say(f"teacher: {teacher_checkpoint}")
 
     student = stages.warm_up_student()
-    gkd_config = stage_config(args, f"teacher_model={teacher_checkpoint}", f"model={student}",
-                              f"rollout.engine={args.engine}")
+    gkd_config = stage_config(args, f"teacher_model={teacher_checkpoint}", f"model={student}")
 
     def before_gkd(trainer) -> None:
         with trainer.teacher.on_device() as teacher:
