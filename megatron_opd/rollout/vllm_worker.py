@@ -19,9 +19,22 @@ vLLM imports it by name inside its worker processes.
 from __future__ import annotations
 
 import base64
+import logging
 import pickle
 
 import torch
+
+
+class _RotaryNotice(logging.Filter):
+    """vLLM's layerwise reload warns "RotaryEmbedding: Failed to load weights" for every
+    layer at every sync: its cos/sin cache is a buffer no checkpoint holds (and it is
+    restored as it was). Dropped, so that a real failure among them stays visible."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(_RotaryNotice())
 
 
 def bucket_tensors(buffer: torch.Tensor, names: list[str], dtypes: list[str], shapes: list[list[int]],
