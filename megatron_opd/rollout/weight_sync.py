@@ -83,6 +83,9 @@ class CudaIPCTransport:
 
     def __init__(self, device: torch.device):
         self.device = device
+        # The worker finds the buffer's GPU by UUID: its own device numbering may differ
+        # (CUDA_VISIBLE_DEVICES), and a vLLM TP worker on another GPU reads it peer to peer.
+        self.gpu_uuid = str(torch.cuda.get_device_properties(device).uuid)
         self._buffer: Optional[torch.Tensor] = None
         self._handle: Optional[str] = None
 
@@ -97,8 +100,8 @@ class CudaIPCTransport:
     def rpc(self, llm: Any, table: dict[str, list]) -> list[str]:
         torch.cuda.synchronize(self.device)  # the copies into the buffer are done before the worker reads
         results = llm.collective_rpc("megatron_opd_load_cuda_ipc_bucket",
-                                     args=(self._handle, table["names"], table["dtypes"], table["shapes"],
-                                           table["offsets"]))
+                                     args=(self._handle, self.gpu_uuid, table["names"], table["dtypes"],
+                                           table["shapes"], table["offsets"]))
         return results[0]
 
     def close(self) -> None:
@@ -113,9 +116,11 @@ class WeightSync:
     """One sync's packing on the engine's host rank: `add` every HF tensor, then `finish`."""
 
     def __init__(self, llm: Any, transport: Transport, bucket_bytes: int, dtype: torch.dtype,
-                 parameter_names: list[str]):
+                 parameter_names: list[str], hf_names: list[str]):
+        """`parameter_names`: vLLM's (fused); `hf_names`: every HF tensor the sync must push."""
         self.llm, self.transport, self.bucket_bytes, self.dtype = llm, transport, bucket_bytes, dtype
-        self.parameter_names = parameter_names
+        self.parameter_names, self.hf_names = parameter_names, hf_names
+        self.pushed: set[str] = set()
         self.loaded: set[str] = set()
         self.pending: list[tuple[str, torch.Tensor]] = []
         self.pending_bytes = 0
@@ -129,6 +134,7 @@ class WeightSync:
         if self.pending and self.pending_bytes + size > self.bucket_bytes:
             self.flush()
         self.pending.append((name, tensor))
+        self.pushed.add(name)
         self.pending_bytes += size
         self.total_bytes += tensor.numel() * tensor.element_size()
 
@@ -151,7 +157,13 @@ class WeightSync:
         self.buckets += 1
 
     def finish(self) -> None:
-        """Push the last bucket; every vLLM parameter must have been written by the sync."""
+        """Push the last bucket. Every HF tensor of the model must have been pushed (vLLM's
+        layerwise reload would fill a layer's missing part with uninitialized memory, not keep
+        its old values) and every vLLM parameter written."""
+        unpushed = [name for name in self.hf_names if name not in self.pushed]
+        if unpushed:
+            raise ValueError(f"the weight sync pushed no {unpushed[0]} ({len(unpushed)} HF tensor(s) missing): "
+                             "vLLM would sample with an incomplete layer")
         self.flush()
         self.llm.collective_rpc("megatron_opd_finish_sync")
         # The KV blocks cached for shared prefixes were computed with the old weights.
