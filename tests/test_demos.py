@@ -5,9 +5,12 @@ before/after measurements and `metrics.json`; the headline numbers are checked w
 margins each shortened run clears about twice, and that a method that does nothing
 (lr=0, or no teacher signal) fails.
 
-- opsd: the demo's own 400-step warm-up (hinted and plain prompts), then 120 OPSD steps
-  instead of 200 (measured: teacher_kl 2.107 -> 1.684, accuracy 0.195 -> 0.414 on 128
-  held-out prompts; the full demo: 2.115 -> 0.261 and 0.211 -> 0.906).
+- opsd: the demo's own 400-step warm-up (hinted and plain prompts), then the demo's 200
+  OPSD steps on fewer rows (measured: teacher_kl 2.062 -> 1.537, accuracy 0.234 -> 0.438 on
+  128 held-out prompts; the full demo: 1.911 -> 0.396 and 0.262 -> 0.875). 120 steps, as
+  this test ran before, cleared the margins on one machine (2.107 -> 1.684) and not on
+  another (2.062 -> 1.895, accuracy +0.016): another CPU's float rounding moves a short
+  sampled run that much, so the test runs the demo's full length.
 - opd_rl: the demo needs a student the teacher mostly agrees with (a 1200-step warm-up,
   minutes on CPU). Here the student starts as the shipped teacher with Gaussian noise on
   its weights instead (`student_init`, which the demo keeps when present), at accuracy
@@ -37,7 +40,7 @@ def demo_on_rank(argv: list[str]) -> int:
 
 
 RUNS = {
-    "opsd": ["--train-rows", "4096", "--val-rows", "128", "training.train_iters=120", "training.eval_iters=2"],
+    "opsd": ["--train-rows", "4096", "--val-rows", "128", "training.train_iters=200", "training.eval_iters=2"],
     "opd_rl": ["--train-rows", "2048", "--val-rows", "128", "--student-warmup-iters", "0",
                "training.train_iters=10", "training.global_batch_size=64", "training.micro_batch_size=64",
                "optimizer.lr_warmup_iters=0", "optimizer.lr_decay_style=constant"],
