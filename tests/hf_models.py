@@ -84,3 +84,25 @@ def hf_logits(directory: Path, token_ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         return model(token_ids).logits
+
+
+def hf_prefix_logprobs(model: torch.nn.Module, sequences: list[list[int]]) -> list[list[float]]:
+    """Log-prob of each token of each sequence given its prefix under a loaded HF `model`
+    (its own dtype; the true vocab only)."""
+    result = []
+    with torch.no_grad():
+        for sequence in sequences:
+            logits = model(torch.tensor([sequence])).logits[0, :-1, :VOCAB]
+            logprobs = torch.log_softmax(logits, dim=-1)
+            result.append(logprobs.gather(1, torch.tensor(sequence[1:]).unsqueeze(1)).squeeze(1).tolist())
+    return result
+
+
+def hf_greedy_token(model_dir: Path, prompt: list[int], step: int) -> int:
+    """The id HF's greedy decoding of `prompt` emits at `step` (an EOS that stops one row early)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    output = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                            do_sample=False, max_new_tokens=step + 1, pad_token_id=0, eos_token_id=None)
+    return int(output[0, len(prompt) + step])

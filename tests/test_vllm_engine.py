@@ -21,7 +21,7 @@ import torch
 from megatron_opd.config import ParallelConfig
 from megatron_opd.testing import run_distributed
 from tests.gkd_setup import make_gkd_setup, overrides
-from tests.hf_models import VOCAB
+from tests.hf_models import VOCAB, hf_greedy_token, hf_prefix_logprobs
 
 pytestmark = pytest.mark.vllm
 
@@ -75,16 +75,6 @@ def generate_on_rank(model_dir: str, tp: int, eos: int, vllm_tp: int = 1) -> dic
     finally:
         engine.close()
     return result
-
-
-def hf_greedy_token(model_dir: str, prompt: list[int], step: int) -> int:
-    """The id HF's greedy decoding of `prompt` emits at `step` (an EOS that stops one row early)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
-    output = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                            do_sample=False, max_new_tokens=step + 1, pad_token_id=0, eos_token_id=None)
-    return int(output[0, len(prompt) + step])
 
 
 # (model, Megatron TP, vLLM TP): llama2 (untied head, logits O(1): sampling differs from
@@ -192,13 +182,7 @@ def hf_float64_logprobs(model_dir: Path, sequences: list[list[int]]) -> list[lis
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager")
-    result = []
-    with torch.no_grad():
-        for sequence in sequences:
-            logits = model(torch.tensor([sequence])).logits[0, :-1, :VOCAB]
-            logprobs = torch.log_softmax(logits, dim=-1)
-            result.append(logprobs.gather(1, torch.tensor(sequence[1:]).unsqueeze(1)).squeeze(1).tolist())
-    return result
+    return hf_prefix_logprobs(model, sequences)
 
 
 # Megatron layouts of the trainer (world, overrides): TP=2 (shards gathered into one engine),

@@ -38,7 +38,7 @@ export PYTHONUNBUFFERED=1
 # No network on the GPU machines: no usage reports, no hub look-ups (every model is local).
 export VLLM_NO_USAGE_STATS=${VLLM_NO_USAGE_STATS:-1} DO_NOT_TRACK=${DO_NOT_TRACK:-1} HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 LOG_DIR=${GPU_ACCEPTANCE_LOG_DIR:-${OUT:-}}
-[ -n "$LOG_DIR" ] || LOG_DIR=$(mktemp -d /tmp/gpu_acceptance.XXXXXX)
+[ -n "$LOG_DIR" ] || { LOG_DIR=/tmp/gpu_acceptance.$(date +%Y%m%d-%H%M%S).$$; mkdir -p "$LOG_DIR"; }
 mkdir -p "$LOG_DIR"
 
 SUMMARY=()

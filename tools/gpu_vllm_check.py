@@ -292,24 +292,9 @@ def _hf_logprobs(model_dir: Path, sequences) -> list[list[float]]:
         _HF_MODELS.clear()
         _HF_MODELS[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64,
                                                                      attn_implementation="eager")
-    model = _HF_MODELS[model_dir]
-    result = []
-    with torch.no_grad():
-        for sequence in sequences:
-            logits = model(torch.tensor([sequence])).logits[0, :-1, :VOCAB]
-            logprobs = torch.log_softmax(logits, dim=-1)
-            result.append(logprobs.gather(1, torch.tensor(sequence[1:]).unsqueeze(1)).squeeze(1).tolist())
-    return result
+    from tests.hf_models import hf_prefix_logprobs
 
-
-def _hf_greedy_token(model_dir: Path, prompt: list[int], step: int) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
-    output = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                            do_sample=False, max_new_tokens=step + 1, pad_token_id=0, eos_token_id=None)
-    return int(output[0, len(prompt) + step])
+    return hf_prefix_logprobs(_HF_MODELS[model_dir], sequences)
 
 
 def _diff(mine: list[list[float]], reference: list[list[float]]) -> tuple[float, float]:
@@ -516,13 +501,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from megatron_opd.testing import run_distributed
     from megatron_opd.testing.multiprocess import DistributedTestError
-    from tests.hf_models import make_hf_model
+    from tests.hf_models import hf_greedy_token, make_hf_model
 
     root = Path(tempfile.mkdtemp(prefix="gpu_vllm_check_"))
     models, eos = {}, {}
     for family in sorted({VARIANTS[n]["family"] for n in names}):
         models[family] = make_hf_model(family, root / "models" / family, seed=2, **HEADS)
-        eos[family] = _hf_greedy_token(models[family], PROMPTS[0], 3)  # ends row 0 early, not the others
+        eos[family] = hf_greedy_token(models[family], PROMPTS[0], 3)  # ends row 0 early, not the others
     env = {"MEGATRON_OPD_DEVICE": args.device, "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
            # no network on the GPU machines: no usage reports, no hub look-ups (the models are local)
            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
