@@ -120,6 +120,10 @@ class VLLMEngine:
         self.stale = True  # started with dummy weights: the first generate syncs
         self.sleeping = False
         self.sync_seconds = self.sync_bytes = 0.0
+        # What every sync pushes: the HF tensors of the model, in the export's order.
+        plan = hf_tensor_plan(source.model, dtype)
+        self._hf_names = [name for name, _, _ in plan]
+        self._hf_bytes = float(sum(math.prod(shape) * tensor_dtype.itemsize for _, shape, tensor_dtype in plan))
         run_agreed(lambda: self._start(seed), runs_here=self.is_host, catch=(VLLMError, ConfigError),
                    device=device, elsewhere=lambda: VLLMError(f"vLLM failed to start for the {label} on another "
                                                                 f"rank (see the first error in the log)"))
@@ -184,7 +188,7 @@ class VLLMEngine:
         error: Optional[BaseException] = None
         if self.is_host:
             sync = WeightSync(self.llm, self._transport, int(self.rollout.weight_sync_bucket_mb * 2**20), self.dtype,
-                              self._parameter_names, [name for name, _, _ in hf_tensor_plan(self.source.model, self.dtype)])
+                              self._parameter_names, self._hf_names)
         # Every rank drains the stream to the end even after a failure here: the other ranks'
         # sends and gathers must complete before anyone raises.
         for name, tensor in export_hf_weights(self.model, self.source.model, dst_rank=None,
@@ -209,8 +213,7 @@ class VLLMEngine:
         self.stale = False
         self.sync_seconds = time.monotonic() - started
         # The same on every rank (the metrics are logged by the last stage, not the host).
-        self.sync_bytes = float(sum(math.prod(shape) * dtype.itemsize
-                                    for _, shape, dtype in hf_tensor_plan(self.source.model, self.dtype)))
+        self.sync_bytes = self._hf_bytes
 
     # ------------------------------------------------------------------ generate
 

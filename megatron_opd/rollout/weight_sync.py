@@ -124,7 +124,6 @@ class WeightSync:
         self.loaded: set[str] = set()
         self.pending: list[tuple[str, torch.Tensor]] = []
         self.pending_bytes = 0
-        self.total_bytes = 0
         self.buckets = 0
         llm.collective_rpc("megatron_opd_begin_sync")
 
@@ -136,7 +135,6 @@ class WeightSync:
         self.pending.append((name, tensor))
         self.pushed.add(name)
         self.pending_bytes += size
-        self.total_bytes += tensor.numel() * tensor.element_size()
 
     def flush(self) -> None:
         if not self.pending:
