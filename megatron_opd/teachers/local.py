@@ -19,12 +19,13 @@ then its forward runs on the student's current weights, without gradient.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional
 
 import torch
 from megatron.core import parallel_state
 
+from megatron_opd.models.offload import WeightOffload
 from megatron_opd.models.outputs import head_input, lm_head_weight
 from megatron_opd.pipeline import Microbatch, collect_forward_only, eval_mode
 from megatron_opd.teachers.outputs import TeacherHidden
@@ -33,8 +34,10 @@ from megatron_opd.teachers.outputs import TeacherHidden
 class LocalTeacher:
     """A frozen Megatron `GPTModel` with the student's TP/PP layout, or the student itself.
 
-    `offload`: keep the weights on the CPU between steps (GPU only); the LM-head shard
-    stays on the device, since the student's loss needs it after the teacher pass.
+    `offload`: keep the weights in host memory between forwards (`models.offload`); the
+    LM-head shard stays on the device, since the student's loss needs it after the teacher
+    pass. In CPU mode the same mechanism runs (device tensors released and re-made), so it
+    is tested here; it saves memory only on GPU.
     `is_student`: `model` is the student being trained (OPSD's dynamic teacher).
     """
 
@@ -45,24 +48,18 @@ class LocalTeacher:
             raise ValueError("offload is invalid for the student's own weights (teacher: self, dynamic)")
         self.model = model
         self.is_student = is_student
-        self.device = next(model.parameters()).device
-        self.offload = offload and self.device.type == "cuda"
-        self._head: Optional[torch.Tensor] = None
-        if self.offload:
-            self._head = lm_head_weight(model).detach().clone() if parallel_state.is_pipeline_last_stage() else None
-            self.model.to("cpu")
+        self.offload: Optional[WeightOffload] = None
+        if offload:
+            head = [lm_head_weight(model)] if parallel_state.is_pipeline_last_stage() else []
+            self.offload = WeightOffload(model, keep=head)
 
     @contextmanager
     def on_device(self) -> Iterator[torch.nn.Module]:
-        """The model on its device for the duration (a no-op unless offloaded), in eval mode."""
-        if self.offload:
-            self.model.to(self.device)
-        try:
+        """The model with its weights on the device for the duration (loaded back when
+        offloaded), in eval mode."""
+        with self.offload.on_device() if self.offload is not None else nullcontext():
             with eval_mode(self.model):
                 yield self.model
-        finally:
-            if self.offload:
-                self.model.to("cpu")
 
     @torch.no_grad()
     def forward(self, microbatches: list[Microbatch], examples: Optional[list] = None
@@ -73,7 +70,7 @@ class LocalTeacher:
         loss masks count the same response tokens, row by row, as the student's.
         """
         def keep(index: int, batch: Microbatch, hidden: torch.Tensor) -> TeacherHidden:
-            head = self._head if self._head is not None else lm_head_weight(self.model).detach()
+            head = lm_head_weight(self.model).detach()
             return TeacherHidden(head_input(self.model, hidden).detach()[batch.loss_mask], head)
 
         with self.on_device():
