@@ -105,20 +105,14 @@ DEFAULT_VARIANTS = ["fp32_llama2", "fp32_llama2_sleep2", "bf16_llama2_sleep1", "
 def _load_model(source, runtime, dtype, transformer_impl: str):
     """The frozen Megatron model, and how it was built."""
     from megatron_opd.checkpoint import load_pretrained
-    from megatron_opd.models.layer_specs import has_transformer_engine
+    from megatron_opd.config.compute import ComputeConfig
+    from megatron_opd.models.layer_specs import has_transformer_engine, resolve_transformer_impl
 
-    if transformer_impl == "auto" and (runtime.device.type != "cuda" or has_transformer_engine()):
-        spec = "transformer_engine" if runtime.device.type == "cuda" else "local"
-        return load_pretrained(source, runtime, role="teacher", dtype=dtype), f"load_pretrained ({spec} layer spec)"
-    from megatron_opd.checkpoint.hf_io import HFWeightReader
-    from megatron_opd.checkpoint.hf_weights import load_hf_weights
-    from megatron_opd.models.builder import build_gpt_model
-
-    model = build_gpt_model(source.model, runtime, role="teacher", dtype=dtype, transformer_impl="local",
-                            initialize=False)
-    load_hf_weights(model, source.model, HFWeightReader(source.path))
-    why = "forced" if transformer_impl == "local" else "no transformer_engine: load_pretrained would refuse CUDA"
-    return model, f"build_gpt_model(transformer_impl='local') + load_hf_weights ({why})"
+    impl, why = transformer_impl, "asked"
+    if impl == "auto" and runtime.device.type == "cuda" and not has_transformer_engine():
+        impl, why = "local", "no transformer_engine"
+    model = load_pretrained(source, runtime, role="teacher", dtype=dtype, compute=ComputeConfig(transformer_impl=impl))
+    return model, f"load_pretrained, {resolve_transformer_impl(impl, runtime.device.type)} layer spec ({why})"
 
 
 def _perturb(model, seed: int) -> None:

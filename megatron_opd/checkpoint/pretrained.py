@@ -22,6 +22,7 @@ from megatron_opd.checkpoint.megatron_checkpoint import (
     load_model_checkpoint,
     read_checkpoint_info,
 )
+from megatron_opd.config.compute import ComputeConfig
 from megatron_opd.config.model import MAKE_VOCAB_SIZE_DIVISIBLE_BY, ModelConfig
 from megatron_opd.models.builder import Role, build_gpt_model
 from megatron_opd.models.hf_config import hf_family, model_config_from_hf, read_hf_config
@@ -74,11 +75,13 @@ def load_pretrained(
     dtype: torch.dtype = torch.float32,
     pad_vocab_size_to: Optional[int] = None,
     progress=None,
+    compute: ComputeConfig = ComputeConfig(),
 ) -> torch.nn.Module:
     """This rank's part of the pretrained model as a Megatron GPTModel (see `build_gpt_model`).
 
     `pad_vocab_size_to` overrides the padded vocab size, e.g. the one a teacher and a
-    student share (`with_common_padded_vocab`).
+    student share (`with_common_padded_vocab`); `compute`: layer spec, attention backend,
+    activation recomputation.
     """
     if not isinstance(source, Pretrained):
         source = inspect_pretrained(source)
@@ -86,7 +89,7 @@ def load_pretrained(
     if pad_vocab_size_to is not None:
         model_config = dataclasses.replace(model_config, pad_vocab_size_to=pad_vocab_size_to)
     # No random init: every weight is loaded below (both loaders fail on a missing one).
-    model = build_gpt_model(model_config, runtime, role=role, dtype=dtype, initialize=False)
+    model = build_gpt_model(model_config, runtime, role=role, dtype=dtype, initialize=False, compute=compute)
     if source.kind == "hf":
         load_hf_weights(model, model_config, HFWeightReader(source.path), progress)
     else:

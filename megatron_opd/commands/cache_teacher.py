@@ -59,7 +59,7 @@ def write_cache(config: JobConfig, out: Path, force: bool) -> dict:
     teacher = remote_teacher(config, models, runtime)
     if teacher is None:
         model = load_pretrained(models.teacher, runtime, "teacher",
-                                resolve_dtype(config.training.precision, runtime.device))
+                                resolve_dtype(config.training.precision, runtime.device), compute=config.compute)
         teacher = LocalTeacher(model)
     writes = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
     splits = ["train"] + (["val"] if config.data.val_dataset else [])

@@ -7,8 +7,8 @@ Algorithm parameters sit at the top level under ms-swift's names (`beta`, `lmbda
 `teacher_model`, `teacher_model_server`, `offload_teacher_model`, `teacher_kl_coef`)
 and TRL's GRPO names (`num_generations`, `num_iterations`, `epsilon`, `epsilon_high`,
 `reward_funcs`) so that a recipe reads the same in both; `teacher_cache` is ours. The
-machinery (parallel layout, data, optimizer, training schedule, checkpoints, logging, the
-teacher server's client) is in sections.
+machinery (parallel layout, the models' compute: layer spec and recomputation, data,
+optimizer, training schedule, checkpoints, logging, the teacher server's client) is in sections.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
+from megatron_opd.config.compute import ComputeConfig
 from megatron_opd.config.data import DataConfig
 from megatron_opd.config.model import MAKE_VOCAB_SIZE_DIVISIBLE_BY
 from megatron_opd.config.parallel import ParallelConfig
@@ -171,6 +172,7 @@ class JobConfig:
     teacher_server: TeacherServerConfig = field(default_factory=TeacherServerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
 

@@ -9,18 +9,22 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.enums import AttnBackend
 
+from megatron_opd.config.compute import ComputeConfig
 from megatron_opd.config.model import ModelConfig
-from megatron_opd.models.layer_specs import TransformerImpl, block_spec, resolve_transformer_impl
+from megatron_opd.models.layer_specs import block_spec, resolve_transformer_impl
 from megatron_opd.runtime.distributed import Runtime
 
 Role = Literal["student", "teacher"]
 
 
 def transformer_config(
-    model: ModelConfig, runtime: Runtime, dtype: torch.dtype = torch.float32, initialize: bool = True
+    model: ModelConfig, runtime: Runtime, dtype: torch.dtype = torch.float32, initialize: bool = True,
+    compute: ComputeConfig = ComputeConfig(),
 ) -> TransformerConfig:
-    """Megatron's config for `model` split as `runtime.parallel`, with parameters in `dtype`.
+    """Megatron's config for `model` split as `runtime.parallel`, with parameters in `dtype`
+    and `compute`'s attention backend and activation recomputation.
 
     `initialize=False` skips the random draws, for a model whose every weight is loaded
     next. (Megatron's own `perform_initialization=False` would also skip marking the
@@ -57,6 +61,8 @@ def transformer_config(
         # Megatron 0.16's default ("full") means "the whole layer" and warns on every build
         # that it is deprecated in favour of [] (same meaning); no CUDA graphs are used here.
         **({"cuda_graph_scope": []} if "cuda_graph_scope" in TransformerConfig.__dataclass_fields__ else {}),
+        attention_backend=AttnBackend[compute.attention_backend],
+        **compute.megatron_fields(),
         **({} if initialize else {"init_method": _leave_uninitialized,
                                    "output_layer_init_method": _leave_uninitialized}),
     )
@@ -71,19 +77,23 @@ def build_gpt_model(
     runtime: Runtime,
     role: Role = "student",
     dtype: torch.dtype = torch.float32,
-    transformer_impl: TransformerImpl = "auto",
     initialize: bool = True,
+    compute: ComputeConfig = ComputeConfig(),
 ) -> GPTModel:
     """This pipeline stage's part of the model, its weights sharded over this TP rank.
 
     Logits stay vocab-parallel (`[b, s, V/tp]`). A teacher comes back frozen and in
-    eval mode. `initialize=False`: weights uninitialized, to be loaded by the caller.
+    eval mode, without activation recomputation (it never runs a backward).
+    `initialize=False`: weights uninitialized, to be loaded by the caller.
     """
     if role not in ("student", "teacher"):
         raise ValueError(f"role={role!r} is invalid: one of student, teacher")
     model.check_parallel(runtime.parallel)
-    impl = resolve_transformer_impl(transformer_impl, runtime.device.type)
-    config = transformer_config(model, runtime, dtype, initialize)
+    if role == "teacher":
+        compute = ComputeConfig(transformer_impl=compute.transformer_impl, attention_backend=compute.attention_backend)
+    compute.check_layers(model.num_layers, runtime.parallel.pipeline_model_parallel_size)
+    impl = resolve_transformer_impl(compute.transformer_impl, runtime.device.type)
+    config = transformer_config(model, runtime, dtype, initialize, compute)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, impl),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Union
+from typing import Union
 
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_local_spec,
@@ -16,9 +16,9 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 
+from megatron_opd.config.compute import TransformerImpl
 from megatron_opd.models.norms import RMSNorm
 
-TransformerImpl = Literal["auto", "transformer_engine", "local"]
 
 
 def has_transformer_engine() -> bool:
@@ -35,14 +35,14 @@ def resolve_transformer_impl(requested: TransformerImpl, device_type: str) -> st
         requested = "transformer_engine" if device_type == "cuda" else "local"
     if requested == "transformer_engine":
         if device_type != "cuda":
-            raise ValueError("transformer_impl='transformer_engine' needs a CUDA device; use 'local' on CPU")
+            raise ValueError("compute.transformer_impl='transformer_engine' needs a CUDA device; use 'local' on CPU")
         if not has_transformer_engine():
             raise ImportError(
-                "transformer_impl='transformer_engine' but transformer_engine is not installed: "
-                "`pip install -e .[gpu]`, or pass transformer_impl='local'"
+                "compute.transformer_impl='transformer_engine' (auto on CUDA) but transformer_engine is not "
+                "installed: `pip install -e .[gpu]`, or set compute.transformer_impl: local"
             )
     elif requested != "local":
-        raise ValueError(f"transformer_impl={requested!r} is invalid: one of auto, transformer_engine, local")
+        raise ValueError(f"compute.transformer_impl={requested!r} is invalid: one of auto, transformer_engine, local")
     return requested
 
 

@@ -10,7 +10,10 @@ module redirects each of them to the CPU, for the whole process:
    active. So `torch.cuda.current_device()` returns `torch.device("cpu")` (valid
    wherever Megatron passes it as a device). The remaining forms, `device="cuda"`
    literals (pipeline schedules, attention masks), `.cuda()` and `.to("cuda")`,
-   are rewritten to CPU by a `TorchFunctionMode`; none of them runs in a backward.
+   are rewritten to CPU by a `TorchFunctionMode`. The one backward that runs them
+   is activation recomputation (`CheckpointFunction.backward`,
+   `CheckpointWithoutOutput._recompute` replay the forward), so those run inside a
+   mode of their own.
 2. Other `torch.cuda` utilities: `device_count` (1), `set_device`, `synchronize`,
    `empty_cache` (no-ops). They would otherwise raise on a CPU build.
 3. Random state. Megatron's `CudaRNGStatesTracker` forks the *CUDA* generator so
@@ -75,6 +78,18 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def _recompute_in_cpu_mode(recompute: Callable) -> Callable:
+    """`recompute` (a forward replayed in the backward, where the process's mode is not
+    active) run under the mode, so its `device="cuda"` allocations land on the CPU too."""
+
+    def in_cpu_mode(*args, **kwargs):
+        with _CudaToCpuMode():
+            return recompute(*args, **kwargs)
+
+    in_cpu_mode.__name__ = in_cpu_mode.__qualname__ = recompute.__name__
+    return in_cpu_mode
+
+
 class _DropRngWarning(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return _RNG_WARNING not in record.getMessage()
@@ -114,7 +129,9 @@ class _CpuModeState:
         self.log_filter = _DropRngWarning()
 
     def patch(self, owner: Any, name: str, replacement: Callable) -> None:
-        self.saved.append((owner, name, getattr(owner, name)))
+        # A class keeps its raw attribute (a staticmethod stays one when restored).
+        original = owner.__dict__[name] if isinstance(owner, type) and name in owner.__dict__ else getattr(owner, name)
+        self.saved.append((owner, name, original))
         setattr(owner, name, replacement)
 
 
@@ -153,6 +170,10 @@ def install(force: bool = False) -> None:
         state.patch(owner, "manual_seed_all", _seed)
     state.patch(megatron_random, "_get_cuda_rng_state", _get_rng_state)
     state.patch(megatron_random, "_set_cuda_rng_state", _set_rng_state)
+    state.patch(megatron_random.CheckpointFunction, "backward",
+                staticmethod(_recompute_in_cpu_mode(megatron_random.CheckpointFunction.backward)))
+    state.patch(megatron_random.CheckpointWithoutOutput, "_recompute",
+                _recompute_in_cpu_mode(megatron_random.CheckpointWithoutOutput._recompute))
     logging.getLogger(megatron_random.__name__).addFilter(state.log_filter)
     # Megatron's sequence-parallel layers advise a CUDA setting on every construction.
     warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")

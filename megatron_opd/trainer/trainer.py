@@ -85,10 +85,11 @@ class Trainer:
 
         use_distributed_optimizer = resolve_distributed_optimizer(config.optimizer.use_distributed_optimizer,
                                                                   config.optimizer.optimizer)
-        student = load_pretrained(models.student, self.runtime, "student", self.dtype)
+        student = load_pretrained(models.student, self.runtime, "student", self.dtype, compute=config.compute)
         self.model = wrap_student(student, use_distributed_optimizer)
         if models.teacher is not None:
-            teacher = LocalTeacher(load_pretrained(models.teacher, self.runtime, "teacher", self.dtype),
+            teacher = LocalTeacher(load_pretrained(models.teacher, self.runtime, "teacher", self.dtype,
+                                                   compute=config.compute),
                                    offload=config.offload_teacher_model)
         elif config.teacher == "self":
             teacher = LocalTeacher(self.model, is_student=True)
