@@ -4,7 +4,8 @@
 # gkd.sh, opd_rl.sh and opsd.sh call this with their recipe as the default CONFIG.
 #
 # Environment (all optional):
-#   NPROC        processes per node (default: all GPUs, or 2 on CPU)
+#   NPROC        processes per node (default: the GPUs CUDA_VISIBLE_DEVICES names, else all GPUs;
+#                2 on CPU)
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous (default: one node)
 #   TP, PP       tensor / pipeline parallel sizes, override the config
 #   MODEL, TEACHER, DATA, OUTPUT_DIR             paths, override the config
@@ -14,8 +15,19 @@ cd "$(dirname "$0")/../.."
 CONFIG=${1:?usage: train.sh CONFIG.yaml [key=value ...]}
 shift
 if [[ -x .venv/bin/python ]]; then PYTHON=${PYTHON:-.venv/bin/python}; else PYTHON=${PYTHON:-python}; fi
-if command -v nvidia-smi >/dev/null 2>&1; then
-    NPROC=${NPROC:-$(nvidia-smi --list-gpus | wc -l)}
+# The GPUs this job may use: those CUDA_VISIBLE_DEVICES names when it is set (empty: none),
+# else every GPU nvidia-smi lists.
+visible_gpus() {
+    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+        tr ',' '\n' <<<"${CUDA_VISIBLE_DEVICES//[[:space:]]/}" | grep -c . || true
+    else
+        nvidia-smi --list-gpus 2>/dev/null | grep -c . || true
+    fi
+}
+gpus=0
+command -v nvidia-smi >/dev/null 2>&1 && gpus=$(visible_gpus)
+if (( gpus > 0 )); then
+    NPROC=${NPROC:-$gpus}
 else
     NPROC=${NPROC:-2}
     export MEGATRON_OPD_DEVICE=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
