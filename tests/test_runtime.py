@@ -82,3 +82,43 @@ def test_resolve_device(monkeypatch, cuda):
     else:
         with pytest.raises(RuntimeError, match="sees no CUDA device"):
             resolve_device("cuda")
+
+
+def _tokenize_slowly_with_short_collective_timeout(rows_file: str, tokenizer_dir: str, delay_s: float) -> int:
+    """Rank 0 takes `delay_s` longer to tokenize than the process group's timeout allows a
+    collective to wait; the other rank must still get the dataset."""
+    import datetime
+    import time
+
+    from transformers import AutoTokenizer
+
+    from megatron_opd.config.data import DataConfig
+    from megatron_opd.data import build as data_build
+    from megatron_opd.data import tokenized_split
+    from megatron_opd.runtime import initialize_runtime
+
+    runtime = initialize_runtime(ParallelConfig(), timeout=datetime.timedelta(seconds=delay_s / 4))
+    build = data_build.build_dataset
+
+    def slow_build(*args, **kwargs):
+        if runtime.local_rank == 0:
+            time.sleep(delay_s)
+        return build(*args, **kwargs)
+
+    data_build.build_dataset = slow_build
+    config = DataConfig(dataset=[rows_file], prompt_format="raw", max_length=32)
+    return len(tokenized_split(config, AutoTokenizer.from_pretrained(tokenizer_dir), "train", runtime))
+
+
+def test_ranks_wait_for_tokenization_longer_than_the_collective_timeout(tmp_path):
+    """Tokenizing a large dataset on rank 0 outlasts NCCL's / gloo's collective timeout; the
+    others wait on the host-wait group (hours) instead. Here the group timeout is 1 s and
+    tokenizing takes 4 s longer on rank 0: the wait on the default group would fail."""
+    from tests.gkd_setup import write_dataset
+    from tests.hf_models import make_tokenizer
+
+    make_tokenizer(tmp_path / "tokenizer")
+    rows = write_dataset(tmp_path / "rows.jsonl", 12, seed=0)
+    lengths = run_distributed(_tokenize_slowly_with_short_collective_timeout, 2, str(rows),
+                              str(tmp_path / "tokenizer"), 4.0, timeout=120)
+    assert lengths == [12, 12]

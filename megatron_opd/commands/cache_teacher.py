@@ -70,7 +70,7 @@ def write_cache(config: JobConfig, out: Path, force: bool) -> dict:
                 "splits": {}}
     with atomic_output_dir(out, force) as staging:
         for split in splits:
-            dataset = tokenized_split(config.data, models.tokenizer, split, runtime.rank)
+            dataset = tokenized_split(config.data, models.tokenizer, split, runtime)
             dataset = dataset.select_columns(list(OUTPUT_COLUMNS))
             metadata["splits"][split] = cache_split(teacher, dataset, split, config, models.vocab_size, pad_id,
                                                     staging, writes)

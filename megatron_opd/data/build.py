@@ -33,6 +33,7 @@ from megatron_opd.data.encode import encode_row
 from megatron_opd.data.errors import DataError, RowProblem, TemplateError
 from megatron_opd.data.loading import load_rows
 from megatron_opd.data.truncation import truncate
+from megatron_opd.runtime.distributed import Runtime
 
 OUTPUT_COLUMNS = ("input_ids", "loss_mask", "prompt_length", "teacher_prompt_ids")
 _SKIP, _DETAIL, _TRUNCATED = "_skip_reason", "_skip_detail", "_truncated"
@@ -202,17 +203,21 @@ def _concatenate(parts: list[datasets.Dataset], paths: list[str]) -> datasets.Da
 
 
 
-def tokenized_split(config: DataConfig, tokenizer, split: str, rank: int) -> datasets.Dataset:
-    """`build_dataset` on every rank: rank 0 tokenizes first (filling the datasets cache), the
-    others then read it, instead of all ranks tokenizing the same files at once."""
+def tokenized_split(config: DataConfig, tokenizer, split: str, runtime: Runtime) -> datasets.Dataset:
+    """`build_dataset` on every rank: each node's local rank 0 tokenizes first (filling the
+    datasets cache, node-local or shared), the other ranks then read it, instead of every
+    rank tokenizing the same files at once. The wait is on `runtime.host_wait_group` (gloo,
+    hours), not on the training backend's group, whose timeout a large dataset would pass."""
     import torch.distributed as dist
 
-    if rank != 0:
-        dist.barrier()
+    tokenizes_first = runtime.local_rank == 0
+    if not tokenizes_first:
+        dist.barrier(group=runtime.host_wait_group)
     dataset, stats = build_dataset(config, tokenizer, split)
-    if rank == 0:
-        print(f"data ({split}): {stats.summary()}", flush=True)
-        dist.barrier()
+    if tokenizes_first:
+        if runtime.rank == 0:
+            print(f"data ({split}): {stats.summary()}", flush=True)
+        dist.barrier(group=runtime.host_wait_group)
     return dataset
 
 

@@ -13,6 +13,7 @@ import datetime
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ class Runtime:
     world_size: int
     local_rank: int
     parallel: ParallelConfig
+    # gloo, every rank, HOST_WAIT_TIMEOUT: for ranks waiting on another's host work (tokenizing
+    # a dataset), which may take far longer than a collective's timeout allows
+    host_wait_group: Any = None
 
     @property
     def is_cpu(self) -> bool:
@@ -116,6 +120,11 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+# Waiting for rank 0 to tokenize a dataset is not a hang: tokenizing a billion-token
+# dataset takes hours. torchrun ends the other ranks when the tokenizing one fails.
+HOST_WAIT_TIMEOUT = datetime.timedelta(hours=24)
+
+
 def initialize_runtime(
     parallel: ParallelConfig,
     device: str | None = None,
@@ -157,6 +166,7 @@ def initialize_runtime(
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
         )
     seed_everything(parallel.seed)
+    host_wait_group = dist.new_group(backend="gloo", timeout=HOST_WAIT_TIMEOUT)
     quiet.print_mode_line(dist.get_rank(), device_type, backend, world_size, cpu_threads)
     return Runtime(
         device=torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda"
@@ -166,6 +176,7 @@ def initialize_runtime(
         world_size=world_size,
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
         parallel=parallel,
+        host_wait_group=host_wait_group,
     )
 
 

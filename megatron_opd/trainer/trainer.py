@@ -119,7 +119,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _dataset(self, split: str):
-        dataset = tokenized_split(self.config.data, self.tokenizer, split, self.runtime.rank)
+        dataset = tokenized_split(self.config.data, self.tokenizer, split, self.runtime)
         # A run that evaluates (eval_interval) needs a full val batch: refused now, not at the first evaluation
         evaluates = split == "train" or self.config.training.eval_interval > 0
         if evaluates and len(dataset) < self.config.training.global_batch_size:
