@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_opd.checkpoint.convert import conversion_layout, expect_kind, hf_to_megatron, megatron_to_hf
+from megatron_opd.checkpoint.hf_streamed import streamed_hf_logits
 from megatron_opd.checkpoint.megatron_checkpoint import DTYPES
 from megatron_opd.checkpoint.pretrained import inspect_pretrained, load_pretrained
 from megatron_opd.config.model import MAKE_VOCAB_SIZE_DIVISIBLE_BY
@@ -43,7 +44,10 @@ class VerifyResult:
 
 def verify(hf_path: Path, megatron_path: Path, tp: int = 1, pp: int = 1, seq_length: int = 128,
            batch_size: int = 2, seed: int = 0) -> VerifyResult:
-    """Logits of the Megatron checkpoint (at tp/pp) against HF transformers on random ids, fp32."""
+    """Logits of the Megatron checkpoint (at tp/pp) against HF transformers on random ids, fp32.
+
+    The HF model runs on the last stage's first rank with one block's weights loaded at a
+    time (`streamed_hf_logits`), never the whole model in fp32."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -63,11 +67,7 @@ def verify(hf_path: Path, megatron_path: Path, tp: int = 1, pp: int = 1, seq_len
     result = None
     if (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
             and parallel_state.get_data_parallel_rank() == 0):
-        from transformers import AutoModelForCausalLM
-
-        hf_model = AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32, attn_implementation="eager")
-        with torch.no_grad():
-            expected = hf_model(tokens[0, :, :-1]).logits
+        expected, _ = streamed_hf_logits(hf_path, tokens[0, :, :-1])
         actual = captured[0][..., : source.model.vocab_size].cpu()
         diff = (actual.double() - expected.double()).abs().max().item()
         result = VerifyResult(
