@@ -29,6 +29,7 @@ from typing import Any, Iterator, Optional
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_opd.config.model import ModelConfig
 from megatron_opd.config.schema import from_dict, to_dict
@@ -155,7 +156,14 @@ def load_model_checkpoint(model: torch.nn.Module, path: Path | str) -> Checkpoin
                 tp_rank = parallel_state.get_tensor_model_parallel_rank()
                 sharded[key] = ShardedTensor.from_rank_offsets(saved.key, buffer, replica_id=(*replica, tp_rank))
                 repadded[key] = buffer
-    loaded = dist_checkpointing.load(sharded, str(path / DIST_DIR))
+    # A Transformer Engine model asks for its modules' `_extra_state` (FP8 scaling metadata),
+    # which a checkpoint of the local spec (CPU) lacks: that state keeps TE's defaults, as
+    # after an HF conversion. Anything else missing is refused.
+    loaded, not_saved, _ = dist_checkpointing.load(sharded, str(path / DIST_DIR),
+                                                   strict=StrictHandling.RETURN_UNEXPECTED)
+    not_saved = sorted(key for key in not_saved if not key.endswith("_extra_state"))
+    if not_saved:
+        raise KeyError(f"{path}: the checkpoint lacks {not_saved}, which this model has")
     # The checkpoint's common (non-sharded) state comes back too, e.g. a trainer's optimizer
     # param groups: keep what the model asked for.
     loaded = {key: value for key, value in loaded.items() if key in sharded}
