@@ -150,3 +150,15 @@ def test_checkpoints_move_between_specs(tmp_path, save_te, load_te):
         # Megatron's local linears save an empty extra state "for compatibility with TE";
         # norms have none. TE's norms do, and TEDotProductAttention saves none.
         assert set(result["extra_state_keys"]) == (linears | norms if save_te else linears)
+
+
+def test_te_fused_norm_names_are_megatrons():
+    """`tp_layout` names TE's fused norms as the local spec's separate ones: the same pairs
+    Megatron's local spec maps its norms to when it saves (TE's names), both directions."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from megatron_opd.models.tp_layout import _TE_FUSED_NORMS
+
+    keys_map = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.sharded_state_dict_keys_map
+    megatron_pairs = {f"{te_prefix}weight": f"{local_prefix}weight" for local_prefix, te_prefix in keys_map.items()}
+    assert _TE_FUSED_NORMS == megatron_pairs
