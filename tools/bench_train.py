@@ -17,6 +17,17 @@ so the second mode's figure covers both; GPU: `torch.cuda.max_memory_allocated`)
 Then the sampler alone: --batch prompts of --prompt-len tokens, --completion-len new
 tokens each, with and without the KV cache (tokens generated per second).
 The first --warmup steps of each mode are not counted.
+
+    # a real-model pair: a Qwen2.5-0.5B-shaped student from a Qwen2.5-1.5B-shaped teacher
+    torchrun --standalone --nproc-per-node 2 tools/bench_train.py --preset qwen2.5-0.5b-from-1.5b \
+        --tp 2 --precision bf16
+
+`--preset` sets both shapes (Qwen2 family: QKV bias, tied embeddings), the model vocab
+(151,936) and a tokenizer of Qwen2.5's 151,665 tokens (ids above it are padding, masked in
+both models), sequences of 512 (256 prompt + 256 response tokens). Also reported: the
+peak RSS of every rank, and the teacher signal's bytes per response token: the teacher's
+final hidden states that the trainer keeps (`[N, H_T]` in the model dtype) against the
+full fp32 logits `[N, V]` a logits-passing design would hold.
 """
 
 from __future__ import annotations
@@ -36,6 +47,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PHASES = ("sampling_s", "teacher_s", "student_s", "optimizer_s")
+PRESETS = {
+    # Qwen2.5-0.5B (24 layers, hidden 896, 14/2 heads, FFN 4864) from Qwen2.5-1.5B (28 layers,
+    # hidden 1536, 12/2 heads, FFN 8960); both vocab 151,936 over a 151,665-token tokenizer
+    "qwen2.5-0.5b-from-1.5b": {"student": "896,24,14,2,4864", "teacher": "1536,28,12,2,8960",
+                               "vocab": 151936, "tokenizer_vocab": 151665, "family": "qwen2",
+                               "prompt_len": 256, "completion_len": 256},
+}
 
 
 def parse_args() -> argparse.Namespace:
@@ -52,20 +70,35 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="training.precision (auto: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--family", choices=["llama", "qwen2"], default="llama",
+                        help="llama: untied, no QKV bias; qwen2: QKV bias, tied embeddings")
+    parser.add_argument("--tokenizer-vocab", type=int, help="tokens in the tokenizer (default: --vocab)")
+    parser.add_argument("--modes", default="on_policy,off_policy", help="which of on_policy, off_policy to run")
+    parser.add_argument("--no-sampler", action="store_true", help="skip the sampler-alone measurement")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="real-model shapes (overrides the sizes)")
     parser.add_argument("--json", type=Path, help="write the results here")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.preset:
+        for key, value in PRESETS[args.preset].items():
+            setattr(args, key, value)
+    args.tokenizer_vocab = args.tokenizer_vocab or args.vocab
+    if args.tokenizer_vocab > args.vocab:
+        parser.error(f"--tokenizer-vocab {args.tokenizer_vocab} exceeds --vocab {args.vocab}")
+    return args
 
 
 def write_inputs(args: argparse.Namespace) -> dict:
     """Tokenizer, student, teacher and data under --workdir (rewritten every run)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
     from tests.hf_models import randomize
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    vocab = {f"w{i}": i for i in range(args.vocab - 1)} | {"<unk>": args.vocab - 1}
+    vocab = {f"w{i}": i for i in range(args.tokenizer_vocab - 1)} | {"<unk>": args.tokenizer_vocab - 1}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="w0",
@@ -73,11 +106,13 @@ def write_inputs(args: argparse.Namespace) -> dict:
     paths = {"tokenizer": work / "tokenizer"}
     for name, size, seed in (("student", args.student, 1), ("teacher", args.teacher, 2)):
         hidden, layers, heads, kv_heads, ffn = (int(value) for value in size.split(","))
-        config = LlamaConfig(vocab_size=args.vocab, hidden_size=hidden, num_hidden_layers=layers,
-                             num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=ffn,
-                             max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                             architectures=["LlamaForCausalLM"])
-        model = LlamaForCausalLM(config)
+        config_class = Qwen2Config if args.family == "qwen2" else LlamaConfig
+        config = config_class(vocab_size=args.vocab, hidden_size=hidden, num_hidden_layers=layers,
+                              num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=ffn,
+                              max_position_embeddings=4096, rms_norm_eps=1e-6,
+                              tie_word_embeddings=args.family == "qwen2",
+                              architectures=[config_class.__name__.replace("Config", "ForCausalLM")])
+        model = AutoModelForCausalLM.from_config(config)
         randomize(model, seed)
         model.save_pretrained(work / name)
         paths[name] = work / name
@@ -85,7 +120,7 @@ def write_inputs(args: argparse.Namespace) -> dict:
     with open(work / "train.jsonl", "w") as handle:
         for _ in range(4 * args.batch):
             # Ids from 1: id 0 is the EOS, which would end a sampled response early.
-            prompt, completion = (torch.randint(1, args.vocab - 1, (length,), generator=generator).tolist()
+            prompt, completion = (torch.randint(1, args.tokenizer_vocab - 1, (length,), generator=generator).tolist()
                                   for length in (args.prompt_len, args.completion_len - 1))
             handle.write(json.dumps({"prompt": " ".join(f"w{i}" for i in prompt),
                                      "completion": " ".join(f"w{i}" for i in completion)}) + "\n")
@@ -112,12 +147,15 @@ def bench_mode(args, paths: dict, runtime, lmbda: float) -> tuple[dict, object]:
         "training.train_iters": args.warmup + args.steps, "training.micro_batch_size": args.micro_batch,
         "training.global_batch_size": args.batch, "training.output_dir": args.workdir / f"run_lmbda{lmbda}",
         "training.resume": False, "training.export_hf": False, "training.tensorboard": False,
-        "training.precision": "auto", "optimizer.lr": 1e-5,
+        "training.precision": args.precision, "optimizer.lr": 1e-5,
     }
     config = load_job_config(None, [f"{key}={value}" for key, value in overrides.items()])
     trainer = Trainer(config, runtime)
     steps = [trainer.train_step() for _ in range(args.warmup + args.steps)][args.warmup:]
-    result = {"peak_memory_gib": peak_memory_bytes(runtime.device) / 2**30}
+    peaks: list = [None] * runtime.world_size
+    torch.distributed.all_gather_object(peaks, peak_memory_bytes(runtime.device) / 2**30)
+    result = {"peak_memory_gib": max(peaks), "peak_memory_gib_per_rank": peaks,
+              "teacher_signal_bytes_per_token": teacher_signal_bytes(trainer)}
     if steps[0]:  # the logging ranks (last pipeline stage)
         for key in PHASES + ("tokens", "tokens_per_s"):
             result[key] = statistics.mean(step.get(key, 0.0) for step in steps)
@@ -127,11 +165,22 @@ def bench_mode(args, paths: dict, runtime, lmbda: float) -> tuple[dict, object]:
     return result, trainer
 
 
+def teacher_signal_bytes(trainer) -> dict:
+    """Bytes per response token of what the trainer keeps of the teacher (its final hidden
+    states, model dtype) against the fp32 logits over the padded vocab."""
+    from megatron_opd.models.tp_layout import unwrap
+
+    teacher = unwrap(trainer.teacher.model)
+    hidden = teacher.config.hidden_size * torch.tensor([], dtype=trainer.dtype).element_size()
+    logits = teacher.vocab_size * 4
+    return {"hidden_states": hidden, "fp32_logits": logits, "ratio": logits / hidden}
+
+
 def bench_sampler(args, trainer) -> dict:
     from megatron_opd.rollout import MegatronSampler, SamplingParams
 
     generator = torch.Generator().manual_seed(1)
-    prompts = torch.randint(1, args.vocab - 1, (args.batch, args.prompt_len), generator=generator).tolist()
+    prompts = torch.randint(1, args.tokenizer_vocab - 1, (args.batch, args.prompt_len), generator=generator).tolist()
     params = SamplingParams(max_new_tokens=args.completion_len, temperature=1.0)  # no EOS: full length
     result = {}
     for cache in (True, False):
@@ -162,9 +211,15 @@ def main() -> None:
     results = {"device": str(runtime.device), "world_size": runtime.world_size, "tp": args.tp, "pp": args.pp,
                "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()}}
     trainer = None
-    for name, lmbda in (("on_policy", 1.0), ("off_policy", 0.0)):
-        results[name], trainer = bench_mode(args, paths, runtime, lmbda)
-    results["sampler"] = bench_sampler(args, trainer)
+    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    unknown = sorted(set(modes) - {"on_policy", "off_policy"})
+    if unknown or not modes:
+        raise SystemExit(f"--modes {args.modes!r} is invalid: a comma-separated list of on_policy, off_policy")
+    results["precision"] = args.precision
+    for name in modes:
+        results[name], trainer = bench_mode(args, paths, runtime, 1.0 if name == "on_policy" else 0.0)
+    if not args.no_sampler:
+        results["sampler"] = bench_sampler(args, trainer)
     if runtime.rank == 0:
         print_report(results)
         if args.json:
@@ -173,16 +228,24 @@ def main() -> None:
 
 def print_report(results: dict) -> None:
     print(f"\ndevice {results['device']}, world {results['world_size']} (tp {results['tp']}, pp {results['pp']}), "
-          f"{results['threads']} threads per rank")
+          f"{results['threads']} threads per rank, precision {results['precision']}")
     print(f"{'mode':<12}{'step s':>8}{'tok/s':>9}{'sample':>8}{'teacher':>9}{'student':>9}{'optim':>7}"
           f"{'peak GiB':>10}")
     for name in ("on_policy", "off_policy"):
-        row = results[name]
+        row = results.get(name, {})
         if "share" not in row:
             continue
         shares = "".join(f"{100 * row['share'][key]:>{width}.0f}%" for key, width in
                          zip(PHASES, (7, 8, 8, 6)))
         print(f"{name:<12}{row['step_s']:>8.3f}{row['tokens_per_s']:>9.0f}{shares}{row['peak_memory_gib']:>10.2f}")
+    for name in ("on_policy", "off_policy"):
+        if name in results:
+            signal = results[name]["teacher_signal_bytes_per_token"]
+            peaks = ", ".join(f"{value:.2f}" for value in results[name]["peak_memory_gib_per_rank"])
+            print(f"{name}: peak RSS per rank {peaks} GiB; teacher signal {signal['hidden_states']} B/token "
+                  f"(hidden states) vs {signal['fp32_logits']} B/token (fp32 logits), {signal['ratio']:.0f}x less")
+    if "sampler" not in results:
+        return
     sampler = results["sampler"]
     print(f"sampler: {sampler['kv_cache']['tokens_per_s']:.0f} tok/s with the KV cache, "
           f"{sampler['no_cache']['tokens_per_s']:.0f} without ({sampler['speedup']:.1f}x)")
