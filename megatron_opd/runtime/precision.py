@@ -1,4 +1,10 @@
-"""`training.precision` -> the dtype models are built in, for the device the run has."""
+"""`training.precision` -> the dtype models are built in, for the device the run has.
+
+Only weights and activations take this dtype: softmax statistics and divergences are fp32
+(`ops.vocab_parallel.compute_dtype`), gradients are accumulated and reduced in fp32 and the
+optimizer keeps fp32 master weights (`trainer.optim`); fp16 adds a dynamic loss scale
+(`Trainer` sets Megatron's `grad_scale_func`). The table is in docs/design.md, section 2.7.
+"""
 
 from __future__ import annotations
 
