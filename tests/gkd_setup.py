@@ -36,11 +36,13 @@ def write_dataset(path: Path, rows: int, seed: int, lengths=(3, 9)) -> Path:
 
 
 def make_gkd_setup(root: Path, student_family: str = "qwen2", teacher_family: str = "llama2",
+                   student_fields: dict | None = None, teacher_fields: dict | None = None,
                    **config_fields) -> dict:
-    """`config_fields`: overrides of both models' configs (e.g. head counts)."""
+    """`config_fields`: overrides of both models' configs (e.g. head counts);
+    `student_fields` / `teacher_fields`: of one model only (a teacher of another shape)."""
     root.mkdir(parents=True, exist_ok=True)
-    student = make_hf_model(student_family, root / "student", seed=1, **config_fields)
-    teacher = make_hf_model(teacher_family, root / "teacher", seed=2, **config_fields)
+    student = make_hf_model(student_family, root / "student", seed=1, **{**config_fields, **(student_fields or {})})
+    teacher = make_hf_model(teacher_family, root / "teacher", seed=2, **{**config_fields, **(teacher_fields or {})})
     # Its own directory: next to a model's config.json, transformers 5 would load the
     # model family's tokenizer class instead of this word-level one.
     make_tokenizer(root / "tokenizer")

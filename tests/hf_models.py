@@ -106,3 +106,20 @@ def hf_greedy_token(model_dir: Path, prompt: list[int], step: int) -> int:
     output = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                             do_sample=False, max_new_tokens=step + 1, pad_token_id=0, eos_token_id=None)
     return int(output[0, len(prompt) + step])
+
+
+def make_tokenizer_variant(directory: Path, *, words: int = VOCAB - 1, id_step: int = 1,
+                           split_punctuation: bool = True, eos_token: str = "w0") -> None:
+    """A word-level tokenizer like `make_tokenizer`'s, changed in one way, to stand for a
+    teacher of another tokenizer: `words` another vocab size, `id_step` (coprime with
+    `words`) the same words at other ids, `split_punctuation` False the same vocab with
+    another pre-tokenizer (whitespace only: "a:" stays one word), `eos_token` another EOS
+    declared over the same vocab (an instruct teacher's end-of-turn)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": (i * id_step) % words for i in range(words)} | {"<unk>": words}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace() if split_punctuation else pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token=eos_token,
+                            pad_token="<unk>").save_pretrained(directory)

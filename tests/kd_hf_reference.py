@@ -59,10 +59,14 @@ class StepReference:
 
 
 def step_reference(student_dir: str, teacher_dir: str | None, examples: list[dict], *, beta: float,
-                   temperature: float, sft_alpha: float = 0.0, clip: float | None = None) -> StepReference:
+                   temperature: float, sft_alpha: float = 0.0, clip: float | None = None,
+                   topk: int | None = None, vocab: int | None = None) -> StepReference:
     """The reference loss and gradient of one step on `examples` (dicts with input_ids,
     loss_mask, prompt_length, teacher_prompt_ids). `teacher_dir` None: teacher: self, the
-    student's own weights fed the teacher view, without gradient."""
+    student's own weights fed the teacher view, without gradient. `topk`: the divergence over
+    the teacher's K most likely ids, both renormalized there (gkd_logits_topk). `vocab`: both
+    models' logits cut to the first `vocab` ids (the tokenizer's), for models whose config
+    vocab_size is larger and differs (Qwen2.5-7B 152064 / 0.5B 151936)."""
     student = hf_model(student_dir)
     teacher = hf_model(teacher_dir) if teacher_dir is not None else student
     student.zero_grad(set_to_none=True)
@@ -70,7 +74,7 @@ def step_reference(student_dir: str, teacher_dir: str | None, examples: list[dic
     for example in examples:
         ids = torch.tensor(example["input_ids"])
         rows = response_positions(example["input_ids"], example["loss_mask"])
-        logits = student(ids[None, :-1]).logits[0, rows]
+        logits = student(ids[None, :-1]).logits[0, rows, :vocab]
         labels = ids[1:][rows]
         if teacher_dir is None:
             teacher_ids, teacher_mask = teacher_view(example)
@@ -79,9 +83,9 @@ def step_reference(student_dir: str, teacher_dir: str | None, examples: list[dic
         else:
             teacher_ids, teacher_rows = ids, rows
         with torch.no_grad():
-            teacher_logits = teacher(teacher_ids[None, :-1]).logits[0, teacher_rows]
+            teacher_logits = teacher(teacher_ids[None, :-1]).logits[0, teacher_rows, :vocab]
         assert logits.shape == teacher_logits.shape
-        divergences.append(dense_divergence(logits, teacher_logits, beta=beta, temperature=temperature))
+        divergences.append(dense_divergence(logits, teacher_logits, beta=beta, temperature=temperature, topk=topk))
         cross_entropies.append(-F.log_softmax(logits, dim=-1).gather(-1, labels[:, None]).squeeze(-1))
     per_token, cross_entropy = torch.cat(divergences), torch.cat(cross_entropies)
     clipped = per_token if clip is None else torch.where(per_token > clip, torch.full_like(per_token, clip),

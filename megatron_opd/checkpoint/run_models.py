@@ -1,16 +1,30 @@
 """A job's models as found on disk, before any weights load: the student, an in-process teacher,
-one padded vocab for both, and the tokenizer (shared by training and `cache-teacher`)."""
+one padded vocab for both, and the tokenizer (shared by training and `cache-teacher`).
+
+Teacher and student may differ in every dimension (layers, hidden size, heads, FFN, padded
+vocab): the losses read the teacher through its own final hidden states and LM head. What
+they must share is the tokenizer, since the teacher scores the student's token ids. An
+in-process teacher that ships tokenizer files is compared with the run's tokenizer here,
+so that a Qwen teacher for a Llama student fails at start instead of training on nonsense
+(a teacher server is checked the same way by `teachers.server`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from megatron_opd.checkpoint.pretrained import Pretrained, inspect_pretrained
 from megatron_opd.config.job import JobConfig
 from megatron_opd.config.model import with_common_padded_vocab
 from megatron_opd.config.schema import ConfigError
+
+# Files any one of which makes a directory a tokenizer AutoTokenizer can load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+PROBE_SENTENCE = "Tokenizer probe: The quick brown fox jumps over 13 lazy dogs; 7 * 6 = 42.\n  x_1 != y-2"
+PROBE_SPREAD = 64  # tokens spread over the vocab whose decoded text joins the probe
 
 
 @dataclass
@@ -19,13 +33,14 @@ class RunModels:
 
     student: Pretrained
     teacher: Optional[Pretrained]  # an in-process teacher_model, else None
-    vocab_size: int  # true vocab: ids >= it are padding in every head
+    vocab_size: int  # true vocab (the tokenizer's): ids >= it are padding in every head
     tokenizer: Any
 
 
 def resolve_models(config: JobConfig) -> RunModels:
     """Inspect the student and teacher, check them against the layout, pad their vocabs to
-    one size, and load the tokenizer (which must fit the vocab)."""
+    one size, load the tokenizer (which must fit every model's vocab) and check that the
+    teacher's own tokenizer, if it ships one, is the same."""
     student = inspect_pretrained(config.model, config.make_vocab_size_divisible_by)
     teacher = (inspect_pretrained(config.teacher_model, config.make_vocab_size_divisible_by)
                if config.teacher_model is not None else None)
@@ -39,12 +54,129 @@ def resolve_models(config: JobConfig) -> RunModels:
     padded = with_common_padded_vocab([source.model for source in sources],
                                       config.parallel.tensor_model_parallel_size)
     sources = [dataclasses.replace(source, model=model) for source, model in zip(sources, padded)]
-    vocab_size = min(source.model.vocab_size for source in sources)
 
+    tokenizer_path, tokenizer_field = run_tokenizer_path(config, student)
+    tokenizer = load_tokenizer(tokenizer_path)
+    vocab_size = tokenizer_vocab_size(tokenizer, tokenizer_field, sources)
+    if teacher is not None:
+        check_teacher_tokenizer(tokenizer, tokenizer_path, tokenizer_field, teacher)
+    return RunModels(sources[0], sources[1] if teacher is not None else None, vocab_size, tokenizer)
+
+
+def run_tokenizer_path(config: JobConfig, student: Pretrained) -> tuple[Path, str]:
+    """The run's tokenizer and the field that names it: `data.tokenizer` when set, else the
+    student's own (its directory, or a checkpoint's `hf/`)."""
+    if config.data.tokenizer:
+        return Path(config.data.tokenizer), f"data.tokenizer={config.data.tokenizer}"
+    return student.tokenizer_dir, f"model={config.model} (its tokenizer)"
+
+
+def load_tokenizer(path: Path) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer or student.tokenizer_dir)
-    if len(tokenizer) > vocab_size:
-        raise ConfigError(f"data.tokenizer has {len(tokenizer)} tokens, more than the models' vocab ({vocab_size}): "
-                          "student and teacher must share the tokenizer")
-    return RunModels(sources[0], sources[1] if teacher is not None else None, vocab_size, tokenizer)
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def tokenizer_vocab_size(tokenizer: Any, field: str, sources: list[Pretrained]) -> int:
+    """The true vocab: the tokenizer's length, which every model's `vocab_size` must hold.
+
+    Models pad their embeddings past the tokenizer (Qwen2.5-0.5B 151936 rows, 7B 152064,
+    for 151665 tokens): those rows are no token of the data, so ids >= len(tokenizer) are
+    excluded in both heads and the student is trained on the teacher's real distribution.
+    """
+    smallest = min(sources, key=lambda source: source.model.vocab_size)
+    if len(tokenizer) > smallest.model.vocab_size:
+        raise ConfigError(f"{field} has {len(tokenizer)} tokens, more than the vocab_size="
+                          f"{smallest.model.vocab_size} of {smallest.path}: student and teacher must share the "
+                          "tokenizer, and every model must have at least its tokens")
+    return len(tokenizer)
+
+
+def has_tokenizer_files(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
+
+
+def check_teacher_tokenizer(tokenizer: Any, tokenizer_path: Path, tokenizer_field: str, teacher: Pretrained) -> None:
+    """Refuse an in-process teacher whose own tokenizer differs from the run's.
+
+    The teacher scores the student's token ids, so the same id must mean the same text to
+    both. A teacher directory without tokenizer files cannot be checked and is taken as is.
+    Compared: the vocab (size, each special token's id, every token's id) and the ids of a
+    probe text. Not compared: which token each side declares as EOS/BOS/pad (an instruct
+    teacher ends turns on `<|im_end|>` where its base student ends on `<|endoftext|>`, both
+    tokens of one vocab); the run samples with the run's tokenizer's EOS.
+    """
+    theirs_path = teacher.tokenizer_dir
+    if not has_tokenizer_files(theirs_path) or _same_directory(theirs_path, tokenizer_path):
+        return
+    difference = tokenizer_difference(tokenizer, load_tokenizer(theirs_path))
+    if difference is not None:
+        raise ConfigError(
+            f"teacher_model={teacher.path} is invalid: its tokenizer ({theirs_path}) differs from the run's, "
+            f"{tokenizer_field}: {difference}. The teacher must use the student's tokenizer (a larger teacher "
+            "vocab_size over the same tokenizer, e.g. 152064 vs 151936, is allowed)")
+
+
+def _same_directory(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
+def tokenizer_difference(ours: Any, theirs: Any) -> Optional[str]:
+    """The first difference between the run's tokenizer (`ours`, "the student's") and the
+    teacher's, in words, or None when they agree."""
+    for check in (_size_difference, _special_difference, _vocab_difference, _probe_difference):
+        difference = check(ours, theirs)
+        if difference is not None:
+            return difference
+    return None
+
+
+def _size_difference(ours: Any, theirs: Any) -> Optional[str]:
+    if len(ours) != len(theirs):
+        return f"the student's tokenizer has {len(ours)} tokens, the teacher's {len(theirs)}"
+    return None
+
+
+def _special_difference(ours: Any, theirs: Any) -> Optional[str]:
+    """Every special token of either side (EOS, BOS, pad, unk, added ones) at one id in both."""
+    for token in dict.fromkeys(list(ours.all_special_tokens) + list(theirs.all_special_tokens)):
+        mine, other = ours.convert_tokens_to_ids(token), theirs.convert_tokens_to_ids(token)
+        if mine != other:
+            return f"special token {token!r} is id {mine} in the student's tokenizer, {other} in the teacher's"
+    return None
+
+
+def _vocab_difference(ours: Any, theirs: Any) -> Optional[str]:
+    mine, other = ours.get_vocab(), theirs.get_vocab()
+    if mine == other:
+        return None
+    for token, index in sorted(mine.items(), key=lambda item: item[1]):
+        if other.get(token) != index:
+            found = "absent" if token not in other else f"id {other[token]}"
+            return f"token {token!r} is id {index} in the student's tokenizer, {found} in the teacher's"
+    token = next(token for token in other if token not in mine)
+    return f"token {token!r} (id {other[token]}) is in the teacher's tokenizer, not in the student's"
+
+
+def probe_text(tokenizer: Any) -> str:
+    """A fixed sentence and the text of tokens spread over the whole vocab: tokenizers
+    whose normalizer, pre-tokenizer or merges differ split it differently even over one
+    vocab."""
+    special = set(tokenizer.all_special_ids)
+    size = len(tokenizer)
+    spread = [token for token in ((i * 7919) % size for i in range(1, 4 * PROBE_SPREAD)) if token not in special]
+    return PROBE_SENTENCE + " " + tokenizer.decode(spread[:PROBE_SPREAD], skip_special_tokens=True)
+
+
+def _probe_difference(ours: Any, theirs: Any) -> Optional[str]:
+    text = probe_text(ours)
+    mine = ours(text, add_special_tokens=False)["input_ids"]
+    other = theirs(text, add_special_tokens=False)["input_ids"]
+    if mine == other:
+        return None
+    first = next((i for i, (a, b) in enumerate(zip(mine, other)) if a != b), min(len(mine), len(other)))
+    return (f"a probe text ({text[:50]!r}...) is {len(mine)} ids in the student's tokenizer, {len(other)} in the "
+            f"teacher's, first differing at position {first}: {mine[first:first + 4]} vs {other[first:first + 4]}")
