@@ -79,7 +79,7 @@ MISMATCHES = {
     "other_ids": ({"id_step": 7}, r"token 'w1' is id 1 in the student's tokenizer, id 7 in the teacher's"),
     "other_size": ({"words": VOCAB - 11}, rf"the student's tokenizer has {VOCAB} tokens, the teacher's {VOCAB - 10}"),
     "other_pre_tokenizer": ({"split_punctuation": False},
-                            (r"a probe text \('Tokenizer probe: .*\) is \d+ ids in the student's tokenizer, \d+ "
+                            (r"a probe text \('Distillation probe: .*\) is \d+ ids in the student's tokenizer, \d+ "
                              r"in the teacher's, first differing at position \d+")),
 }
 

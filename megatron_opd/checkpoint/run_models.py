@@ -20,11 +20,10 @@ from megatron_opd.checkpoint.pretrained import Pretrained, inspect_pretrained
 from megatron_opd.config.job import JobConfig
 from megatron_opd.config.model import with_common_padded_vocab
 from megatron_opd.config.schema import ConfigError
+from megatron_opd.data.tokenizer_match import tokenizer_difference
 
 # Files any one of which makes a directory a tokenizer AutoTokenizer can load.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-PROBE_SENTENCE = "Tokenizer probe: The quick brown fox jumps over 13 lazy dogs; 7 * 6 = 42.\n  x_1 != y-2"
-PROBE_SPREAD = 64  # tokens spread over the vocab whose decoded text joins the probe
 
 
 @dataclass
@@ -122,61 +121,3 @@ def _same_directory(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
     except OSError:
         return False
-
-
-def tokenizer_difference(ours: Any, theirs: Any) -> Optional[str]:
-    """The first difference between the run's tokenizer (`ours`, "the student's") and the
-    teacher's, in words, or None when they agree."""
-    for check in (_size_difference, _special_difference, _vocab_difference, _probe_difference):
-        difference = check(ours, theirs)
-        if difference is not None:
-            return difference
-    return None
-
-
-def _size_difference(ours: Any, theirs: Any) -> Optional[str]:
-    if len(ours) != len(theirs):
-        return f"the student's tokenizer has {len(ours)} tokens, the teacher's {len(theirs)}"
-    return None
-
-
-def _special_difference(ours: Any, theirs: Any) -> Optional[str]:
-    """Every special token of either side (EOS, BOS, pad, unk, added ones) at one id in both."""
-    for token in dict.fromkeys(list(ours.all_special_tokens) + list(theirs.all_special_tokens)):
-        mine, other = ours.convert_tokens_to_ids(token), theirs.convert_tokens_to_ids(token)
-        if mine != other:
-            return f"special token {token!r} is id {mine} in the student's tokenizer, {other} in the teacher's"
-    return None
-
-
-def _vocab_difference(ours: Any, theirs: Any) -> Optional[str]:
-    mine, other = ours.get_vocab(), theirs.get_vocab()
-    if mine == other:
-        return None
-    for token, index in sorted(mine.items(), key=lambda item: item[1]):
-        if other.get(token) != index:
-            found = "absent" if token not in other else f"id {other[token]}"
-            return f"token {token!r} is id {index} in the student's tokenizer, {found} in the teacher's"
-    token = next(token for token in other if token not in mine)
-    return f"token {token!r} (id {other[token]}) is in the teacher's tokenizer, not in the student's"
-
-
-def probe_text(tokenizer: Any) -> str:
-    """A fixed sentence and the text of tokens spread over the whole vocab: tokenizers
-    whose normalizer, pre-tokenizer or merges differ split it differently even over one
-    vocab."""
-    special = set(tokenizer.all_special_ids)
-    size = len(tokenizer)
-    spread = [token for token in ((i * 7919) % size for i in range(1, 4 * PROBE_SPREAD)) if token not in special]
-    return PROBE_SENTENCE + " " + tokenizer.decode(spread[:PROBE_SPREAD], skip_special_tokens=True)
-
-
-def _probe_difference(ours: Any, theirs: Any) -> Optional[str]:
-    text = probe_text(ours)
-    mine = ours(text, add_special_tokens=False)["input_ids"]
-    other = theirs(text, add_special_tokens=False)["input_ids"]
-    if mine == other:
-        return None
-    first = next((i for i, (a, b) in enumerate(zip(mine, other)) if a != b), min(len(mine), len(other)))
-    return (f"a probe text ({text[:50]!r}...) is {len(mine)} ids in the student's tokenizer, {len(other)} in the "
-            f"teacher's, first differing at position {first}: {mine[first:first + 4]} vs {other[first:first + 4]}")

@@ -28,6 +28,8 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_opd.config.job import TeacherServerConfig
+from megatron_opd.data.tokenizer_match import probe_text
+from megatron_opd.pipeline import Microbatch
 from megatron_opd.runtime.agreement import run_agreed
 from megatron_opd.teachers.outputs import TeacherTopK
 from megatron_opd.teachers.server_client import (
@@ -37,34 +39,6 @@ from megatron_opd.teachers.server_client import (
     parse_prompt_logprobs,
     served_tokens,
 )
-from megatron_opd.pipeline import Microbatch
-
-PROBE_TEXT = "Distillation probe: The quick brown fox jumps over 13 lazy dogs; 7 * 6 = 42."
-PROBE_TOKENS = 48
-
-
-def probe_text(tokenizer, max_tokens: Optional[int] = None) -> str:
-    """A fixed sentence and the text of tokens spread over the whole vocabulary: tokenizers
-    that differ anywhere in their vocab almost surely split it differently. Cut (by
-    characters, so both sides tokenize the same text) to at most `max_tokens` tokens."""
-    special = set(tokenizer.all_special_ids)
-    size = len(tokenizer)
-    spread = [token for token in ((i * 7919) % size for i in range(1, 4 * PROBE_TOKENS)) if token not in special]
-    text = PROBE_TEXT + " " + tokenizer.decode(spread[:PROBE_TOKENS], skip_special_tokens=True)
-    return text if max_tokens is None else _fit(tokenizer, text, max_tokens)
-
-
-def _fit(tokenizer, text: str, max_tokens: int) -> str:
-    """The longest prefix of `text` that `tokenizer` turns into at most `max_tokens` ids
-    (binary search over characters; token counts grow with the prefix)."""
-    def count(length: int) -> int:
-        return len(tokenizer(text[:length])["input_ids"])
-
-    low, high = 0, len(text)
-    while low < high:
-        middle = (low + high + 1) // 2
-        low, high = (middle, high) if count(middle) <= max_tokens else (low, middle - 1)
-    return text[:low]
 
 
 def probe_limit(card: dict) -> Optional[int]:
