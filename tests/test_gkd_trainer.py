@@ -143,33 +143,18 @@ def test_killed_save_leaves_previous_checkpoint(setup, tmp_path):
     assert resumed["iteration"] == killed_at - 1
 
 
-@pytest.mark.parametrize("have_apex_or_te", [False, True], ids=["cpu_stack", "gpu_stack"])
-def test_distributed_optimizer_needs_te_or_apex(monkeypatch, have_apex_or_te):
-    """Both stacks on any machine: Megatron's flag is set to each value in turn. Without TE
-    or Apex: off by default and refused when asked for; with them: on by default for Adam
-    and granted when asked for. Never for SGD, and off whenever asked off."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    from megatron_opd.config import ConfigError
+def test_distributed_optimizer_default_is_adam_at_data_parallel():
+    """As Megatron-LM's recommended setting: on for Adam at DP > 1, where sharding the fp32
+    main params and Adam state saves memory, with torch's Adam as with TE's or Apex's (its
+    checkpoints resume exactly: test_resume_layouts.py); off at DP=1 (nothing to shard) and
+    for SGD. An explicit setting is kept (`true` with SGD is refused by the config)."""
     from megatron_opd.trainer.optim import resolve_distributed_optimizer
 
-    monkeypatch.setattr(distrib_optimizer, "HAVE_APEX_OR_TE", have_apex_or_te)
-    assert resolve_distributed_optimizer(None, "adam") is have_apex_or_te
-    assert resolve_distributed_optimizer(None, "sgd") is False
-    assert resolve_distributed_optimizer(False, "adam") is False
-    if have_apex_or_te:
-        assert resolve_distributed_optimizer(True, "adam") is True
-    else:
-        with pytest.raises(ConfigError, match="optimizer.use_distributed_optimizer=True is invalid"):
-            resolve_distributed_optimizer(True, "adam")
-
-
-def test_distributed_optimizer_default_follows_this_machine():
-    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
-
-    from megatron_opd.trainer.optim import resolve_distributed_optimizer
-
-    assert resolve_distributed_optimizer(None, "adam") is HAVE_APEX_OR_TE
+    assert resolve_distributed_optimizer(None, "adam", 2) is True
+    assert resolve_distributed_optimizer(None, "adam", 1) is False
+    assert resolve_distributed_optimizer(None, "sgd", 2) is False
+    assert resolve_distributed_optimizer(False, "adam", 2) is False
+    assert resolve_distributed_optimizer(True, "adam", 1) is True
 
 
 def test_contradicting_settings_are_refused(setup, tmp_path):

@@ -29,6 +29,9 @@ from typing import Any, Iterator, Optional
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing import ShardedTensor
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from megatron_opd.config.model import ModelConfig
@@ -45,6 +48,11 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msg
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that does not fit what loads it (another model shape, another optimizer):
+    the commands print it in one line."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -156,6 +164,7 @@ def load_model_checkpoint(model: torch.nn.Module, path: Path | str) -> Checkpoin
                 tp_rank = parallel_state.get_tensor_model_parallel_rank()
                 sharded[key] = ShardedTensor.from_rank_offsets(saved.key, buffer, replica_id=(*replica, tp_rank))
                 repadded[key] = buffer
+    check_tensor_shapes(sharded, path)
     # A Transformer Engine model asks for its modules' `_extra_state` (FP8 scaling metadata),
     # which a checkpoint of the local spec (CPU) lacks: that state keeps TE's defaults, as
     # after an HF conversion. Anything else missing is refused.
@@ -178,6 +187,23 @@ def load_model_checkpoint(model: torch.nn.Module, path: Path | str) -> Checkpoin
         raise KeyError(f"{path}: checkpoint does not match the model: missing {missing}, "
                        f"unexpected {result.unexpected_keys}")
     return info
+
+
+def check_tensor_shapes(sharded: dict, path: Path) -> None:
+    """Refuse a checkpoint of another model shape in one line naming the tensor and both
+    shapes, before dist-checkpointing fails deep inside its load ("Global shape mismatch")."""
+    saved = dist_checkpointing.load_tensors_metadata(str(path / DIST_DIR))
+    tensors, _ = extract_sharded_tensors_and_factories(sharded)
+    for entry in nested_values(tensors):
+        built = entry.build() if isinstance(entry, ShardedTensorFactory) else entry  # a GLU's two halves
+        for tensor in nested_values([built]):
+            if tensor.key not in saved:
+                continue  # missing tensors: refused after the load, `_extra_state` allowed
+            saved_shape, shape = tuple(saved[tensor.key].global_shape), tuple(tensor.global_shape)
+            if saved_shape != shape:
+                raise CheckpointMismatchError(f"{path}: tensor {tensor.key!r} has shape {saved_shape} in the "
+                                              f"checkpoint and {shape} in this model: the checkpoint is of "
+                                              f"another model shape")
 
 
 def check_output_dir(out: Path | str, force: bool) -> None:

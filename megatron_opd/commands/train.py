@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from megatron_opd.checkpoint.megatron_checkpoint import CheckpointMismatchError
 from megatron_opd.config.job import load_job_config
 from megatron_opd.config.schema import ConfigError
 from megatron_opd.rollout import VLLMError
@@ -30,7 +31,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             result = trainer.train()
         finally:
             trainer.close()
-    except (ConfigError, FileNotFoundError, FileExistsError, TeacherServerError, VLLMError) as error:
+    except (ConfigError, FileNotFoundError, FileExistsError, TeacherServerError, VLLMError,
+            CheckpointMismatchError) as error:
         print(f"megatron_opd.train: error: {error}", file=sys.stderr)
         return 1
     if os.environ.get("RANK", "0") == "0":

@@ -58,8 +58,9 @@ class OptimizerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # global grad-norm clip; 0 disables it
-    # null: on with Transformer Engine or Apex (GPU), off otherwise. Megatron-Core 0.16's
-    # DistributedOptimizer over plain torch Adam does not restore its state exactly.
+    # Megatron's DistributedOptimizer (fp32 main params and Adam state sharded over DP ranks).
+    # null: on for adam at DP > 1 (torch's Adam, TE's or Apex's alike), off at DP=1 and for sgd.
+    # Checkpoints load into either optimizer, at any TP/PP/DP (trainer/optimizer_checkpoint.py).
     use_distributed_optimizer: Optional[bool] = None
 
     def __post_init__(self) -> None:

@@ -11,6 +11,9 @@ Each checkpoint is written under a temporary name and renamed when complete, so 
 save killed midway leaves the previous checkpoint as the latest and loadable.
 RNG state is not saved: every step reseeds from (seed, iteration), so a resumed run
 draws what the uninterrupted run draws.
+
+The optimizer's state is saved in model space (`optimizer_checkpoint`): it loads at any
+TP/PP/DP, into either optimizer.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from megatron.core import dist_checkpointing
 
 from megatron_opd.checkpoint.megatron_checkpoint import (
     DIST_DIR,
@@ -30,12 +32,11 @@ from megatron_opd.checkpoint.megatron_checkpoint import (
     read_checkpoint_info,
     save_model_checkpoint,
 )
+from megatron_opd.models.tp_layout import unwrap
+from megatron_opd.trainer.optimizer_checkpoint import load_optimizer_state, optimizer_sharded_state
 
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
-# The DistributedOptimizer's default ("fully_sharded_model_space") needs flattened ranges
-# that dist-checkpointing now refuses; "dp_reshardable" is Megatron-LM's own default.
-_OPTIMIZER_SHARDING = "dp_reshardable"
 
 
 def checkpoint_root(output_dir: Path | str) -> Path:
@@ -56,25 +57,14 @@ def latest_checkpoint(output_dir: Path | str) -> Optional[Path]:
     return path
 
 
-def _optimizer_sharded_state(optimizer, model_sharded: dict, is_loading: bool) -> dict:
-    kwargs = ({"metadata": {"distrib_optim_sharding_type": _OPTIMIZER_SHARDING}}
-              if _is_distributed_optimizer(optimizer) else {})
-    return optimizer.sharded_state_dict(model_sharded, is_loading=is_loading, **kwargs)
-
-
-def _is_distributed_optimizer(optimizer) -> bool:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    return any(isinstance(o, DistributedOptimizer) for o in inner)
+# ---------------------------------------------------------------- training checkpoints
 
 
 def save_training_checkpoint(output_dir: Path | str, iteration: int, model: torch.nn.Module, optimizer,
                              info: CheckpointInfo, hf_dir: Optional[Path], state: dict[str, Any]) -> Path:
     """Collective. Writes `iter_<iteration>` atomically, then points `latest` at it."""
     out = iteration_dir(output_dir, iteration)
-    model_sharded = model.sharded_state_dict()
-    optimizer_sharded = _optimizer_sharded_state(optimizer, model_sharded, is_loading=False)
+    optimizer_sharded = optimizer_sharded_state(optimizer, model, unwrap(model).sharded_state_dict())
     with atomic_output_dir(out, force=True) as staging:
         save_model_checkpoint(model, info, staging, hf_dir=hf_dir, extra_sharded={"optimizer": optimizer_sharded},
                               extra_files={STATE_FILE: {"iteration": iteration, **state}})
@@ -89,10 +79,8 @@ def save_training_checkpoint(output_dir: Path | str, iteration: int, model: torc
 
 @torch.no_grad()
 def load_training_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> dict[str, Any]:
-    """Collective. Restores model and optimizer; returns the trainer state (iteration, ...)."""
+    """Collective. Restores model and optimizer, at any TP/PP/DP and either optimizer;
+    returns the trainer state (iteration, ...)."""
     load_model_checkpoint(model, path)
-    model_sharded = model.sharded_state_dict()
-    optimizer_sharded = _optimizer_sharded_state(optimizer, model_sharded, is_loading=True)
-    loaded = dist_checkpointing.load({"optimizer": optimizer_sharded}, str(path / DIST_DIR))
-    optimizer.load_state_dict(loaded["optimizer"])
+    load_optimizer_state(optimizer, model, unwrap(model).sharded_state_dict(), path / DIST_DIR)
     return json.loads((path / STATE_FILE).read_text())

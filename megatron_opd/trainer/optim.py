@@ -12,7 +12,14 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_opd.config.job import OptimizerConfig
-from megatron_opd.config.schema import ConfigError
+
+# fp16's dynamic loss scale (Megatron's DynamicGradScaler): start at 2^16 (torch's GradScaler
+# and DeepSpeed start there; Megatron's 2^32 would skip ~16 more steps while it comes down),
+# halve after `LOSS_SCALE_HYSTERESIS` overflowing steps, double after `LOSS_SCALE_WINDOW` clean ones.
+INITIAL_LOSS_SCALE = 2.0 ** 16
+MIN_LOSS_SCALE = 1.0
+LOSS_SCALE_WINDOW = 1000
+LOSS_SCALE_HYSTERESIS = 2
 
 
 def wrap_student(model: torch.nn.Module, use_distributed_optimizer: bool) -> DistributedDataParallel:
@@ -48,6 +55,10 @@ def build_optimizer(ddp_model: DistributedDataParallel, optimizer: OptimizerConf
         clip_grad=optimizer.clip_grad,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
+        initial_loss_scale=INITIAL_LOSS_SCALE,
+        min_loss_scale=MIN_LOSS_SCALE,
+        loss_scale_window=LOSS_SCALE_WINDOW,
+        hysteresis=LOSS_SCALE_HYSTERESIS,
         params_dtype=params_dtype,
         use_distributed_optimizer=optimizer.use_distributed_optimizer,
     )
@@ -68,15 +79,12 @@ def build_optimizer(ddp_model: DistributedDataParallel, optimizer: OptimizerConf
     return megatron_optimizer, scheduler
 
 
-def resolve_distributed_optimizer(requested: Optional[bool], optimizer: str) -> bool:
-    """Megatron's DistributedOptimizer needs Transformer Engine's or Apex's Adam to checkpoint
-    exactly (with torch's Adam, 0.16 loses state on resume): on by default where they exist."""
-    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
-
+def resolve_distributed_optimizer(requested: Optional[bool], optimizer: str, data_parallel_size: int) -> bool:
+    """Megatron's DistributedOptimizer (fp32 main params and Adam state sharded over DP):
+    on by default for Adam at DP > 1, where sharding saves memory; at DP=1 it shards nothing.
+    `false` keeps the plain optimizer; SGD cannot use it (refused by `OptimizerConfig`).
+    Torch's Adam works as well as TE's or Apex's: checkpoints round-trip its state exactly
+    (`trainer.optimizer_checkpoint`)."""
     if requested is None:
-        return HAVE_APEX_OR_TE and optimizer == "adam"
-    if requested and not HAVE_APEX_OR_TE:
-        raise ConfigError("optimizer.use_distributed_optimizer=True is invalid without Transformer Engine or "
-                          "Apex: Megatron-Core's DistributedOptimizer does not resume torch's Adam state "
-                          "exactly; set it to false or null")
+        return optimizer == "adam" and data_parallel_size > 1
     return requested

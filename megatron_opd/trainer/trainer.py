@@ -17,6 +17,7 @@ Resume from the latest checkpoint, and a final HF export of the student.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -49,7 +50,7 @@ from megatron_opd.teachers import LocalTeacher
 from megatron_opd.teachers.build import remote_teacher
 from megatron_opd.trainer.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from megatron_opd.trainer.metrics import MetricsWriter, reduce_metrics
-from megatron_opd.trainer.optim import build_optimizer, resolve_distributed_optimizer, wrap_student
+from megatron_opd.trainer.optim import MIN_LOSS_SCALE, build_optimizer, resolve_distributed_optimizer, wrap_student
 
 
 class _Stopwatch:
@@ -84,7 +85,8 @@ class Trainer:
         teacher = remote_teacher(config, models, self.runtime)
 
         use_distributed_optimizer = resolve_distributed_optimizer(config.optimizer.use_distributed_optimizer,
-                                                                  config.optimizer.optimizer)
+                                                                  config.optimizer.optimizer,
+                                                                  parallel_state.get_data_parallel_world_size())
         student = load_pretrained(models.student, self.runtime, "student", self.dtype, compute=config.compute)
         self.model = wrap_student(student, use_distributed_optimizer)
         if models.teacher is not None:
@@ -97,6 +99,11 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(
             self.model, dataclasses.replace(config.optimizer, use_distributed_optimizer=use_distributed_optimizer),
             config.training.train_iters)
+        # As Megatron-LM's training loop: the schedule multiplies each microbatch's loss by the
+        # optimizer's loss scale before backward (fp16's dynamic scale; 1 for bf16 and fp32).
+        # Without it fp16 gradients come out divided by the scale (2^16 and more) and no overflow is seen.
+        self.model.config.grad_scale_func = self.optimizer.scale_loss
+        self.skipped_steps = self.skipped_in_a_row = 0
 
         self.train_data = self._dataset("train")
         self.eval_data = self._dataset("val") if config.data.val_dataset else None
@@ -177,12 +184,12 @@ class Trainer:
                                             self.algorithm.microbatch_loss(responses), forward_only=False,
                                             rollout_logprobs=responses.rollout_logprobs)
         student_time = clock.lap()
+        loss_scale = float(self.optimizer.get_loss_scale())
         updated, grad_norm, _ = self.optimizer.step()
-        if not updated:
-            raise FloatingPointError(f"iteration {self.iteration + 1}: the optimizer skipped the step "
-                                     f"(grad norm {grad_norm}): non-finite gradients")
-        self.scheduler.step(increment=1)
-        self.context.weights_changed()
+        self._check_update(updated, grad_norm, loss_scale)
+        if updated:  # a skipped step leaves the weights and the LR schedule as they were (Megatron-LM)
+            self.scheduler.step(increment=1)
+            self.context.weights_changed()
         optimizer_time = clock.lap()
         self.iteration += 1
 
@@ -190,9 +197,12 @@ class Trainer:
         if not metrics:
             return metrics
         metrics.update(self.algorithm.step_metrics(responses))
-        metrics.update(grad_norm=float(grad_norm), lr=self.optimizer.param_groups[0]["lr"],
-                       student_s=student_time, optimizer_s=optimizer_time,
+        metrics.update(lr=self.optimizer.param_groups[0]["lr"], student_s=student_time, optimizer_s=optimizer_time,
                        tokens_per_s=metrics["tokens"] / max(clock.total, 1e-9))
+        if updated:  # a skipped step has no grad norm
+            metrics["grad_norm"] = float(grad_norm)
+        if self.dtype == torch.float16:
+            metrics.update(loss_scale=loss_scale, skipped=float(not updated), skipped_steps=self.skipped_steps)
         if self.teacher is not None:
             metrics["teacher_s"] = teacher_time
         if self.algorithm.samples:
@@ -200,6 +210,30 @@ class Trainer:
         if "samples" in metrics:
             metrics["sample_length"] = metrics.pop("sampled_tokens") / max(metrics.pop("samples"), 1)
         return metrics
+
+    def _check_update(self, updated: bool, grad_norm, loss_scale: float) -> None:
+        """Count a step the optimizer skipped; raise FloatingPointError when gradients are non-finite.
+
+        fp16's dynamic loss scaler skips a step whose scaled gradients overflowed and lowers the
+        scale; while the scale settles (the first steps of a run) that is routine, and
+        Megatron-LM counts such steps and trains on. A skip at the scaler's smallest scale
+        (`MIN_LOSS_SCALE`) cannot be cured by scaling: the gradients are non-finite. Without a
+        scaler (bf16, fp32) Megatron never skips and applies any gradient, so a non-finite
+        grad norm (computed when `optimizer.clip_grad` > 0) is caught here.
+        """
+        if updated:
+            self.skipped_in_a_row = 0
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                raise FloatingPointError(f"iteration {self.iteration + 1}: grad norm {grad_norm} "
+                                         f"(training.precision={self.config.training.precision!r}): "
+                                         "non-finite gradients")
+            return
+        self.skipped_steps += 1
+        self.skipped_in_a_row += 1
+        if loss_scale <= MIN_LOSS_SCALE:
+            raise FloatingPointError(
+                f"iteration {self.iteration + 1}: the optimizer skipped {self.skipped_in_a_row} step(s) in a "
+                f"row, the last at loss scale {loss_scale:g} (the smallest): non-finite gradients")
 
     @torch.no_grad()
     def evaluate(self, loss=None, sample: bool = False) -> dict[str, float]:
