@@ -29,6 +29,7 @@ from megatron_opd.checkpoint.megatron_checkpoint import (
     save_model_checkpoint,
 )
 from megatron_opd.checkpoint.pretrained import Pretrained, inspect_pretrained, load_pretrained
+from megatron_opd.config.compute import ComputeConfig
 from megatron_opd.config.model import MAKE_VOCAB_SIZE_DIVISIBLE_BY
 from megatron_opd.config.parallel import ParallelConfig
 from megatron_opd.config.schema import ConfigError
@@ -36,6 +37,11 @@ from megatron_opd.models.builder import build_gpt_model
 from megatron_opd.runtime.progress import Progress, is_rank_zero, log
 
 _HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+# Conversion builds Megatron's local layer spec on any device: a checkpoint's tensors and
+# names do not depend on the spec (the local spec saves under Transformer Engine's names),
+# TE models load it (keeping TE's own `_extra_state`), and converting then needs no TE.
+CONVERSION_SPEC = ComputeConfig(transformer_impl="local")
 
 
 def conversion_layout(tp: int, pp: int, pretrained: Pretrained) -> ParallelConfig:
@@ -70,7 +76,7 @@ def hf_to_megatron(hf_path: Path, out: Path, tp: int = 1, pp: int = 1, dtype: Op
     log(f"hf-to-megatron: {source.family} from {hf_path}, {source.model.num_layers} layers, "
          f"{dtype_name(torch_dtype)}, tp={tp} pp={pp}")
     with atomic_output_dir(out, force) as staging:
-        model = build_gpt_model(source.model, runtime, dtype=torch_dtype, initialize=False)
+        model = build_gpt_model(source.model, runtime, dtype=torch_dtype, initialize=False, compute=CONVERSION_SPEC)
         progress = Progress(sum(1 for _ in model.parameters()), "reading HF weights")
         load_hf_weights(model, source.model, HFWeightReader(hf_path), progress)
         progress.finish()
@@ -94,7 +100,7 @@ def megatron_to_hf(megatron_path: Path, out: Path, tp: int = 1, pp: int = 1, dty
 
     runtime = initialize_runtime(parallel)
     log(f"megatron-to-hf: {source.family} from {megatron_path}, {dtype_name(torch_dtype)}, tp={tp} pp={pp}")
-    model = load_pretrained(source, runtime, dtype=source.dtype)
+    model = load_pretrained(source, runtime, dtype=source.dtype, compute=CONVERSION_SPEC)
     with atomic_output_dir(out, force) as staging:
         if is_rank_zero():
             copy_hf_side_files(megatron_path / HF_DIR, staging)
