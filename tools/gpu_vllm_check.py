@@ -46,16 +46,15 @@ Tolerances on log-probs, max |vLLM - reference| over every token (and the mean):
 
 Needs (reported as MISSING before anything runs): torch with CUDA, vllm (a CUDA build),
 transformers, megatron-core; Transformer Engine is optional: without it the Megatron
-model is built with the local layer spec (`load_pretrained` has no way to ask for it and
-refuses a CUDA model without TE), and the report says so. Exit codes: 0 all checks
+model is built with the local layer spec (`load_pretrained(..., compute=ComputeConfig(
+transformer_impl="local"))`: its default, auto, refuses a CUDA model without TE), and the
+report says so. Exit codes: 0 all checks
 passed (skipped variants are listed), 1 a check failed, 2 something it needs is missing.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import math
 import os
 import shutil
@@ -70,6 +69,8 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from tools.gpu_check_report import COMMON_MODULES, Report, preflight  # noqa: E402 - after the repository is on sys.path
 
 VOCAB = 300  # tests.hf_models.VOCAB
 HEADS = {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32}
@@ -305,22 +306,6 @@ def _diff(mine: list[list[float]], reference: list[list[float]]) -> tuple[float,
     return max(values), sum(values) / len(values)
 
 
-class Report:
-    def __init__(self):
-        self.lines: list[tuple[str, str, str]] = []
-
-    def add(self, status: str, name: str, detail: str) -> None:
-        self.lines.append((status, name, detail))
-        print(f"{status} {name}: {detail}", flush=True)
-
-    def check(self, ok: bool, name: str, detail: str) -> None:
-        self.add("PASS" if ok else "FAIL", name, detail)
-
-    @property
-    def failed(self) -> list:
-        return [line for line in self.lines if line[0] == "FAIL"]
-
-
 def _within(diff: tuple[float, float], dtype: str) -> tuple[bool, str]:
     max_tol, mean_tol = TOLERANCE[dtype]
     ok = diff[0] <= max_tol and (mean_tol is None or diff[1] <= mean_tol)
@@ -438,33 +423,6 @@ def _check_memory(name: str, spec: dict, results: list[dict], report: Report) ->
 
 # ============================================================================ main
 
-def preflight(device: str, report: Report) -> dict:
-    """Versions of what the check needs; MISSING lines for what is absent."""
-    found = {}
-    for module, needed in (("torch", True), ("megatron.core", True), ("transformers", True), ("safetensors", True),
-                           ("vllm", True), ("transformer_engine", False), ("pynvml", False)):
-        try:
-            found[module] = getattr(importlib.import_module(module), "__version__", "present")
-        except Exception as error:  # noqa: BLE001 - a broken install raises more than ImportError
-            found[module] = None
-            report.add("MISSING" if needed else "INFO", module,
-                       f"import failed ({type(error).__name__}: {error})" + ("" if needed else " (optional)"))
-    try:
-        import megatron_opd  # noqa: F401
-        import tests.hf_models  # noqa: F401
-    except Exception as error:  # noqa: BLE001
-        report.add("MISSING", "megatron_opd/tests", f"{type(error).__name__}: {error} (run from the repository)")
-        found["megatron_opd"] = None
-    if found.get("torch"):
-        import torch
-
-        found["cuda"] = torch.version.cuda
-        found["gpus"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if device == "cuda" and not found["gpus"]:
-            report.add("MISSING", "gpu", f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device")
-    return found
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
@@ -487,7 +445,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unknown:
         parser.error(f"unknown variant(s) {unknown}: one of {list(VARIANTS)}")
 
-    found = preflight(args.device, report)
+    found = preflight(args.device, report, COMMON_MODULES + (("vllm", True), ("pynvml", False)), "tests.hf_models")
     if any(status == "MISSING" for status, _, _ in report.lines):
         print("gpu_vllm_check: cannot run (see MISSING above); nothing was checked", flush=True)
         return 2
@@ -541,9 +499,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                       eos[spec["family"]], args.transformer_impl, True if args.eager else None,
                                       timeout=args.timeout, env=env)
         except DistributedTestError as error:
-            print(str(error), file=sys.stderr, flush=True)
-            last = [line for line in str(error).strip().splitlines() if line.strip()][-1]
-            report.add("FAIL", f"{name} run", f"a rank failed or timed out: {last[:300]} (full traceback on stderr)")
+            report.rank_failure(name, error)
             continue
         try:
             evaluate(name, spec, results, work, report)
@@ -556,14 +512,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"gpu_vllm_check: models and exports kept in {root}", flush=True)
     else:
         shutil.rmtree(root, ignore_errors=True)
-    failed = report.failed
-    passed = sum(1 for status, _, _ in report.lines if status == "PASS")
-    print(f"gpu_vllm_check: {passed} passed, {len(failed)} failed, {len(skipped)} variant(s) skipped"
-          + (f" ({', '.join(skipped)})" if skipped else ""), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps([dict(zip(("status", "check", "detail"), line)) for line in report.lines],
-                                        indent=1) + "\n")
-    return 1 if failed else 0
+    return report.finish("gpu_vllm_check", skipped, "variant(s)", args.json)
 
 
 if __name__ == "__main__":  # run_distributed and vLLM start processes that re-import this file
