@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,7 @@ class Runtime:
     parallel: ParallelConfig
     # gloo, every rank, HOST_WAIT_TIMEOUT: for ranks waiting on another's host work (tokenizing
     # a dataset), which may take far longer than a collective's timeout allows
-    host_wait_group: Any = None
+    host_wait_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def is_cpu(self) -> bool:
