@@ -292,3 +292,39 @@ def test_seq_kd_samples_the_teacher_through_vllm(setup, tmp_path):
     for example in examples:
         prompt = example["input_ids"][:example["prompt_length"]]
         assert example["input_ids"][example["prompt_length"]:] == hf_greedy(model, prompt, 6, eos=0)
+
+
+def padded_rows_on_rank(model_dir: str, tokenizer_vocab: int) -> list[list[int]]:
+    """Samples at temperature 2 of a model whose config has more rows than the tokenizer has
+    tokens, through an engine told the tokenizer's length."""
+    from megatron_opd.checkpoint import load_pretrained
+    from megatron_opd.checkpoint.pretrained import inspect_pretrained
+    from megatron_opd.rollout import SamplingParams, VLLMEngine
+    from megatron_opd.runtime import initialize_runtime
+
+    runtime = initialize_runtime(ParallelConfig())
+    source = inspect_pretrained(model_dir)
+    model = load_pretrained(source, runtime, role="teacher")
+    engine = VLLMEngine(model, source, tokenizer_vocab, _rollout_config(), torch.float32, seed=0,
+                        device=runtime.device)
+    prompts = [[1 + 37 * row % (VOCAB - 2), 5, 9] for row in range(8)]
+    try:
+        return engine.generate(prompts, SamplingParams(max_new_tokens=32, temperature=2.0),
+                               list(range(8))).completions
+    finally:
+        engine.close()
+
+
+def test_padding_rows_are_never_sampled(tmp_path):
+    """A model of 20 more rows than its tokenizer's 300 tokens (Qwen2.5: 151936 for 151665):
+    vLLM samples only real tokens, as the trainer's kernels count them. Control: the same
+    engine told the model's own vocab samples padding ids (random weights put ~6% of each
+    step's mass there), so the check can fail."""
+    from tests.hf_models import make_hf_model
+
+    model_dir = make_hf_model("llama2", tmp_path / "padded", seed=4, vocab_size=VOCAB + 20, **HEADS)
+    (masked,) = run_distributed(padded_rows_on_rank, 1, str(model_dir), VOCAB, timeout=600, env=VLLM_ENV)
+    (unmasked,) = run_distributed(padded_rows_on_rank, 1, str(model_dir), VOCAB + 20, timeout=600, env=VLLM_ENV)
+    assert sum(len(ids) for ids in masked) == 8 * 32
+    assert max(max(ids) for ids in masked) < VOCAB
+    assert max(max(ids) for ids in unmasked) >= VOCAB

@@ -117,6 +117,9 @@ class VLLMEngine:
         self._staging: Optional[Path] = None
         self._transport = None
         self._parameter_names: list[str] = []
+        # vLLM samples over the model's rows; ids >= the tokenizer's length (padding rows, e.g.
+        # Qwen2.5's 151936 for 151665 tokens) are excluded, as the trainer's kernels do.
+        self._allowed_ids = list(range(vocab_size)) if source.model.vocab_size > vocab_size else None
         self.stale = True  # started with dummy weights: the first generate syncs
         self.sleeping = False
         self.sync_seconds = self.sync_bytes = 0.0
@@ -246,7 +249,8 @@ class VLLMEngine:
                 n=1, temperature=params.temperature, top_k=params.top_k or 0, max_tokens=params.max_new_tokens,
                 seed=None if params.temperature == 0 else int(seeds[row]),
                 # Our EOS ids (tokenizer's and generation_config's) end a completion, nothing else.
-                ignore_eos=True, stop_token_ids=eos, logprobs=0, detokenize=False)
+                ignore_eos=True, stop_token_ids=eos, logprobs=0, detokenize=False,
+                allowed_token_ids=self._allowed_ids)
                 for row in range(len(prompts))]
             outputs = self.llm.generate([{"prompt_token_ids": [int(t) for t in prompt]} for prompt in prompts],
                                         requests, use_tqdm=False)
