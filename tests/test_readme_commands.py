@@ -50,6 +50,9 @@ SKIPPED = {
     "pip install torch": "installs packages",
     'pip install -e ".[gpu,vllm]"': "installs packages",
     "MEGATRON_OPD_DEVICE=cuda torchrun --nproc-per-node 4 tools/bench_train.py --tp 2 --pp 2": "needs 4 CUDA GPUs",
+    "torchrun --standalone --nproc-per-node 2 tools/bench_train.py --preset qwen2.5-0.5b-from-1.5b --tp 2 "
+    "--precision bf16 --batch 2 --micro-batch 1 --steps 1 --no-sampler": "a benchmark at real shapes (2 x 10 GiB, "
+        "about 10 minutes on 2 CPU cores), run by hand: its numbers are in the README",
 }
 
 # Groups of README commands run in README order by one test each; slow ones only with `-m slow`.
