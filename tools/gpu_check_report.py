@@ -4,7 +4,9 @@ PASS / FAIL / INFO / SKIP / MISSING line per check as it happens, a summary line
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -30,8 +32,19 @@ class Report:
         last = [line for line in str(error).strip().splitlines() if line.strip()][-1]
         self.add("FAIL", f"{name} run", f"a rank failed or timed out: {last[:300]} (full traceback on stderr)")
 
-    def finish(self, tool: str, skipped: list[str], what: str, json_path: Optional[Path]) -> int:
-        """The summary line, the JSON file; the exit code (1 when a check failed, else 0)."""
+    def evaluation_failure(self, name: str, error: Exception) -> None:
+        """A bug in evaluating one check: reported, so that it does not hide the other checks."""
+        traceback.print_exc()
+        self.add("FAIL", f"{name} evaluate", f"{type(error).__name__}: {error}")
+
+    def finish(self, tool: str, skipped: list[str], what: str, json_path: Optional[Path], work: Path,
+               keep: bool) -> int:
+        """The summary line, the JSON file, `work` removed unless `keep`; the exit code (1 when
+        a check failed, else 0)."""
+        if keep:
+            print(f"{tool}: models and outputs kept in {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
         passed = sum(1 for status, _, _ in self.lines if status == "PASS")
         print(f"{tool}: {passed} passed, {len(self.failed)} failed, {len(skipped)} {what} skipped"
               + (f" ({', '.join(skipped)})" if skipped else ""), flush=True)
@@ -73,3 +86,21 @@ def preflight(device: str, report: Report, modules: tuple[tuple[str, bool], ...]
         if device == "cuda" and not found["gpus"]:
             report.add("MISSING", "gpu", f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device")
     return found
+
+
+def add_run_arguments(parser, timeout: float, budget: float, unit: str, kept: str) -> None:
+    """The options both checks share: per-`unit` timeout, overall budget, JSON, keeping files."""
+    parser.add_argument("--timeout", type=float, default=timeout, help=f"seconds per {unit}")
+    parser.add_argument("--budget", type=float, default=budget,
+                        help=f"seconds for all of them: a later {unit} is skipped once it is spent")
+    parser.add_argument("--json", type=Path, help="write every check line here")
+    parser.add_argument("--keep", action="store_true", help=f"keep the {kept} (path printed)")
+
+
+def selected(parser, text: str, known, kind: str) -> list[str]:
+    """The comma-separated `text` as names, each one of `known` (else a usage error)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"unknown {kind}(s) {unknown}: one of {list(known)}")
+    return names

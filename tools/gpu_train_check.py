@@ -75,11 +75,9 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -87,7 +85,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools.gpu_check_report import COMMON_MODULES, Report, preflight  # noqa: E402 - after the repository is on sys.path
+from tools.gpu_check_report import COMMON_MODULES, Report, add_run_arguments, preflight, selected  # noqa: E402 - after the repository is on sys.path
 
 CHECKS = ("te_logits_vs_hf", "convert_round_trip", "kernel_vs_eager", "trainer_tp2_parity", "bf16_gkd_steps")
 
@@ -520,17 +518,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="auto: TE on CUDA when installed, else the local spec")
     parser.add_argument("--break-on-purpose", action="store_true",
                         help="break each check's candidate in a known way: every check must FAIL")
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per check's ranks")
-    parser.add_argument("--budget", type=float, default=240.0,
-                        help="seconds for all checks: later ones are skipped once it is spent")
-    parser.add_argument("--json", type=Path, help="write every check line here")
-    parser.add_argument("--keep", action="store_true", help="keep the models and checkpoints (path printed)")
+    add_run_arguments(parser, timeout=300.0, budget=240.0, unit="check", kept="models and checkpoints")
     args = parser.parse_args(argv)
     report = Report()
-    names = [n.strip() for n in args.checks.split(",") if n.strip()]
-    unknown = [n for n in names if n not in CHECKS]
-    if unknown:
-        parser.error(f"unknown check(s) {unknown}: one of {list(CHECKS)}")
+    names = selected(parser, args.checks, CHECKS, "check")
     size = args.size or ("tiny" if args.device == "cpu" else "full")
     tiny = size == "tiny"
 
@@ -620,16 +611,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 check_bf16(_logging_rank(results), tp, report)
         except DistributedTestError as error:
             report.rank_failure(name, error)
-        except Exception as error:  # noqa: BLE001 - a bug here must not hide the other checks
-            traceback.print_exc()
-            report.add("FAIL", f"{name} evaluate", f"{type(error).__name__}: {error}")
+        except Exception as error:  # noqa: BLE001
+            report.evaluation_failure(name, error)
         report.add("INFO", f"{name} wall", f"{time.monotonic() - started:.1f}s")
 
-    if args.keep:
-        print(f"gpu_train_check: models and checkpoints kept in {root}", flush=True)
-    else:
-        shutil.rmtree(root, ignore_errors=True)
-    return report.finish("gpu_train_check", skipped, "check(s)", args.json)
+    return report.finish("gpu_train_check", skipped, "check(s)", args.json, root, args.keep)
 
 
 if __name__ == "__main__":  # run_distributed starts processes that re-import this file

@@ -57,11 +57,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import sys
 import tempfile
 import time
-import traceback
 import zlib
 from pathlib import Path
 from typing import Optional
@@ -70,7 +68,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools.gpu_check_report import COMMON_MODULES, Report, preflight  # noqa: E402 - after the repository is on sys.path
+from tools.gpu_check_report import COMMON_MODULES, Report, add_run_arguments, preflight, selected  # noqa: E402 - after the repository is on sys.path
 
 VOCAB = 300  # tests.hf_models.VOCAB
 HEADS = {"num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32}
@@ -433,17 +431,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="auto: load_pretrained (TE on CUDA when installed, else the local spec)")
     parser.add_argument("--eager", action="store_true", help="vllm_enforce_eager=True (default: the config's "
                                                              "default, CUDA graphs on GPU)")
-    parser.add_argument("--timeout", type=float, default=420.0, help="seconds per variant")
-    parser.add_argument("--budget", type=float, default=480.0,
-                        help="seconds for all variants: later ones are skipped once it is spent")
-    parser.add_argument("--json", type=Path, help="write every check line here")
-    parser.add_argument("--keep", action="store_true", help="keep the models and exported weights (path printed)")
+    add_run_arguments(parser, timeout=420.0, budget=480.0, unit="variant", kept="models and exported weights")
     args = parser.parse_args(argv)
     report = Report()
-    names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        parser.error(f"unknown variant(s) {unknown}: one of {list(VARIANTS)}")
+    names = selected(parser, args.variants, VARIANTS, "variant")
 
     found = preflight(args.device, report, COMMON_MODULES + (("vllm", True), ("pynvml", False)), "tests.hf_models")
     if any(status == "MISSING" for status, _, _ in report.lines):
@@ -503,16 +494,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             continue
         try:
             evaluate(name, spec, results, work, report)
-        except Exception as error:  # noqa: BLE001 - a bug here must not hide the other variants
-            traceback.print_exc()
-            report.add("FAIL", f"{name} evaluate", f"{type(error).__name__}: {error}")
+        except Exception as error:  # noqa: BLE001
+            report.evaluation_failure(name, error)
         report.add("INFO", f"{name} wall", f"{time.monotonic() - started:.1f}s")
 
-    if args.keep:
-        print(f"gpu_vllm_check: models and exports kept in {root}", flush=True)
-    else:
-        shutil.rmtree(root, ignore_errors=True)
-    return report.finish("gpu_vllm_check", skipped, "variant(s)", args.json)
+    return report.finish("gpu_vllm_check", skipped, "variant(s)", args.json, root, args.keep)
 
 
 if __name__ == "__main__":  # run_distributed and vLLM start processes that re-import this file
