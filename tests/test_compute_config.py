@@ -61,6 +61,7 @@ RECOMPUTE = {
 }
 
 
+@pytest.mark.slow  # ~40 s: four trainer runs; the config checks below are the fast part
 def test_recomputation_changes_nothing_but_runs(setup, tmp_path):
     """One step (4 microbatches) per setting at TP=1: the same loss and update as without
     recomputation (fp32, 1e-6 relative: the backward replays the same forward), and the

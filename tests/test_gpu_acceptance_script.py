@@ -48,6 +48,7 @@ def _check_of(line: str) -> str:
     return line.split(" ", 1)[1].split(":", 1)[0].split(" ", 1)[0]
 
 
+@pytest.mark.slow  # ~26 s: five checks on gloo ranks
 def test_gpu_train_check_logic_on_cpu():
     """Every training check passes on gloo ranks at tiny sizes (~60 s on 2 cores): TE-spec-or-local
     logits vs HF, conversion round trip, kernel vs eager, TP=2 parity, 20 bf16 steps. A SKIP is

@@ -29,7 +29,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_opd.testing import DistributedTestError, run_distributed
 from tests.gkd_setup import make_gkd_setup, overrides
@@ -157,6 +156,7 @@ def test_fp16_with_dynamic_loss_scale_matches_fp32(setup, tmp_path, fp32_run):
         assert abs(mine["loss"] - theirs["loss"]) <= FP16_LOSS_ATOL, what
 
 
+@pytest.mark.slow  # ~8 s; fp16 against fp32 stays in the default suite
 def test_fp16_skips_overflowing_steps_while_the_scale_settles(setup, tmp_path):
     """Starting at a loss scale of 2^24, scaled fp16 gradients overflow: those steps are skipped
     (weights unchanged, counted in `skipped_steps`, no grad norm), the scale halves after each
@@ -178,6 +178,7 @@ def test_fp16_skips_overflowing_steps_while_the_scale_settles(setup, tmp_path):
         assert math.isfinite(step.get("grad_norm", 0.0)), step
 
 
+@pytest.mark.slow  # ~15 s: two runs to a NaN
 def test_non_finite_gradients_raise(setup, tmp_path):
     """NaN gradients: fp16 skips while it can lower the scale (from 4: 4, 4, 2, 1), then raises at
     the smallest scale; bf16 (no scaler) raises at the first step on its non-finite grad norm."""

@@ -134,8 +134,9 @@ def _save_then_load(directory: str, save_te: bool, load_te: bool, tp: int) -> di
             "names_match": sorted(saved) == sorted(loaded)}
 
 
-@pytest.mark.parametrize("save_te, load_te", [(False, True), (True, False), (True, True)],
-                         ids=["local_to_te", "te_to_local", "te_to_te"])
+@pytest.mark.parametrize("save_te, load_te", [
+    (False, True), pytest.param(True, False, marks=pytest.mark.slow), pytest.param(True, True, marks=pytest.mark.slow),
+], ids=["local_to_te", "te_to_local", "te_to_te"])  # local_to_te (the case that failed) in the default suite
 def test_checkpoints_move_between_specs(tmp_path, save_te, load_te):
     """TP=2: a checkpoint written by one spec loads into the other with every weight equal;
     the TE side's extra state is where TE has it (restored when saved, default when not)."""
