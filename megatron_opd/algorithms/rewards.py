@@ -19,10 +19,11 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+from megatron_opd.config.errors import UserError
 from megatron_opd.config.schema import ConfigError
 
 
-class RewardError(RuntimeError):
+class RewardError(UserError, RuntimeError):
     """A reward function failed or returned an unusable value."""
 
 

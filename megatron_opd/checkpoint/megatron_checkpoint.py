@@ -34,6 +34,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
+from megatron_opd.config.errors import UserError
 from megatron_opd.config.model import ModelConfig
 from megatron_opd.config.schema import from_dict, to_dict
 from megatron_opd.models.tp_layout import full_to_local, unwrap
@@ -50,7 +51,7 @@ _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint that does not fit what loads it (another model shape, another optimizer):
     the commands print it in one line."""
 

@@ -9,7 +9,6 @@ from typing import Optional, Sequence
 from megatron_opd.config.parallel import ParallelConfig
 from megatron_opd.config.schema import check
 
-
 # Megatron-LM's default: the vocab is padded to a multiple of this times TP.
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 

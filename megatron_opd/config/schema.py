@@ -16,11 +16,9 @@ import types
 import typing
 from typing import Any, Literal, Mapping, TypeVar, Union
 
+from megatron_opd.config.errors import ConfigError
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or out of range."""
 
 
 def fail(field: str, value: Any, allowed: str) -> typing.NoReturn:

@@ -24,8 +24,7 @@ from typing import Any, Mapping, Optional
 
 from megatron_opd.config.schema import fail
 from megatron_opd.data.chat import Message, encode_conversation
-from megatron_opd.data.errors import (BAD_CONTENT, BAD_ORDER, BAD_ROLE, BAD_TYPE, EMPTY_RESPONSE, NO_FORMAT,
-                                      RowProblem)
+from megatron_opd.data.errors import BAD_CONTENT, BAD_ORDER, BAD_ROLE, BAD_TYPE, EMPTY_RESPONSE, NO_FORMAT, RowProblem
 from megatron_opd.data.truncation import Encoded
 
 ROLES = ("system", "user", "assistant")

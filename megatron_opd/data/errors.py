@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from megatron_opd.config.errors import UserError
+
 # Why a row was skipped (the keys of `DataStats.rows_skipped`).
 NO_FORMAT = "no_format"  # neither `messages` nor `prompt`, or both
 BAD_TYPE = "bad_type"  # a column or message of the wrong type, or an empty prompt
@@ -14,7 +16,7 @@ FULLY_TRUNCATED = "fully_truncated"  # "right": the prompt alone fills max_lengt
 TOO_LONG = "too_long"  # "delete": longer than max_length (dropped by design, not malformed)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A malformed row: `file`, 0-based `row`, a `reason` code (above) and what is wrong."""
 
     def __init__(self, file: str, row: int, reason: str, detail: str) -> None:

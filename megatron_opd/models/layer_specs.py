@@ -20,7 +20,6 @@ from megatron_opd.config.compute import TransformerImpl
 from megatron_opd.models.norms import RMSNorm
 
 
-
 def has_transformer_engine() -> bool:
     try:
         import transformer_engine  # noqa: F401

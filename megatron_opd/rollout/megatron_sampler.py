@@ -39,7 +39,6 @@ from megatron_opd.ops import vocab_parallel_sample
 from megatron_opd.pipeline import eval_mode
 from megatron_opd.rollout.protocol import Rollout, SamplingParams, check_request
 
-
 # Module attributes through which Megatron-Core layers switch sequence parallelism on.
 _SEQUENCE_PARALLEL_ATTRIBUTES = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
 

@@ -45,6 +45,7 @@ from megatron.core import parallel_state
 from megatron_opd.checkpoint.hf_weights import export_hf_weights, hf_tensor_plan
 from megatron_opd.checkpoint.megatron_checkpoint import copy_hf_side_files
 from megatron_opd.checkpoint.pretrained import Pretrained
+from megatron_opd.config.errors import UserError
 from megatron_opd.config.rollout import RolloutConfig
 from megatron_opd.config.schema import ConfigError
 from megatron_opd.rollout.protocol import Rollout, SamplingParams, check_request
@@ -75,7 +76,7 @@ def _visible_gpus(gpus: Optional[list[str]]) -> Iterator[None]:
             os.environ["CUDA_VISIBLE_DEVICES"] = previous
 
 
-class VLLMError(RuntimeError):
+class VLLMError(UserError, RuntimeError):
     """vLLM failed on this rank (start, weight sync or generation)."""
 
 

@@ -97,7 +97,6 @@ class WeightLoaderExtension:
 
     def _megatron_opd_load(self, weights: list[tuple[str, torch.Tensor]]) -> list[str]:
         from vllm.config import set_current_vllm_config
-
         from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
         model = self.model_runner.model

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from megatron_opd.checkpoint.run_models import RunModels
 from megatron_opd.config.job import JobConfig
 from megatron_opd.runtime import Runtime

@@ -30,8 +30,8 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_opd.config.schema import ConfigError
-from megatron_opd.teachers.outputs import TeacherTopK
 from megatron_opd.pipeline import Microbatch
+from megatron_opd.teachers.outputs import TeacherTopK
 
 CACHE_FORMAT = 1
 METADATA = "teacher_cache.json"

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from megatron_opd.config.errors import UserError
 from megatron_opd.config.job import TeacherServerConfig
 
 MAX_BACKOFF_S = 30.0
@@ -45,7 +46,7 @@ RETRY_STATUSES = {429, 500, 502, 503, 504}
 LOGPROB_SLACK = 1e-3
 
 
-class TeacherServerError(RuntimeError):
+class TeacherServerError(UserError, RuntimeError):
     """The teacher server is unreachable, refused a request, or answered something unusable."""
 
 
