@@ -46,6 +46,15 @@ SKIPPED = {
     "python -m vllm.entrypoints.launchers.api_server.entry --model /models/teacher --dtype float32 --enforce-eager "
     "--max-logprobs 20 --port 8000": "needs vLLM's CPU build (`make vllm-setup`): tests/test_vllm_teacher.py runs "
         "this module as the teacher (`make test-vllm`)",
+    "NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 NPROC=8 OUTPUT_DIR=/shared/runs/gkd "
+    "bash examples/megatron/train.sh configs/gkd_qwen2.5_0.5b_from_7b.yaml": "needs 2 nodes: tests/test_launchers.py "
+        "checks the torchrun flags the launcher builds from these variables",
+    "torchrun --nnodes 2 --node-rank 0 --master-addr node0 --master-port 29500 --nproc-per-node 8 -m megatron_opd.train "
+    "--config configs/gkd_qwen2.5_0.5b_from_7b.yaml training.output_dir=/shared/runs/gkd": "needs 2 nodes "
+        "(what the previous command runs)",
+    "MODEL=... TEACHER=... DATA=train.jsonl OUTPUT_DIR=/shared/runs/gkd sbatch --nodes=4 --gpus-per-node=8 "
+    "examples/megatron/slurm.sbatch gkd.sh": "needs a Slurm cluster: tests/test_launchers.py runs the script with "
+        "stand-in srun and scontrol",
     "python -m venv .venv && . .venv/bin/activate": "creates an environment",
     "pip install torch": "installs packages",
     'pip install -e ".[gpu,vllm]"': "installs packages",

@@ -2,11 +2,13 @@
 # CPU demos of OPD-RL and OPSD on the quickstart's addition task, two gloo ranks at TP=2
 # (see megatron_opd/quickstart/demos.py): bash examples/megatron/demo_cpu.sh opd_rl|opsd [args]
 # metrics.json (teacher_kl and accuracy, before and after) lands in $OUT.
+# Runs from any directory, in it: OUT (default outputs/demo_METHOD) is relative to where you run it.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)"
 METHOD=${1:?usage: demo_cpu.sh opd_rl|opsd [quickstart args] [key=value ...]}
 shift
-PYTHON=${PYTHON:-.venv/bin/python}
+if [[ -x "$root/.venv/bin/python" ]]; then PYTHON=${PYTHON:-$root/.venv/bin/python}; else PYTHON=${PYTHON:-python}; fi
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 NPROC=${NPROC:-2}
 OUT=${OUT:-outputs/demo_$METHOD}
 export MEGATRON_OPD_DEVICE=cpu

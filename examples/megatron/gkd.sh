@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GKD: the teacher's divergence as the loss.
 #   bash examples/megatron/gkd.sh [CONFIG.yaml] [key=value ...]     (default CONFIG: configs/gkd_qwen2.5_0.5b_from_7b.yaml)
-# Environment as in train.sh (NPROC, TP, PP, MODEL, TEACHER, DATA, OUTPUT_DIR, multi-node).
+# Environment as in train.sh (NPROC, TP, PP, MODEL, TEACHER, DATA, OUTPUT_DIR, multi-node); runs
+# from any directory, relative paths relative to it (see train.sh), the default CONFIG the repository's.
 set -euo pipefail
-here="$(dirname "$0")"
-if [[ "${1:-}" == *.yaml ]]; then config=$1; shift; else config=configs/gkd_qwen2.5_0.5b_from_7b.yaml; fi
-exec bash "$here/train.sh" "$config" "$@"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)"
+if [[ "${1:-}" == *.yaml || "${1:-}" == *.yml ]]; then config=$1; shift; else config=$root/configs/gkd_qwen2.5_0.5b_from_7b.yaml; fi
+exec bash "$root/examples/megatron/train.sh" "$config" "$@"

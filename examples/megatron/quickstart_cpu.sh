@@ -4,9 +4,11 @@
 # lmbda=0.5 / beta=0.5 (configs/quickstart_cpu.yaml), trains the same student with plain
 # SFT as a baseline, and prints a table; metrics.json lands in $OUT.
 # Extra arguments go to the quickstart, e.g. `--teacher-iters 400 training.train_iters=100`.
+# Runs from any directory, in it: OUT (default outputs/quickstart) is relative to where you run it.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-PYTHON=${PYTHON:-.venv/bin/python}
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)"
+if [[ -x "$root/.venv/bin/python" ]]; then PYTHON=${PYTHON:-$root/.venv/bin/python}; else PYTHON=${PYTHON:-python}; fi
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 NPROC=${NPROC:-2}
 OUT=${OUT:-outputs/quickstart}
 export MEGATRON_OPD_DEVICE=cpu

@@ -20,11 +20,14 @@
 #   SERVER_URL   use a server that is already running instead of starting one
 #   and train.sh's: NPROC, TP, PP, MODEL, DATA, OUTPUT_DIR, multi-node.
 # Without a GPU: the training ranks and the server run on the CPU (gloo).
+# Runs from any directory, in it: TEACHER, CONFIG and the other relative paths are relative to
+# where you run it (see train.sh); the default CONFIG is the repository's.
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-cd "$here/../.."
-if [[ "${1:-}" == *.yaml ]]; then config=$1; shift; else config=configs/gkd_qwen2.5_0.5b_from_7b.yaml; fi
-if [[ -x .venv/bin/python ]]; then PYTHON=${PYTHON:-.venv/bin/python}; else PYTHON=${PYTHON:-python}; fi
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
+root="$(cd "$here/../.." && pwd -P)"
+if [[ "${1:-}" == *.yaml || "${1:-}" == *.yml ]]; then config=$1; shift; else config=$root/configs/gkd_qwen2.5_0.5b_from_7b.yaml; fi
+if [[ -x "$root/.venv/bin/python" ]]; then PYTHON=${PYTHON:-$root/.venv/bin/python}; else PYTHON=${PYTHON:-python}; fi
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 K=${K:-20}
 PORT=${PORT:-8000}
 TEACHER_TP=${TEACHER_TP:-1}
