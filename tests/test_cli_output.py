@@ -56,6 +56,27 @@ def test_help_prints_nothing_else(command):
     assert completed.stderr == "", completed.stderr[-3000:]
 
 
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_top_level_help_says_what_each_command_does(flag, capsys):
+    from megatron_opd.commands import cli
+
+    assert cli.main([flag]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith("usage: megatron-opd ")
+    for command in cli.COMMANDS:
+        assert re.search(rf"^  {re.escape(command)}\s+\w.{{20,}}$", out, flags=re.M), (command, out)
+
+
+@pytest.mark.parametrize("argv", [[], ["no-such-command"]])
+def test_no_or_unknown_command_prints_the_help_on_stderr_and_exits_2(argv, capsys):
+    from megatron_opd.commands import cli
+
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(cli.help_text())
+    assert ("unknown command 'no-such-command'" in err) == bool(argv)
+
+
 def test_a_run_prints_one_mode_line_from_rank_zero(tmp_path):
     from tests.hf_models import make_hf_model
 

@@ -18,9 +18,17 @@ from __future__ import annotations
 class UserError(Exception):
     """A problem in the user's config, data, files or environment, explained by its message."""
 
+    exit_code = 1
+
+
+class Interrupted(UserError):
+    """The user stopped the run (Ctrl-C / SIGINT); the message says what is kept and how to go on."""
+
+    exit_code = 130  # 128 + SIGINT, as a shell reports a command it interrupted
+
 
 class ConfigError(UserError, ValueError):
     """A config value is missing, unknown, of the wrong type or out of range."""
 
 
-__all__ = ["ConfigError", "UserError"]
+__all__ = ["ConfigError", "Interrupted", "UserError"]
