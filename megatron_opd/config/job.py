@@ -13,8 +13,10 @@ optimizer, training schedule, checkpoints, logging, the teacher server's client)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
@@ -88,7 +90,12 @@ class TrainingConfig:
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     output_dir: str = "outputs/run"
     save_interval: int = 0  # dist-checkpoint every N steps (0: only at the end)
+    # keep the newest N checkpoints, deleting older ones once a newer one is complete (null: keep all)
+    save_total_limit: Optional[int] = None
     resume: bool = True  # continue from the latest checkpoint in output_dir, if there is one
+    # fields (or sections) whose change since the checkpoint a resume may apply although it
+    # changes the run (model, data, algorithm parameters ...; trainer/resume_check.py)
+    resume_allow_changes: list[str] = field(default_factory=list)
     export_hf: bool = True  # write an HF directory of the final student
     log_interval: int = 1
     eval_interval: int = 0  # held-out divergence every N steps (0: never)
@@ -100,6 +107,9 @@ class TrainingConfig:
             check(getattr(self, name) >= 1, f"training.{name}", getattr(self, name), "an integer >= 1")
         for name in ("save_interval", "eval_interval"):
             check(getattr(self, name) >= 0, f"training.{name}", getattr(self, name), "an integer >= 0 (0: off)")
+        if self.save_total_limit is not None:
+            check(self.save_total_limit >= 1, "training.save_total_limit", self.save_total_limit,
+                  "an integer >= 1, or null to keep every checkpoint")
         check(self.global_batch_size % self.micro_batch_size == 0, "training.global_batch_size",
               self.global_batch_size, f"a multiple of training.micro_batch_size={self.micro_batch_size}")
 
@@ -219,6 +229,10 @@ class JobConfig:
                   "(the Megatron sampler's log-probs are the trainer's own)")
             check(self.rollout_importance_sampling_cap >= 1, "rollout_importance_sampling_cap",
                   self.rollout_importance_sampling_cap, "a number >= 1 (verl's TIS uses 2), or null (off)")
+        known = field_names(JobConfig)
+        for index, name in enumerate(self.training.resume_allow_changes):
+            check(name in known, f"training.resume_allow_changes[{index}]", name,
+                  "a config field or section, e.g. model, data.dataset, beta or optimizer")
         has_teacher = any(value is not None for value in
                           (self.teacher_model, self.teacher_model_server, self.teacher_cache))
         if self.algorithm == "gkd" and not has_teacher and self.teacher != "self":
@@ -281,6 +295,18 @@ class JobConfig:
         data_parallel = self.parallel.data_parallel_size(world_size)
         self.training.num_microbatches(data_parallel)
         return data_parallel
+
+
+def field_names(cls: type, prefix: str = "") -> set[str]:
+    """Every dotted field and section name of a config dataclass (`training`, `training.lr` ...)."""
+    names = set()
+    hints = typing.get_type_hints(cls)
+    for item in dataclasses.fields(cls):
+        name = prefix + item.name
+        names.add(name)
+        if dataclasses.is_dataclass(hints[item.name]):
+            names |= field_names(hints[item.name], name + ".")
+    return names
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

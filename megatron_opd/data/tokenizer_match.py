@@ -7,10 +7,22 @@ sizes, every special token's id, the whole token -> id map, and the ids of a pro
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
+
+from megatron_opd.runtime.fingerprint import text_fingerprint
 
 PROBE_TEXT = "Distillation probe: The quick brown fox jumps over 13 lazy dogs; 7 * 6 = 42.\n  x_1 != y-2"
 PROBE_TOKENS = 48  # tokens spread over the vocab whose decoded text joins the probe
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A digest of what the tokenizer does: its token -> id map, special tokens, chat template
+    and the ids of the probe text (wherever its files are)."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
+    return text_fingerprint(json.dumps(vocab, ensure_ascii=False), json.dumps(sorted(tokenizer.all_special_tokens)),
+                            str(getattr(tokenizer, "chat_template", None) or ""),
+                            json.dumps(tokenizer.encode(PROBE_TEXT, add_special_tokens=False)))
 
 
 def tokenizer_difference(ours: Any, theirs: Any) -> Optional[str]:

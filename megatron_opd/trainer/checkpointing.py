@@ -8,7 +8,10 @@
     OUTPUT_DIR/checkpoints/latest           the newest complete iteration, updated after the rename
 
 Each checkpoint is written under a temporary name and renamed when complete, so a
-save killed midway leaves the previous checkpoint as the latest and loadable.
+save killed midway leaves the previous checkpoint as the latest and loadable. With
+`save_total_limit` N, the oldest checkpoints beyond the newest N are removed once a new
+one is complete (renamed away first, so a removal cut short never leaves a checkpoint
+that looks complete); the one `latest` names is never removed.
 RNG state is not saved: every step reseeds from (seed, iteration), so a resumed run
 draws what the uninterrupted run draws.
 
@@ -19,6 +22,7 @@ TP/PP/DP, into either optimizer.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -57,12 +61,37 @@ def latest_checkpoint(output_dir: Path | str) -> Optional[Path]:
     return path
 
 
+def read_training_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer state (iteration, schedule, data position, config, identity)."""
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def prune_checkpoints(output_dir: Path | str, keep: int) -> list[Path]:
+    """Remove the oldest complete checkpoints beyond the newest `keep`, never the latest
+    (rank 0; returns what was removed)."""
+    root = checkpoint_root(output_dir)
+    latest = (root / LATEST_FILE).read_text().strip() if (root / LATEST_FILE).is_file() else None
+    complete = sorted(path for path in root.glob("iter_*") if path.is_dir() and path.name[5:].isdigit())
+    removed = []
+    for path in complete[:-keep] if keep else []:
+        if latest is not None and int(path.name[5:]) == int(latest):
+            continue
+        doomed = path.with_name(f".{path.name}.removing")
+        path.rename(doomed)
+        shutil.rmtree(doomed)
+        removed.append(path)
+    return removed
+
+
 # ---------------------------------------------------------------- training checkpoints
 
 
 def save_training_checkpoint(output_dir: Path | str, iteration: int, model: torch.nn.Module, optimizer,
-                             info: CheckpointInfo, hf_dir: Optional[Path], state: dict[str, Any]) -> Path:
-    """Collective. Writes `iter_<iteration>` atomically, then points `latest` at it."""
+                             info: CheckpointInfo, hf_dir: Optional[Path], state: dict[str, Any],
+                             keep: Optional[int] = None) -> tuple[Path, list[Path]]:
+    """Collective. Writes `iter_<iteration>` atomically, then points `latest` at it; with
+    `keep`, removes the checkpoints beyond the newest `keep`. Returns the checkpoint and
+    the removed ones (rank 0's list; empty elsewhere)."""
     out = iteration_dir(output_dir, iteration)
     optimizer_sharded = optimizer_sharded_state(optimizer, model, unwrap(model).sharded_state_dict())
     with atomic_output_dir(out, force=True) as staging:
@@ -73,8 +102,9 @@ def save_training_checkpoint(output_dir: Path | str, iteration: int, model: torc
         temporary = latest.with_suffix(".tmp")
         temporary.write_text(f"{iteration}\n")
         temporary.replace(latest)
+    removed = prune_checkpoints(output_dir, keep) if keep and torch.distributed.get_rank() == 0 else []
     torch.distributed.barrier()
-    return out
+    return out, removed
 
 
 @torch.no_grad()
@@ -83,4 +113,4 @@ def load_training_checkpoint(path: Path, model: torch.nn.Module, optimizer) -> d
     returns the trainer state (iteration, ...)."""
     load_model_checkpoint(model, path)
     load_optimizer_state(optimizer, model, unwrap(model).sharded_state_dict(), path / DIST_DIR)
-    return json.loads((path / STATE_FILE).read_text())
+    return read_training_state(path)

@@ -2,13 +2,20 @@
 
 Only the logging rank (last pipeline stage, first TP and DP rank: where losses are
 known) writes; the others hold a disabled writer.
+
+A run that starts at iteration k (resumed from its checkpoint, or 0) continues the
+record of the run it resumes: `metrics.jsonl` keeps the records up to step k and drops
+later ones (steps an interrupted run logged after its last checkpoint, which the resumed
+run trains again), and TensorBoard is told to purge its events from step k + 1.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -46,20 +53,48 @@ def reduce_metrics(outputs: Optional[list[dict]], sums: dict[str, float], device
     return result
 
 
+def _keep_records_until(path: Path, step: int) -> None:
+    """Rewrite `path` (atomically) without the records of steps after `step`."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) == len(lines):
+        return
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text("".join(kept))
+    os.replace(temporary, path)
+
+
 class MetricsWriter:
-    def __init__(self, output_dir: Path | str, enabled: bool, tensorboard: bool, total_steps: int):
+    def __init__(self, output_dir: Path | str, enabled: bool, tensorboard: bool, total_steps: int,
+                 start_step: int = 0):
         self.enabled, self.total_steps = enabled, total_steps
         self._jsonl = None
         self._tensorboard = None
+        # The ETA: seconds per step since the first logged step (model loading is not a step).
+        self._first_logged: Optional[tuple[int, float]] = None
         if not enabled:
             return
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        _keep_records_until(output_dir / "metrics.jsonl", start_step)
         self._jsonl = open(output_dir / "metrics.jsonl", "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tensorboard = SummaryWriter(str(output_dir / "tensorboard"))
+            self._tensorboard = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
+
+    def _eta(self, step: int) -> Optional[str]:
+        now = time.monotonic()
+        if self._first_logged is None:
+            self._first_logged = (step, now)
+            return None
+        first_step, first_time = self._first_logged
+        if step <= first_step:
+            return None
+        remaining = (now - first_time) / (step - first_step) * max(self.total_steps - step, 0)
+        return _duration(remaining)
 
     def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -73,6 +108,9 @@ class MetricsWriter:
             self._tensorboard.flush()
         shown = [f"{key} {_format(metrics[key])}" for key in _LINE_KEYS if key in metrics]
         shown += [f"{key} {_format(value)}" for key, value in metrics.items() if key not in _LINE_KEYS]
+        eta = self._eta(step) if prefix == "train" else None
+        if eta is not None:
+            shown.append(f"eta {eta}")
         print(f"[{prefix}] step {step}/{self.total_steps} | " + " | ".join(shown), file=sys.stdout, flush=True)
 
     def close(self) -> None:
@@ -80,6 +118,16 @@ class MetricsWriter:
             self._jsonl.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def _duration(seconds: float) -> str:
+    """`42s`, `3m05s`, `2h07m`."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def _format(value: Optional[float]) -> str:

@@ -75,6 +75,10 @@ def build_optimizer(ddp_model: DistributedDataParallel, optimizer: OptimizerConf
         end_wd=optimizer.weight_decay,
         wd_incr_steps=train_iters,
         wd_incr_style="constant",
+        # On resume the schedule is this config's (a longer run, another lr) at the checkpoint's
+        # step, as Megatron-LM's --override-opt_param-scheduler; resume_check says what changed.
+        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
     )
     return megatron_optimizer, scheduler
 

@@ -10,8 +10,9 @@ One step on every rank (`Trainer.train_step`), whatever the algorithm (`algorith
      loss; per-token normalization over the whole global batch (`calculate_per_token_loss`);
   4. Megatron's optimizer step (grad clipping, fp32 master weights) and LR schedule;
   5. metrics each `log_interval`, held-out loss each `eval_interval`, atomic
-     dist-checkpoints each `save_interval` and at the end.
-Resume from the latest checkpoint, and a final HF export of the student.
+     dist-checkpoints each `save_interval` and at the end (the newest `save_total_limit` kept).
+Resume from the latest checkpoint (what changed since it is applied or refused:
+`resume_check`), and a final HF export of the student.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from megatron_opd.checkpoint.megatron_checkpoint import (
 from megatron_opd.checkpoint.pretrained import load_pretrained
 from megatron_opd.checkpoint.run_models import resolve_models
 from megatron_opd.config.checks import check_teacher_paths
+from megatron_opd.config.errors import Interrupted
 from megatron_opd.config.job import JobConfig
 from megatron_opd.config.schema import ConfigError, to_dict
 from megatron_opd.data import OUTPUT_COLUMNS, DataIterator, tokenized_split
@@ -45,12 +47,19 @@ from megatron_opd.rollout import RolloutEngine, build_rollout_engine, import_vll
 from megatron_opd.runtime import Runtime, initialize_runtime
 from megatron_opd.runtime.distributed import seed_everything
 from megatron_opd.runtime.precision import resolve_dtype
+from megatron_opd.runtime.progress import log
 from megatron_opd.runtime.seeds import step_seed
 from megatron_opd.teachers import LocalTeacher
 from megatron_opd.teachers.build import remote_teacher
-from megatron_opd.trainer.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from megatron_opd.trainer.checkpointing import (
+    latest_checkpoint,
+    load_training_checkpoint,
+    save_training_checkpoint,
+)
 from megatron_opd.trainer.metrics import MetricsWriter, reduce_metrics
 from megatron_opd.trainer.optim import MIN_LOSS_SCALE, build_optimizer, resolve_distributed_optimizer, wrap_student
+from megatron_opd.trainer.resume_check import ResumePlan, plan_resume, run_identity
+from megatron_opd.trainer.summary import count_parameters, model_line, start_summary
 
 
 class _Stopwatch:
@@ -76,6 +85,10 @@ class Trainer:
             import_vllm()  # not installed: one line saying how, before anything loads
         self.config = config
         models = resolve_models(config)
+        # What the run reads, recorded in each checkpoint; a resume that would change the run
+        # is refused here, before any process group or model exists.
+        self.identity = run_identity(config, models.tokenizer)
+        resume = plan_resume(config, self.identity)
         self.runtime = runtime or initialize_runtime(config.parallel)
         self.dtype = resolve_dtype(config.training.precision, self.runtime.device)
         self.student_source, self.tokenizer, self.vocab_size = models.student, models.tokenizer, models.vocab_size
@@ -87,12 +100,17 @@ class Trainer:
         use_distributed_optimizer = resolve_distributed_optimizer(config.optimizer.use_distributed_optimizer,
                                                                   config.optimizer.optimizer,
                                                                   parallel_state.get_data_parallel_world_size())
+        log(f"loading the student from {models.student.path}")
         student = load_pretrained(models.student, self.runtime, "student", self.dtype, compute=config.compute)
+        model_lines = [model_line("student", models.student.path, models.student.family,
+                                  count_parameters(student), self.dtype)]
         self.model = wrap_student(student, use_distributed_optimizer)
         if models.teacher is not None:
-            teacher = LocalTeacher(load_pretrained(models.teacher, self.runtime, "teacher", self.dtype,
-                                                   compute=config.compute),
-                                   offload=config.offload_teacher_model)
+            log(f"loading the teacher from {models.teacher.path}")
+            teacher_model = load_pretrained(models.teacher, self.runtime, "teacher", self.dtype, compute=config.compute)
+            model_lines.append(model_line("teacher", models.teacher.path, models.teacher.family,
+                                          count_parameters(teacher_model), self.dtype))
+            teacher = LocalTeacher(teacher_model, offload=config.offload_teacher_model)
         elif config.teacher == "self":
             teacher = LocalTeacher(self.model, is_student=True)
         self.teacher = teacher
@@ -118,10 +136,17 @@ class Trainer:
         if self.algorithm.samples:
             self.context.sampling  # a tokenizer without EOS fails now, not at the first sampled step
         self.iteration = 0
+        self.resumed_from = None
+        if resume is not None:
+            self._resume(resume)
         self.metrics = MetricsWriter(config.training.output_dir, enabled=self._is_logging_rank(),
-                                     tensorboard=config.training.tensorboard, total_steps=config.training.train_iters)
-        if config.training.resume:
-            self._resume()
+                                     tensorboard=config.training.tensorboard, total_steps=config.training.train_iters,
+                                     start_step=self.iteration)
+        if self.runtime.rank == 0:
+            val_rows = len(self.eval_data) if self.eval_data is not None else None
+            for line in start_summary(config, self.runtime, self.dtype, model_lines, len(self.train_data), val_rows,
+                                      self.iteration, self.resumed_from):
+                print(line, flush=True)
 
     # ------------------------------------------------------------------ setup
 
@@ -154,16 +179,25 @@ class Trainer:
         return (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
                 and parallel_state.get_data_parallel_rank() == 0)
 
-    def _resume(self) -> None:
-        path = latest_checkpoint(self.config.training.output_dir)
-        if path is None:
-            return
-        state = load_training_checkpoint(path, self.model, self.optimizer)
-        self.iteration = state["iteration"]
+    def _resume(self, plan: ResumePlan) -> None:
+        """Model, optimizer, schedule and data position from the checkpoint, with the changes
+        `plan` applies: the LR schedule is the new config's, at the checkpoint's step (the
+        scheduler is built with Megatron's override_opt_param_scheduler)."""
+        state = load_training_checkpoint(plan.checkpoint, self.model, self.optimizer)
+        self.iteration, self.resumed_from = state["iteration"], plan.checkpoint
         self.scheduler.load_state_dict(state["scheduler"])
-        self.data_iterator.load_state_dict(state["data"])
+        lines = plan.lines()
+        saved_order = {key: state["data"][key] for key in ("num_samples", "seed", "shuffle")}
+        if saved_order == {"num_samples": len(self.train_data), "seed": self.config.data.seed,
+                           "shuffle": self.config.data.shuffle}:
+            self.data_iterator.load_state_dict(state["data"])
+        else:  # another dataset or order (allowed by resume_allow_changes): it starts at its first batch
+            lines.append(f"resume: the data order changed ({saved_order} -> {len(self.train_data)} rows, "
+                         f"seed {self.config.data.seed}, shuffle {self.config.data.shuffle}): it starts over "
+                         "at its first batch")
         if self.runtime.rank == 0:
-            print(f"resumed from {path} at iteration {self.iteration}", flush=True)
+            for line in lines:
+                print(line, flush=True)
 
     # ------------------------------------------------------------------ one step
 
@@ -259,13 +293,21 @@ class Trainer:
     # ------------------------------------------------------------------ the run
 
     def save(self) -> Path:
+        started = time.monotonic()
         state = {"scheduler": self.scheduler.state_dict(), "data": self.data_iterator.state_dict(),
-                 "config": to_dict(self.config)}
+                 "config": to_dict(self.config), "identity": self.identity}
         source = self.student_source
         info = CheckpointInfo(model=source.model, family=source.family, dtype=dtype_name(self.dtype),
                               hf_config=source.hf_config)
-        return save_training_checkpoint(self.config.training.output_dir, self.iteration, self.model,
-                                        self.optimizer, info, source.tokenizer_dir, state)
+        path, removed = save_training_checkpoint(self.config.training.output_dir, self.iteration, self.model,
+                                                 self.optimizer, info, source.tokenizer_dir, state,
+                                                 keep=self.config.training.save_total_limit)
+        if self.runtime.rank == 0:
+            size = sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
+            gone = f"; removed {', '.join(old.name for old in removed)}" if removed else ""
+            print(f"saved checkpoint {path} ({size / 2**30:.2f} GiB) in {time.monotonic() - started:.1f}s{gone}",
+                  flush=True)
+        return path
 
     def export_hf(self, out: Path) -> None:
         """The student as an HF directory (streamed, one tensor at a time, to rank 0)."""
@@ -280,6 +322,18 @@ class Trainer:
         self.context.close()
 
     def train(self) -> dict[str, Any]:
+        """Steps until `train_iters`, then the final checkpoint and HF export. Ctrl-C raises
+        `Interrupted` saying which checkpoint a rerun resumes from (a checkpoint being written
+        is left unfinished under its temporary name: the previous one stays the latest)."""
+        try:
+            return self._train()
+        except KeyboardInterrupt:
+            latest = latest_checkpoint(self.config.training.output_dir)
+            where = (f"rerun the same command to resume from {latest}" if latest is not None
+                     else "no checkpoint was saved yet (training.save_interval)")
+            raise Interrupted(f"interrupted during iteration {self.iteration + 1}: {where}") from None
+
+    def _train(self) -> dict[str, Any]:
         training = self.config.training
         last: dict[str, float] = {}
         while self.iteration < training.train_iters:
