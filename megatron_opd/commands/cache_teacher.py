@@ -23,15 +23,18 @@ from megatron.core import parallel_state
 from megatron_opd.checkpoint.megatron_checkpoint import atomic_output_dir
 from megatron_opd.checkpoint.pretrained import load_pretrained
 from megatron_opd.checkpoint.run_models import resolve_models
+from megatron_opd.commands.errors import add_debug_flag, run_command
 from megatron_opd.config.job import JobConfig, load_job_config
 from megatron_opd.config.schema import ConfigError
 from megatron_opd.data import OUTPUT_COLUMNS, pad_token_id, tokenized_split
 from megatron_opd.runtime import initialize_runtime
 from megatron_opd.runtime.precision import resolve_dtype
-from megatron_opd.teachers import LocalTeacher, TeacherServerError
+from megatron_opd.teachers import LocalTeacher
 from megatron_opd.teachers.build import remote_teacher
 from megatron_opd.teachers.cache import CACHE_FORMAT, METADATA
 from megatron_opd.teachers.cache_writer import cache_split
+
+PROG = "megatron-opd cache-teacher"
 
 
 def check_cache_config(config: JobConfig) -> int:
@@ -79,22 +82,22 @@ def write_cache(config: JobConfig, out: Path, force: bool) -> dict:
     return metadata
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="megatron-opd cache-teacher", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="the training YAML (its teacher, data and gkd_logits_topk)")
-    parser.add_argument("--out", required=True, type=Path, help="the cache directory to write")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
-    args = parser.parse_args(argv)
-    try:
-        metadata = write_cache(load_job_config(args.config, args.overrides), args.out, args.force)
-    except (ConfigError, FileNotFoundError, FileExistsError, TeacherServerError) as error:
-        print(f"megatron-opd cache-teacher: error: {error}", file=sys.stderr)
-        return 1
+def cache(args: argparse.Namespace) -> int:
+    metadata = write_cache(load_job_config(args.config, args.overrides), args.out, args.force)
     if torch.distributed.get_rank() == 0:
         print(f"wrote {args.out}: top-{metadata['k']} of {metadata['teacher']}, rows {metadata['splits']}", flush=True)
     return 0
 
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="the training YAML (its teacher, data and gkd_logits_topk)")
+    parser.add_argument("--out", required=True, type=Path, help="the cache directory to write")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    return run_command(PROG, lambda: cache(args), debug=args.debug)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,8 +33,9 @@ import torch
 
 from megatron_opd.checkpoint.megatron_checkpoint import DTYPES
 from megatron_opd.checkpoint.pretrained import Pretrained, inspect_pretrained, load_pretrained
+from megatron_opd.commands.errors import add_debug_flag, run_command
+from megatron_opd.config.errors import UserError
 from megatron_opd.config.parallel import ParallelConfig
-from megatron_opd.config.schema import ConfigError
 from megatron_opd.runtime import destroy_runtime, initialize_runtime, resolve_device
 from megatron_opd.runtime.progress import log
 from megatron_opd.serve.api import ServedModel
@@ -47,7 +48,7 @@ DRAIN_S = 10.0  # how long a stopping server waits for handler threads still wri
 _DTYPE_CHOICES = ("auto", "fp32", "bf16")
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """A command-line value that cannot work; reported with exit code 1 before anything loads."""
 
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-s", type=float, default=30.0,
                         help="at TP > 1, seconds between rank 0's broadcasts when idle, so that the other "
                              "ranks' waiting collective never times out (default 30; the timeout is 30 min)")
+    add_debug_flag(parser)
     return parser
 
 
@@ -226,11 +228,7 @@ def serve(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="serve-teacher: %(message)s")
-    try:
-        return serve(args)
-    except (UsageError, ConfigError, FileNotFoundError) as error:
-        _log(f"error: {error}")
-        return 1
+    return run_command("megatron-opd serve-teacher", lambda: serve(args), debug=args.debug)
 
 
 if __name__ == "__main__":

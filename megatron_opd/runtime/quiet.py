@@ -15,7 +15,8 @@ and `megatron/core/hyper_comm_grid.py` warns the same way when `absl` is missing
 is logged or printed at import besides these (`logging` calls there are at INFO level).
 
 `silence_optional_package_notices()` ignores exactly these messages, and only when they
-come from `megatron.core` modules; every other warning stays visible. `megatron_opd`'s
+come from `megatron.core` modules, and torch's two deprecation notices that every checkpoint
+load through Megatron-Core's dist-checkpointing printed; every other warning stays visible. `megatron_opd`'s
 `__init__` calls it, so it is in place before any module of the package imports
 Megatron-Core, whatever the entry point. What the notices said is in `mode_line()`
 instead, detected rather than assumed, and `initialize_runtime` prints it once, on
@@ -39,6 +40,12 @@ OPTIONAL_PACKAGE_NOTICES = (
     r"absl\.logging is not installed\. Using logging\.getLogger",
 )
 _MEGATRON_MODULES = r"megatron\.core(\.|$)"
+# torch's deprecation notices about APIs Megatron-Core 0.16's dist-checkpointing calls when
+# it loads a checkpoint (every resume printed both): nothing a user of ours can change.
+DIST_CHECKPOINTING_DEPRECATIONS = (
+    r"`load_state_dict` is deprecated and will be removed in future versions\. Please use `load` instead",
+    r"Please use DTensor instead and we are deprecating ShardedTensor",
+)
 
 _printed = False
 
@@ -48,6 +55,8 @@ def silence_optional_package_notices() -> None:
     for message in OPTIONAL_PACKAGE_NOTICES:
         # filterwarnings drops an identical filter before inserting, so calls do not pile up.
         warnings.filterwarnings("ignore", message=message, category=UserWarning, module=_MEGATRON_MODULES)
+    for message in DIST_CHECKPOINTING_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
 
 
 def _version(module_name: str, distributions: tuple[str, ...]) -> Optional[str]:

@@ -59,7 +59,7 @@ from megatron_opd.trainer.checkpointing import (
 from megatron_opd.trainer.metrics import MetricsWriter, reduce_metrics
 from megatron_opd.trainer.optim import MIN_LOSS_SCALE, build_optimizer, resolve_distributed_optimizer, wrap_student
 from megatron_opd.trainer.resume_check import ResumePlan, plan_resume, run_identity
-from megatron_opd.trainer.summary import count_parameters, model_line, start_summary
+from megatron_opd.trainer.summary import byte_amount, count_parameters, model_line, start_summary
 
 
 class _Stopwatch:
@@ -305,7 +305,7 @@ class Trainer:
         if self.runtime.rank == 0:
             size = sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
             gone = f"; removed {', '.join(old.name for old in removed)}" if removed else ""
-            print(f"saved checkpoint {path} ({size / 2**30:.2f} GiB) in {time.monotonic() - started:.1f}s{gone}",
+            print(f"saved checkpoint {path} ({byte_amount(size)}) in {time.monotonic() - started:.1f}s{gone}",
                   flush=True)
         return path
 
