@@ -30,7 +30,7 @@ from datasets.fingerprint import Hasher
 from megatron_opd.config.data import DataConfig
 from megatron_opd.config.schema import fail
 from megatron_opd.data.encode import encode_row
-from megatron_opd.data.errors import DataError, RowProblem, TemplateError
+from megatron_opd.data.errors import DataError, DataFileError, RowProblem, TemplateError
 from megatron_opd.data.loading import load_rows
 from megatron_opd.data.truncation import truncate
 from megatron_opd.runtime.distributed import Runtime
@@ -69,9 +69,11 @@ def build_dataset(config: DataConfig, tokenizer: Any, split: str = "train",
     `cache_dir`: where datasets converts JSON / parquet and writes the tokenized Arrow
     files (datasets' defaults when None: its home cache, and beside the arrow files of a
     save_to_disk directory). A second call with the same inputs reuses them.
-    Raises DataError for a malformed row (unless `config.skip_bad_rows`), TemplateError
-    for a chat template whose assistant turns cannot be located, ConfigError for a
-    tokenizer that cannot render the configured format, ValueError when nothing is left.
+    Raises DataError for a malformed row (unless `config.skip_bad_rows`), DataFileError
+    for a file that cannot be used as a whole (unreadable, not UTF-8, no rows, no
+    'messages' / 'prompt' column) or when no row is left, TemplateError for a chat template
+    whose assistant turns cannot be located, ConfigError for a tokenizer that cannot
+    render the configured format: all UserErrors, printed as one line by the commands.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r} is invalid: 'train' or 'val'")
@@ -85,7 +87,10 @@ def build_dataset(config: DataConfig, tokenizer: Any, split: str = "train",
              for path in paths]
     dataset = _concatenate(parts, paths)
     if len(dataset) == 0:
-        raise ValueError(f"{field_name}={paths!r} has no usable rows: {stats.summary()}")
+        example = f"; first: {stats.skipped_examples[0]}" if stats.skipped_examples else ""
+        raise DataFileError(", ".join(paths), f"no usable rows in {field_name}: {stats.summary()}{example}; fix "
+                                              "these rows, or change the settings that drop them "
+                                              "(data.truncation_strategy, data.max_length, data.allow_prompt_only)")
     return dataset, stats
 
 
@@ -98,11 +103,21 @@ def check_tokenizer(config: DataConfig, tokenizer: Any) -> None:
         fail("data.prompt_format", "raw", "'chat', or a tokenizer with an eos_token (raw rows end with EOS)")
 
 
-def _tokenize_file(rows: datasets.Dataset, path: str, config: DataConfig, tokenizer: Any,
-                   cache_dir: Optional[str], stats: DataStats) -> datasets.Dataset:
+def _check_columns(rows: datasets.Dataset, path: str) -> None:
+    """Refuse a file none of whose rows can be used (whatever data.skip_bad_rows says: it
+    would skip every row), naming the columns it has and those it needs."""
+    if not {"messages", "prompt"} & set(rows.column_names):
+        raise DataFileError(path, f"no usable rows: its columns are {rows.column_names}, but each row needs "
+                                  "'messages' (a list of {role, content} messages) or 'prompt' and 'completion'; "
+                                  "rename the columns (data.skip_bad_rows would skip every row)")
     taken = sorted(set(rows.column_names) & set(OUTPUT_COLUMNS + (_SKIP, _DETAIL, _TRUNCATED)))
     if taken:
-        raise ValueError(f"data file {path!r} has column(s) {taken}, which tokenization writes; rename them")
+        raise DataFileError(path, f"has column(s) {taken}, which tokenization writes; rename or drop them")
+
+
+def _tokenize_file(rows: datasets.Dataset, path: str, config: DataConfig, tokenizer: Any,
+                   cache_dir: Optional[str], stats: DataStats) -> datasets.Dataset:
+    _check_columns(rows, path)
     features = rows.features.copy()
     features.update({
         "input_ids": datasets.List(datasets.Value("int32")),
@@ -190,9 +205,10 @@ def _concatenate(parts: list[datasets.Dataset], paths: list[str]) -> datasets.Da
                 try:
                     part = part.cast_column(name, datasets.Json())
                 except Exception as error:
-                    raise ValueError(f"column {name!r} has different types across data files "
-                                     f"({', '.join(types[name])}) and {path!r}'s cannot be stored as JSON: "
-                                     f"{error}") from error
+                    raise DataFileError(path, f"column {name!r} has different types across data files "
+                                              f"({', '.join(types[name])}) and this file's cannot be stored as "
+                                              f"JSON ({error}); give the column one type in every file, or "
+                                              "rename it in one") from error
             elif name not in part.column_names:
                 feature = datasets.Json() if name in conflicting else next(iter(types[name].values()),
                                                                             datasets.Value("null"))

@@ -132,26 +132,27 @@ def _messages(value: Any, column: str) -> list[Message]:
     if not isinstance(value, (list, tuple)):
         kinds = "a list" if column == "messages" else "a string or a list"
         raise RowProblem(BAD_TYPE, f"{column} must be {kinds} of {{role, content}} messages, "
-                                   f"got {type(value).__name__}")
+                                   f"got {_got(value)}{_fix(value, text_allowed=column != 'messages')}")
     if not value:
         raise RowProblem(BAD_TYPE, f"{column} is an empty list")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, Mapping):
-            raise RowProblem(BAD_TYPE, f"{column}[{i}] must be a {{role, content}} mapping, "
-                                       f"got {type(message).__name__}")
+            raise RowProblem(BAD_TYPE, f"{column}[{i}] must be a {{role, content}} mapping, got {_got(message)}")
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise RowProblem(BAD_ROLE, f"{column}[{i}].role is {role!r}; allowed: {list(ROLES)}")
         if not isinstance(content, str):
-            raise RowProblem(BAD_CONTENT, f"{column}[{i}].content must be a string, got {type(content).__name__}")
+            raise RowProblem(BAD_CONTENT, f"{column}[{i}].content must be a string, got {_got(content)}"
+                                          f"{_fix(content, text_allowed=True)}")
         messages.append({key: item for key, item in message.items() if item is not None})
     return messages
 
 
 def _check_response(text: Any, name: str) -> None:
     if not isinstance(text, str):
-        raise RowProblem(BAD_TYPE, f"{name} must be a string or a list of messages, got {type(text).__name__}")
+        raise RowProblem(BAD_TYPE, f"{name} must be a string or a list of messages, got {_got(text)}"
+                                   f"{_fix(text, text_allowed=True)}")
     if not text.strip():
         raise RowProblem(EMPTY_RESPONSE, f"{name} is empty")
 
@@ -160,10 +161,26 @@ def _teacher_prompt(value: Any) -> Optional[str]:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise RowProblem(BAD_TYPE, f"teacher_prompt must be a string, got {type(value).__name__}")
+        raise RowProblem(BAD_TYPE, f"teacher_prompt must be a string, got {_got(value)}"
+                                   f"{_fix(value, text_allowed=True)}")
     if not value.strip():
         raise RowProblem(BAD_TYPE, "teacher_prompt is empty")
     return value
+
+
+def _got(value: Any) -> str:
+    """`value`'s type and a short rendering of it, e.g. `int 3`, for a message."""
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _fix(value: Any, text_allowed: bool) -> str:
+    """What to write instead of a wrongly typed `value` (empty when there is nothing obvious)."""
+    if text_allowed and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"; write it as a JSON string: \"{value}\""
+    if isinstance(value, Mapping) and "role" in value:
+        return "; put a single message in a list: [{\"role\": ..., \"content\": ...}]"
+    return ""
 
 
 __all__ = ["ROLES", "encode_row"]

@@ -1,4 +1,6 @@
-"""Errors of the data pipeline: a bad row names its file and 0-based row index."""
+"""Errors of the data pipeline: a bad row names its file and 0-based row index, a bad
+file (unreadable, not UTF-8, no rows, no usable columns) names the file and, where it
+can, the line. All are `UserError`s: the entry points print them as one line."""
 
 from __future__ import annotations
 
@@ -27,7 +29,23 @@ class DataError(UserError, ValueError):
         return type(self), (self.file, self.row, self.reason, self.detail)
 
 
-class TemplateError(ValueError):
+class DataFileError(UserError, ValueError):
+    """A data file or directory that cannot be used as a whole: `file` and `detail`, what is
+    wrong and what to do."""
+
+    def __init__(self, file: str, detail: str) -> None:
+        self.file, self.detail = file, detail
+        super().__init__(f"{file}: {detail}")
+
+    def __reduce__(self):
+        return type(self), (self.file, self.detail)
+
+
+class MissingDataFileError(DataFileError, FileNotFoundError):
+    """A data path that does not exist."""
+
+
+class TemplateError(UserError, ValueError):
     """The tokenizer's chat template cannot delimit assistant turns (never skipped: it would
     hit most rows, so it is a tokenizer problem, not a data problem)."""
 
@@ -44,4 +62,4 @@ class RowProblem(Exception):
         return type(self), (self.reason, self.detail, self.always_skip)
 
 
-__all__ = ["DataError", "RowProblem", "TemplateError"]
+__all__ = ["DataError", "DataFileError", "MissingDataFileError", "RowProblem", "TemplateError"]

@@ -50,8 +50,13 @@ def truncate(row: Encoded, max_length: int, strategy: str) -> tuple[Encoded, boo
                          f"exceed data.max_length={max_length}", always_skip=True)
     if strategy == "right":
         if longest_prompt >= max_length:
-            raise RowProblem(FULLY_TRUNCATED, f"the prompt alone has {longest_prompt} tokens, leaving no "
-                             f"room for the response in data.max_length={max_length}")
+            which = "teacher_prompt" if teacher is not None and len(teacher) > len(prompt) else "prompt"
+            raise RowProblem(FULLY_TRUNCATED, f"the {which} alone has {longest_prompt} tokens, leaving no "
+                             f"room for the response in data.max_length={max_length} (with "
+                             "data.truncation_strategy='right', which cuts only the response); raise "
+                             f"data.max_length to {longest_prompt + max(len(response), 1)} to keep the whole "
+                             "row, or set data.truncation_strategy='left' (cut the prompt's start) or "
+                             "'delete' (drop such rows), or data.skip_bad_rows=true (skip them)")
         keep = max_length - longest_prompt
         return Encoded(prompt + response[:keep], prompt_mask + response_mask[:keep], len(prompt), teacher), True
     if strategy == "left":
