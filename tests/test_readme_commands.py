@@ -55,6 +55,13 @@ SKIPPED = {
     "MODEL=... TEACHER=... DATA=train.jsonl OUTPUT_DIR=/shared/runs/gkd sbatch --nodes=4 --gpus-per-node=8 "
     "examples/megatron/slurm.sbatch gkd.sh": "needs a Slurm cluster: tests/test_launchers.py runs the script with "
         "stand-in srun and scontrol",
+    "python -m megatron_opd.train --print-config --config configs/gkd_qwen2.5_0.5b_from_7b.yaml": "prints the "
+        "config; tests/test_config_describe.py renders every shipped recipe and loads the output back",
+    "python -m megatron_opd.train --config run.yaml training.train_iters=2000 optimizer.lr=5e-6": "a resume of "
+        "a user's run: tests/test_resume_changes.py resumes with train_iters and lr changed",
+    "python -m megatron_opd.train --config run.yaml data.dataset=[more.jsonl] "
+    "training.resume_allow_changes=[data.dataset]": "a resume of a user's run: tests/test_resume_changes.py "
+        "resumes with changes refused, then allowed",
     "python -m venv .venv && . .venv/bin/activate": "creates an environment",
     "pip install torch": "installs packages",
     'pip install -e ".[gpu,vllm]"': "installs packages",
