@@ -146,3 +146,32 @@ def test_bad_requests_are_refused(models):
 def test_sampling_params_validation(kwargs, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kwargs)
+
+
+def heartbeat_on_rank(directory) -> list[str]:
+    import contextlib
+    import io
+
+    from megatron_opd.checkpoint import load_pretrained
+    from megatron_opd.rollout import MegatronSampler
+    from megatron_opd.runtime import initialize_runtime
+
+    model = load_pretrained(directory, initialize_runtime(ParallelConfig()), role="teacher")
+    lines = []
+    for interval in (0.0, 3600.0):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            MegatronSampler(model, VOCAB, label="teacher", progress_interval_s=interval).generate(
+                PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, temperature=0.0))
+        lines.append(stderr.getvalue())
+    return lines
+
+
+def test_long_sampling_reports_its_progress(models):
+    """A line per interval while sampling (tokens so far, responses finished), none for a
+    batch shorter than the interval."""
+    every_step, quiet = run_distributed(heartbeat_on_rank, 1, models["qwen2"]["dir"])[0]
+    lines = every_step.splitlines()
+    assert lines and all(line.startswith("sampling (teacher): ") for line in lines), every_step
+    assert f"1/{MAX_NEW} tokens, 0/3 responses finished" in lines[0]
+    assert quiet == ""

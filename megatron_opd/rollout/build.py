@@ -18,4 +18,4 @@ def build_rollout_engine(rollout: RolloutConfig, model: torch.nn.Module, source:
     data-parallel replica)."""
     if rollout.engine == "vllm":
         return VLLMEngine(model, source, vocab_size, rollout, dtype, seed, device, label=label)
-    return MegatronSampler(model, vocab_size)
+    return MegatronSampler(model, vocab_size, label=label)

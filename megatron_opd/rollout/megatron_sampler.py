@@ -38,6 +38,7 @@ from megatron_opd.models.tp_layout import unwrap
 from megatron_opd.ops import vocab_parallel_sample
 from megatron_opd.pipeline import eval_mode
 from megatron_opd.rollout.protocol import Rollout, SamplingParams, check_request
+from megatron_opd.runtime.progress import Heartbeat
 
 # Module attributes through which Megatron-Core layers switch sequence parallelism on.
 _SEQUENCE_PARALLEL_ATTRIBUTES = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
@@ -49,11 +50,13 @@ class MegatronSampler:
     `vocab_size`: the tokenizer's true vocabulary; padded ids are never sampled.
     """
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int, use_kv_cache: bool = True):
+    def __init__(self, model: torch.nn.Module, vocab_size: int, use_kv_cache: bool = True, label: str = "student",
+                 progress_interval_s: float = 30.0):
         self.model = model
         self.gpt = unwrap(model)
         self.vocab_size = vocab_size
         self.use_kv_cache = use_kv_cache
+        self.label, self.progress_interval_s = label, progress_interval_s
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
@@ -75,6 +78,7 @@ class MegatronSampler:
         context = StaticInferenceContext(batch, total) if self.use_kv_cache else None
         cached = 0  # positions already in the KV cache
         passes = 0
+        heartbeat = Heartbeat(f"sampling ({self.label})", self.progress_interval_s)
         with self._inference_mode():
             for position in range(min(lengths), total):
                 start = cached if context is not None else 0
@@ -91,6 +95,8 @@ class MegatronSampler:
                 finished |= sampling & (torch.isin(ids, eos) | (generated == params.max_new_tokens))
                 if bool(finished.all()):
                     break
+                heartbeat(f"{int(generated.max())}/{params.max_new_tokens} tokens, "
+                          f"{int(finished.sum())}/{batch} responses finished")
 
         completions = [tokens[row, lengths[row]:lengths[row] + int(generated[row])].tolist() for row in range(batch)]
         ended_on_eos = [bool(completion) and completion[-1] in params.eos_token_ids for completion in completions]

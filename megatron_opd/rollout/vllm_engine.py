@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -51,6 +52,7 @@ from megatron_opd.config.schema import ConfigError
 from megatron_opd.rollout.protocol import Rollout, SamplingParams, check_request
 from megatron_opd.rollout.weight_sync import CudaIPCTransport, SharedMemoryTransport, WeightSync
 from megatron_opd.runtime.agreement import run_agreed
+from megatron_opd.runtime.progress import is_rank_zero
 
 WORKER_EXTENSION = "megatron_opd.rollout.vllm_worker.WeightLoaderExtension"
 INSTALL_HINT = ("rollout.engine: vllm needs vLLM: on a GPU machine `pip install -e \".[vllm]\"`, "
@@ -101,6 +103,9 @@ class VLLMEngine:
                  dtype: torch.dtype, seed: int, device: torch.device, label: str = "student"):
         self.model, self.source, self.vocab_size, self.rollout = model, source, vocab_size, rollout
         self.dtype, self.device, self.label = dtype, device, label
+        # vLLM's own progress bar, on an interactive terminal and from global rank 0 only (in
+        # a log file its redrawn line would be noise)
+        self.show_progress = is_rank_zero() and sys.stderr.isatty()
         if rollout.vllm_enable_sleep_mode and device.type != "cuda":
             raise ConfigError("rollout.vllm_enable_sleep_mode=True is invalid on CPU: vLLM's CPU build has no "
                               "sleep mode (set it false)")
@@ -254,7 +259,7 @@ class VLLMEngine:
                 allowed_token_ids=self._allowed_ids)
                 for row in range(len(prompts))]
             outputs = self.llm.generate([{"prompt_token_ids": [int(t) for t in prompt]} for prompt in prompts],
-                                        requests, use_tqdm=False)
+                                        requests, use_tqdm=self.show_progress)
         except Exception as error:  # noqa: BLE001
             raise VLLMError(f"vLLM generation ({self.label}) failed: {type(error).__name__}: {error}") from error
         completions, finished, logprobs = [], [], []

@@ -1,4 +1,4 @@
-"""Progress of a long per-tensor loop, printed by global rank 0 on stderr."""
+"""Progress of long loops (per tensor, per sampled position), printed by global rank 0 on stderr."""
 
 from __future__ import annotations
 
@@ -36,3 +36,19 @@ class Progress:
 
     def finish(self) -> None:
         log(f"{self.label}: {self.done} tensors in {time.monotonic() - self.start:.1f}s")
+
+
+class Heartbeat:
+    """A line every `interval_s` seconds while a loop of unknown duration runs (sampling a batch
+    of responses can take minutes at real shapes): `label: <detail>, <elapsed>s`. Silent for
+    loops shorter than `interval_s`, so short runs' logs stay as they are."""
+
+    def __init__(self, label: str, interval_s: float = 30.0):
+        self.label, self.interval_s = label, interval_s
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, detail: str) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            self.last = now
+            log(f"{self.label}: {detail}, {now - self.start:.0f}s")
