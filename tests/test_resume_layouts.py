@@ -163,7 +163,8 @@ def test_checkpoint_of_another_model_shape_is_refused(runs, tmp_path):
     other = make_hf_model("qwen2", tmp_path / "wider", seed=1, intermediate_size=128)
     out = tmp_path / "out"
     shutil.copytree(runs.saved("tp2"), out)
-    process = subprocess.run([sys.executable, "-m", "megatron_opd.train", *runs.argv(out, "dp2_plain", model=other)],
+    argv = runs.argv(out, "dp2_plain", model=other, **{"training.resume_allow_changes": "[model]"})
+    process = subprocess.run([sys.executable, "-m", "megatron_opd.train", *argv],
                              capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1],
                              env={**os.environ, "MEGATRON_OPD_DEVICE": "cpu"})
     assert process.returncode == 1, process.stderr[-3000:]

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from megatron_opd.checkpoint.hf_io import HFWeightReader
+from megatron_opd.checkpoint.hf_io import HF_DTYPE_NAMES, HFWeightReader, config_with_dtype
 from megatron_opd.checkpoint.hf_weights import load_hf_weights, write_hf_weights
 from megatron_opd.checkpoint.megatron_checkpoint import (
     DTYPES,
@@ -35,8 +35,6 @@ from megatron_opd.config.parallel import ParallelConfig
 from megatron_opd.config.schema import ConfigError
 from megatron_opd.models.builder import build_gpt_model
 from megatron_opd.runtime.progress import Progress, is_rank_zero, log
-
-_HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 # Conversion builds Megatron's local layer spec on any device: a checkpoint's tensors and
 # names do not depend on the spec (the local spec saves under Transformer Engine's names),
@@ -70,7 +68,7 @@ def hf_to_megatron(hf_path: Path, out: Path, tp: int = 1, pp: int = 1, dtype: Op
     expect_kind(source, "hf", "--hf-path")
     parallel = conversion_layout(tp, pp, source)
     check_output_dir(out, force)
-    torch_dtype = DTYPES[dtype] if dtype else (source.dtype if source.dtype in _HF_DTYPE_NAMES else torch.float32)
+    torch_dtype = DTYPES[dtype] if dtype else (source.dtype if source.dtype in HF_DTYPE_NAMES else torch.float32)
 
     runtime = initialize_runtime(parallel)
     log(f"hf-to-megatron: {source.family} from {hf_path}, {source.model.num_layers} layers, "
@@ -104,14 +102,8 @@ def megatron_to_hf(megatron_path: Path, out: Path, tp: int = 1, pp: int = 1, dty
     with atomic_output_dir(out, force) as staging:
         if is_rank_zero():
             copy_hf_side_files(megatron_path / HF_DIR, staging)
-            (staging / "config.json").write_text(json.dumps(_hf_config_with_dtype(source, torch_dtype), indent=2) + "\n")
+            (staging / "config.json").write_text(json.dumps(config_with_dtype(source.hf_config, torch_dtype),
+                                                            indent=2) + "\n")
         write_hf_weights(model, source.model, staging, torch_dtype, max_shard_bytes, "writing safetensors")
     log(f"done: {out}")
 
-
-def _hf_config_with_dtype(source: Pretrained, dtype: torch.dtype) -> dict:
-    config = dict(source.hf_config)
-    for key in ("torch_dtype", "dtype"):
-        if key in config:
-            config[key] = _HF_DTYPE_NAMES[dtype]
-    return config

@@ -20,12 +20,21 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Sequence
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from megatron_opd.checkpoint.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Non-parameter buffers some older checkpoints carry; recomputed, never converted.
 IGNORED_HF_TENSORS = (".rotary_emb.inv_freq",)
+
+# How a config.json names the weights' dtype.
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -35,27 +44,56 @@ _SAFETENSORS_DTYPES = {
 
 
 class HFWeightReader:
-    """The tensors of an HF model directory's safetensors files, by name."""
+    """The tensors of an HF model directory's safetensors files, by name.
+
+    Every file is opened (its header read and its size checked against it) and the index
+    checked against the files' contents here, so a missing, truncated or mismatched file
+    is refused, naming it, before any model is built.
+    """
 
     def __init__(self, directory: Path | str):
         self.directory = Path(directory)
+        self._handles: dict[Path, object] = {}
         index = self.directory / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._file_of = {name: self.directory / file for name, file in weight_map.items()}
+            self._file_of = {name: self.directory / file for name, file in _read_index(index).items()}
+            missing_files = sorted({f.name for f in self._file_of.values() if not f.is_file()})
+            if missing_files:
+                raise CheckpointNotFoundError(
+                    f"{self.directory}: {INDEX_FILE} names {len(missing_files)} shard file(s) that are not there, "
+                    f"first {missing_files[:3]}: the download or copy is incomplete; download the model again")
+            for file in sorted(set(self._file_of.values())):
+                stored = set(self._open(file).keys())
+                absent = sorted(name for name, where in self._file_of.items() if where == file and name not in stored)
+                if absent:
+                    raise CorruptCheckpointError(
+                        f"{index} lists {len(absent)} tensor(s) in {file.name} that it does not hold, first "
+                        f"{absent[:3]}: the index does not match the shard files; download the index and "
+                        "the shards again")
         elif (self.directory / SINGLE_FILE).is_file():
-            with safe_open(self.directory / SINGLE_FILE, framework="pt") as handle:
-                self._file_of = {name: self.directory / SINGLE_FILE for name in handle.keys()}
+            file = self.directory / SINGLE_FILE
+            self._file_of = {name: file for name in self._open(file).keys()}
         else:
             found = sorted(p.name for p in self.directory.glob("*")) if self.directory.is_dir() else []
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"no {SINGLE_FILE} or {INDEX_FILE} in {self.directory} (found: {found or 'nothing'}); "
                 "only safetensors checkpoints are read: convert pytorch_model.bin with "
                 "transformers' save_pretrained(..., safe_serialization=True) first")
-        missing_files = sorted({str(f) for f in self._file_of.values() if not f.is_file()})
-        if missing_files:
-            raise FileNotFoundError(f"{self.directory}: the index names missing files {missing_files}")
-        self._handles: dict[Path, object] = {}
+
+    def _open(self, file: Path):
+        """The open safetensors file, opened once; a truncated or corrupt one refused naming it."""
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(file, framework="pt")
+            except SafetensorError as error:
+                raise CorruptCheckpointError(_corrupt(file, error)) from error
+            except FileNotFoundError as error:
+                raise CheckpointNotFoundError(f"{file} is not there ({error.strerror}): download the model "
+                                              "again") from error
+            except OSError as error:
+                raise CheckpointError(f"{file} cannot be read: {error.strerror or error}: check that it is a "
+                                      "readable file") from error
+        return self._handles[file]
 
     def names(self) -> list[str]:
         return [name for name in self._file_of if not name.endswith(IGNORED_HF_TENSORS)]
@@ -67,22 +105,52 @@ class HFWeightReader:
         if name not in self._file_of:
             raise KeyError(f"{self.directory} has no tensor {name!r}")
         file = self._file_of[name]
-        if file not in self._handles:
-            self._handles[file] = safe_open(file, framework="pt")
-        return self._handles[file].get_tensor(name)
+        try:
+            return self._open(file).get_tensor(name)
+        except SafetensorError as error:
+            raise CorruptCheckpointError(_corrupt(file, error, name)) from error
 
     def dtype(self) -> Optional[torch.dtype]:
         """The dtype of the first floating tensor (the checkpoint's storage dtype), read from
         the file header: no tensor is loaded."""
         names = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
         for name in self.names():
-            file = self._file_of[name]
-            if file not in self._handles:
-                self._handles[file] = safe_open(file, framework="pt")
-            dtype = names.get(self._handles[file].get_slice(name).get_dtype())
+            dtype = names.get(self._open(self._file_of[name]).get_slice(name).get_dtype())
             if dtype is not None and dtype.is_floating_point:
                 return dtype
         return None
+
+
+def _corrupt(file: Path, error: Exception, tensor: Optional[str] = None) -> str:
+    reading = f" reading tensor {tensor!r}" if tensor is not None else ""
+    return (f"{file} is truncated or corrupt (safetensors{reading}: {error}), e.g. from an interrupted "
+            "download or copy: download it again, or convert it again if megatron-opd wrote it")
+
+
+def _read_index(index: Path) -> dict[str, str]:
+    """The weight map (tensor name -> shard file name) of a `model.safetensors.index.json`."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        problem = "has no weight_map" if isinstance(error, (KeyError, TypeError)) else f"is not valid JSON ({error})"
+        raise CorruptCheckpointError(f"{index} {problem}: the index is truncated or corrupt; download it "
+                                     "again") from error
+    if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
+        raise CorruptCheckpointError(f"{index}: weight_map must map tensor names to shard file names; the index "
+                                     "is corrupt: download it again")
+    return weight_map
+
+
+def config_with_dtype(hf_config: dict, dtype: torch.dtype) -> dict:
+    """`hf_config` saying its weights are `dtype`: in `dtype`, the key transformers >= 4.56
+    writes and reads first (`torch_dtype` only when `dtype` is absent), and in `torch_dtype`
+    too when the config has it (older transformers read only that), so neither contradicts
+    the weights."""
+    config = dict(hf_config)
+    config["dtype"] = HF_DTYPE_NAMES[dtype]
+    if "torch_dtype" in config:
+        config["torch_dtype"] = HF_DTYPE_NAMES[dtype]
+    return config
 
 
 def _header(entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]]) -> tuple[bytes, int]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_opd.checkpoint.errors import CheckpointMismatchError
 from megatron_opd.checkpoint.hf_io import HFWeightReader
 
 
@@ -39,7 +40,7 @@ class _BlockLoader:
             stored = self.tied_names.get(name, name)
             tensor = self.reader.get(stored).to(torch.float32)
             if tuple(tensor.shape) != tuple(meta.shape):
-                raise ValueError(f"{self.reader.directory}: {stored} has shape {tuple(tensor.shape)}, "
+                raise CheckpointMismatchError(f"{self.reader.directory}: {stored} has shape {tuple(tensor.shape)}, "
                                  f"the model's config expects {tuple(meta.shape)}")
             # A new Parameter (meta storage cannot be swapped for CPU storage in place).
             owner._parameters[local_name] = torch.nn.Parameter(tensor, requires_grad=False)
@@ -93,7 +94,7 @@ def streamed_hf_logits(hf_path: Path | str, token_ids: torch.Tensor) -> tuple[to
     reader = HFWeightReader(hf_path)
     tied = {} if "lm_head.weight" in reader else {"lm_head.weight": "model.embed_tokens.weight"}
     if tied and not config.tie_word_embeddings:
-        raise ValueError(f"{hf_path}: no lm_head.weight and tie_word_embeddings is false")
+        raise CheckpointMismatchError(f"{hf_path}: no lm_head.weight and tie_word_embeddings is false")
     loader = _BlockLoader(reader, tied)
     for prefix, block in _blocks(model):
         loader.attach(block, prefix)

@@ -13,13 +13,15 @@ into a rollout engine alike.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 from megatron.core import parallel_state
 
-from megatron_opd.checkpoint.hf_io import HFWeightReader, StreamingSafetensorsWriter
+from megatron_opd.checkpoint.errors import CheckpointMismatchError
+from megatron_opd.checkpoint.hf_io import HFWeightReader, StreamingSafetensorsWriter, config_with_dtype
 from megatron_opd.checkpoint.weight_map import WeightRule, to_hf, to_megatron, weight_rules
 from megatron_opd.config.model import ModelConfig
 from megatron_opd.models.tp_layout import full_to_local, global_name, local_to_full, unwrap
@@ -37,15 +39,18 @@ def check_hf_tensor_names(reader: HFWeightReader, config: ModelConfig) -> None:
         present.discard("lm_head.weight")
     missing, unused = sorted(expected - present), sorted(present - expected)
     if missing:
-        raise KeyError(f"{reader.directory} lacks {len(missing)} tensor(s) the config needs, "
-                       f"first {missing[:3]}")
+        raise CheckpointMismatchError(
+            f"{reader.directory} lacks {len(missing)} tensor(s) its config.json needs, first {missing[:3]}: "
+            "the weights are incomplete or of another model; download the model again")
     if unused:
-        raise ValueError(f"{reader.directory} has {len(unused)} tensor(s) the model would not use, "
-                         f"first {unused[:3]}: the config does not describe this checkpoint")
+        raise CheckpointMismatchError(
+            f"{reader.directory} has {len(unused)} tensor(s) the model would not use, first {unused[:3]}: "
+            "its config.json does not describe these weights; download the model again")
     if config.tie_word_embeddings and "lm_head.weight" in reader:
         if not torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
-            raise ValueError(f"{reader.directory}: tie_word_embeddings is true but lm_head.weight "
-                             "differs from model.embed_tokens.weight")
+            raise CheckpointMismatchError(f"{reader.directory}: tie_word_embeddings is true but lm_head.weight "
+                                          "differs from model.embed_tokens.weight: its config.json does not "
+                                          "describe these weights")
 
 
 @torch.no_grad()
@@ -61,14 +66,16 @@ def load_hf_weights(model: torch.nn.Module, config: ModelConfig, reader: HFWeigh
         try:
             full = to_megatron(rule, hf_tensors, config, gpt.vocab_size)
             shard = full_to_local(gpt, name, param, full.to(param.dtype))
-        except RuntimeError as error:
+        except (RuntimeError, ValueError) as error:
             shapes = {n: tuple(t.shape) for n, t in zip(rule.hf_names, hf_tensors)}
-            raise ValueError(f"HF tensors {shapes} do not fit {rule.megatron_name} of this config: "
-                             f"{error}") from error
+            raise CheckpointMismatchError(f"{reader.directory}: HF tensors {shapes} do not fit "
+                                          f"{rule.megatron_name} of its config.json ({error}): the config does "
+                                          "not describe these weights") from error
         if shard.shape != param.shape:
             shapes = {n: tuple(t.shape) for n, t in zip(rule.hf_names, hf_tensors)}
-            raise ValueError(f"HF tensors {shapes} give a {rule.megatron_name} shard of "
-                             f"{tuple(shard.shape)}, the model's is {tuple(param.shape)}")
+            raise CheckpointMismatchError(f"{reader.directory}: HF tensors {shapes} give a {rule.megatron_name} "
+                                          f"shard of {tuple(shard.shape)}, the model's is {tuple(param.shape)}: "
+                                          "its config.json does not describe these weights")
         param.copy_(shard)
         if progress is not None:
             progress(rule.megatron_name)
@@ -164,7 +171,8 @@ def export_hf_weights(
 def write_hf_weights(model: torch.nn.Module, config: ModelConfig, directory: Path, dtype: torch.dtype,
                      max_shard_bytes: int = 5 * 2**30, label: str = "writing HF weights") -> None:
     """Stream `export_hf_weights` into safetensors shards in `directory` on global rank 0,
-    cast to `dtype`. Collective: every rank calls."""
+    cast to `dtype`, and make a `config.json` already there state `dtype` (`config_with_dtype`):
+    it came from the source model, whose dtype may differ. Collective: every rank calls."""
     plan = hf_tensor_plan(config, dtype)
     writer = StreamingSafetensorsWriter(directory, plan, max_shard_bytes) if torch.distributed.get_rank() == 0 else None
     progress = Progress(len(plan), label)
@@ -174,6 +182,10 @@ def write_hf_weights(model: torch.nn.Module, config: ModelConfig, directory: Pat
         progress(name)
     if writer is not None:
         writer.close()
+        config_file = Path(directory) / "config.json"
+        if config_file.is_file():
+            hf_config = config_with_dtype(json.loads(config_file.read_text()), dtype)
+            config_file.write_text(json.dumps(hf_config, indent=2) + "\n")
     progress.finish()
 
 

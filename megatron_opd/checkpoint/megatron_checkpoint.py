@@ -18,8 +18,10 @@ read whole and re-padded here, since dist-checkpointing requires equal global sh
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -33,7 +35,16 @@ from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_opd.checkpoint.errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    OutputDirError,
+    OutputExistsError,
+)
+from megatron_opd.checkpoint.hf_io import config_with_dtype
 from megatron_opd.config.errors import UserError
 from megatron_opd.config.model import ModelConfig
 from megatron_opd.config.schema import from_dict, to_dict
@@ -49,11 +60,6 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msg
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class CheckpointMismatchError(UserError, ValueError):
-    """A checkpoint that does not fit what loads it (another model shape, another optimizer):
-    the commands print it in one line."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -80,15 +86,26 @@ def read_checkpoint_info(path: Path | str) -> CheckpointInfo:
     file = path / METADATA_FILE
     if not file.is_file():
         found = sorted(p.name for p in path.iterdir()) if path.is_dir() else None
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"{path} is not a complete megatron_opd checkpoint: no {METADATA_FILE} "
             f"(found: {found if found is not None else 'no such directory'})")
-    raw = json.loads(file.read_text())
+    try:
+        raw = json.loads(file.read_text())
+        if not isinstance(raw, dict):
+            raise TypeError(f"a JSON {type(raw).__name__}, not an object")
+    except (ValueError, TypeError) as error:  # JSONDecodeError, UnicodeDecodeError
+        raise CorruptCheckpointError(f"{file} is corrupt ({error}): this checkpoint cannot be used; take "
+                                     "another one (or convert the model again)") from error
     if raw.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file}: format_version={raw.get('format_version')!r}, this "
-                         f"megatron_opd reads {FORMAT_VERSION}")
-    return CheckpointInfo(model=from_dict(ModelConfig, raw["model"], "model"), family=raw["family"],
-                          dtype=raw["dtype"], hf_config=raw["hf_config"])
+        raise CheckpointMismatchError(f"{file}: format_version={raw.get('format_version')!r}, this "
+                                      f"megatron_opd reads {FORMAT_VERSION}: convert the model again with "
+                                      "this version")
+    try:
+        return CheckpointInfo(model=from_dict(ModelConfig, raw["model"], "model"), family=raw["family"],
+                              dtype=raw["dtype"], hf_config=raw["hf_config"])
+    except KeyError as error:
+        raise CorruptCheckpointError(f"{file} is corrupt: it lacks {error}; this checkpoint cannot be used: "
+                                     "take another one (or convert the model again)") from error
 
 
 def _rank() -> int:
@@ -123,7 +140,9 @@ def save_model_checkpoint(model: torch.nn.Module, info: CheckpointInfo, out: Pat
     before the metadata (a trainer's state).
     """
     gpt = unwrap(model)
-    info = dataclasses.replace(info, model=dataclasses.replace(info.model, pad_vocab_size_to=gpt.vocab_size))
+    # The HF config states the dtype of these weights (a bf16 checkpoint of an fp32 model).
+    info = dataclasses.replace(info, model=dataclasses.replace(info.model, pad_vocab_size_to=gpt.vocab_size),
+                               hf_config=config_with_dtype(info.hf_config, DTYPES[info.dtype]))
     if _rank() == 0:
         (out / DIST_DIR).mkdir()
         if hf_dir is not None:
@@ -150,7 +169,14 @@ def load_model_checkpoint(model: torch.nn.Module, path: Path | str) -> Checkpoin
     path = Path(path)
     info = read_checkpoint_info(path)
     gpt = unwrap(model)
+    if not (path / DIST_DIR / ".metadata").is_file():
+        raise CheckpointNotFoundError(f"{path} is incomplete: {DIST_DIR}/.metadata is missing (a copy cut "
+                                      "short?): copy the whole checkpoint directory again, or take another one")
     saved_vocab = info.model.pad_vocab_size_to
+    if info.model.vocab_size > gpt.vocab_size:
+        raise CheckpointMismatchError(
+            f"{path}: the checkpoint's vocab_size={info.model.vocab_size} is larger than this model's padded "
+            f"vocab ({gpt.vocab_size}): {_another_model(info, gpt)}")
     sharded = gpt.sharded_state_dict()
     repadded = {}
     if saved_vocab != gpt.vocab_size:
@@ -165,7 +191,7 @@ def load_model_checkpoint(model: torch.nn.Module, path: Path | str) -> Checkpoin
                 tp_rank = parallel_state.get_tensor_model_parallel_rank()
                 sharded[key] = ShardedTensor.from_rank_offsets(saved.key, buffer, replica_id=(*replica, tp_rank))
                 repadded[key] = buffer
-    check_tensor_shapes(sharded, path)
+    check_tensor_shapes(sharded, path, _another_model(info, gpt))
     # A Transformer Engine model asks for its modules' `_extra_state` (FP8 scaling metadata),
     # which a checkpoint of the local spec (CPU) lacks: that state keeps TE's defaults, as
     # after an HF conversion. Anything else missing is refused.
@@ -173,7 +199,8 @@ def load_model_checkpoint(model: torch.nn.Module, path: Path | str) -> Checkpoin
                                                    strict=StrictHandling.RETURN_UNEXPECTED)
     not_saved = sorted(key for key in not_saved if not key.endswith("_extra_state"))
     if not_saved:
-        raise KeyError(f"{path}: the checkpoint lacks {not_saved}, which this model has")
+        raise CheckpointMismatchError(f"{path}: the checkpoint lacks {len(not_saved)} tensor(s) this model has, "
+                                      f"first {not_saved[:3]}: {_another_model(info, gpt)}")
     # The checkpoint's common (non-sharded) state comes back too, e.g. a trainer's optimizer
     # param groups: keep what the model asked for.
     loaded = {key: value for key, value in loaded.items() if key in sharded}
@@ -185,12 +212,28 @@ def load_model_checkpoint(model: torch.nn.Module, path: Path | str) -> Checkpoin
     result = gpt.load_state_dict(loaded, strict=False)
     missing = [key for key in result.missing_keys if key not in repadded and not key.endswith("_extra_state")]
     if missing or result.unexpected_keys:
-        raise KeyError(f"{path}: checkpoint does not match the model: missing {missing}, "
-                       f"unexpected {result.unexpected_keys}")
+        raise CheckpointMismatchError(f"{path}: checkpoint does not match the model: missing {missing}, "
+                                      f"unexpected {result.unexpected_keys}: {_another_model(info, gpt)}")
     return info
 
 
-def check_tensor_shapes(sharded: dict, path: Path) -> None:
+# Fields of both ModelConfig and Megatron's TransformerConfig that set tensor shapes.
+_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                 "kv_channels")
+
+
+def _another_model(info: CheckpointInfo, gpt: torch.nn.Module) -> str:
+    """What to do about a checkpoint saved from another model, with the shape fields that differ."""
+    saved, built = to_dict(info.model), getattr(gpt, "config", None)
+    differ = [f"{name} {saved[name]} vs {getattr(built, name)}" for name in _SHAPE_FIELDS
+              if saved.get(name) is not None and getattr(built, name, None) not in (None, saved[name])]
+    which = f" (checkpoint vs this model: {', '.join(differ)})" if differ else ""
+    return (f"the checkpoint was saved from another model{which}; load it into the model it was saved "
+            f"from (its {METADATA_FILE} describes it), or use a checkpoint of this model (to resume: a new "
+            "training.output_dir)")
+
+
+def check_tensor_shapes(sharded: dict, path: Path, advice: str = "the checkpoint is of another model shape") -> None:
     """Refuse a checkpoint of another model shape in one line naming the tensor and both
     shapes, before dist-checkpointing fails deep inside its load ("Global shape mismatch")."""
     saved = dist_checkpointing.load_tensors_metadata(str(path / DIST_DIR))
@@ -203,15 +246,109 @@ def check_tensor_shapes(sharded: dict, path: Path) -> None:
             saved_shape, shape = tuple(saved[tensor.key].global_shape), tuple(tensor.global_shape)
             if saved_shape != shape:
                 raise CheckpointMismatchError(f"{path}: tensor {tensor.key!r} has shape {saved_shape} in the "
-                                              f"checkpoint and {shape} in this model: the checkpoint is of "
-                                              f"another model shape")
+                                              f"checkpoint and {shape} in this model: {advice}")
 
 
 def check_output_dir(out: Path | str, force: bool) -> None:
-    """Refuse a non-empty (or non-directory) `out` unless `force`."""
-    out = Path(out)
+    """Refuse a non-empty (or non-directory) `out` unless `force`, and an `out` that cannot be
+    created: under a file, or in a directory this process may not write."""
+    out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise FileExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
+        raise OutputExistsError(f"--out {out} exists and is not empty; pass --force to replace it")
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputDirError(_not_a_directory(out) or f"cannot create {out}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputDirError(f"cannot write {out}: {ancestor} is not writable by this user (or on a read-only "
+                             "file system): choose another output directory, or fix its permissions")
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+_NOT_A_DIRECTORY = {errno.EEXIST, errno.ENOTDIR}
+# torch.save's zip writer reports a failed write (a full disk) as a RuntimeError, not an OSError.
+_TORCH_WRITE_FAILED = ("unexpected pos", "failed writing file", "file write failed")
+
+
+def _not_a_directory(out: Path) -> Optional[str]:
+    """Why `out` cannot be created when a file sits where one of its directories must be."""
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is None:
+        return None
+    return (f"cannot create {out}: {blocking} is a file, not a directory: choose another output directory, "
+            "or move that file away")
+
+
+def _free_space(directory: Path) -> str:
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return "unknown space"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if free >= size:
+            return f"{free / size:.1f} {unit}"
+    return f"{free} bytes"
+
+
+def _failures(error: BaseException) -> Iterator[BaseException]:
+    """`error`, its causes and contexts, and each rank's failure inside a dist-checkpointing
+    CheckpointException (writes run in worker processes, their errors come back wrapped)."""
+    stack, seen = [error], set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        stack += [current.__cause__, current.__context__]
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict):
+            stack += [item[0] if isinstance(item, tuple) else item for item in failures.values()]
+
+
+def _is_output_path(filename, out: Path, temporary: Optional[Path]) -> bool:
+    """Whether an OSError's file is the output's: `out`, a directory above it, or what is
+    written in its place (the temporary directory, a moved-away `out`)."""
+    path = Path(os.fsdecode(filename)).absolute()
+    return (path == out or out.is_relative_to(path) or path.name.startswith(f".{out.name}.")
+            or (temporary is not None and path.is_relative_to(temporary)))
+
+
+def _output_failure(error: BaseException, out: Path, temporary: Optional[Path] = None) -> Optional[str]:
+    """A one-line explanation when `error` is the output directory's fault (no space, not
+    writable, a file in the way), else None (a bug, or an error that explains itself)."""
+    if isinstance(error, UserError) or not isinstance(error, (Exception, CheckpointException)):
+        return None  # already one line; KeyboardInterrupt, SystemExit
+    parent = out.parent
+    for failure in _failures(error):
+        code, ours = None, True
+        if isinstance(failure, OSError):
+            # A failed read of an input file is not the output's fault.
+            code = failure.errno
+            ours = all(_is_output_path(name, out, temporary)
+                       for name in (failure.filename, failure.filename2) if name is not None)
+        else:  # an OSError that crossed a process boundary as text ("[Errno 28] No space left on device")
+            found = re.search(r"\[Errno (\d+)\]", str(failure))
+            code = int(found.group(1)) if found else None
+            if code not in _NO_SPACE | {errno.EROFS}:
+                code = None
+        if code in _NO_SPACE:
+            return (f"cannot write {out}: no space left on the device (or the disk quota is exceeded; "
+                    f"{_free_space(parent)} free in {parent}): free some space, or choose another output "
+                    "directory; nothing was written")
+        if code in _NOT_WRITABLE and ours:
+            reason = "is on a read-only file system" if code == errno.EROFS else "is not writable by this user"
+            return (f"cannot write {out}: {parent} {reason} ({failure}): choose another output directory, "
+                    "or fix its permissions")
+        if code in _NOT_A_DIRECTORY and ours and _not_a_directory(out) is not None:
+            return _not_a_directory(out)
+        if isinstance(failure, RuntimeError) and any(text in str(failure) for text in _TORCH_WRITE_FAILED):
+            return (f"cannot write {out}: a file write failed midway (torch: {str(failure).strip()}), which is "
+                    f"what a full disk does ({_free_space(parent)} free in {parent} now): free some space, or "
+                    "choose another output directory; nothing was written")
+    return None
 
 
 @contextmanager
@@ -220,30 +357,62 @@ def atomic_output_dir(out: Path | str, force: bool = False) -> Iterator[Path]:
 
     A run killed midway leaves only `.<name>.partial-*`, never a half-written `out`.
     A non-empty `out` is refused unless `force`, and only replaced once the new
-    content is complete. Collective when distributed: rank 0 picks the name.
+    content is complete. Collective when distributed: rank 0 picks the name and
+    creates the directory, and every rank raises its error if it cannot.
+
+    An output that cannot be written (not writable, read-only, a file in the way, a
+    full disk) raises `OutputDirError` in one line naming `out`; the temporary
+    directory is removed and an existing `out` is left as it was.
     """
     out = Path(out).absolute()
     check_output_dir(out, force)
-    names = [f".{out.name}.partial-{uuid.uuid4().hex[:8]}"]
-    if torch.distributed.is_initialized():
-        torch.distributed.broadcast_object_list(names, src=0)
-    temporary = out.parent / names[0]
+    created: list[Optional[str]] = [None, None]  # the temporary name, or why it could not be created
     if _rank() == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        temporary.mkdir()
-    _barrier()
+        name = f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            (out.parent / name).mkdir()
+            created[0] = name
+        except OSError as error:
+            created[1] = _output_failure(error, out) or f"cannot create {out}: {error}"
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(created, src=0)
+    if created[1] is not None:
+        raise OutputDirError(created[1])
+    temporary = out.parent / created[0]
     try:
         yield temporary
-    except BaseException:
+    except BaseException as error:
         # No barrier: the failing rank may be the only one that got here.
+        reason = _output_failure(error, out, temporary)
         if _rank() == 0:
             shutil.rmtree(temporary, ignore_errors=True)
+        if reason is not None:
+            raise OutputDirError(reason) from error
         raise
     _barrier()
     if _rank() == 0:
-        old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(temporary, out)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            _replace(temporary, out)
+        except OSError as error:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise OutputDirError(_output_failure(error, out, temporary) or f"cannot write {out}: {error}") from error
     _barrier()
+
+
+def _replace(temporary: Path, out: Path) -> None:
+    """Rename `temporary` to `out`, moving an existing `out` away first and back if that fails."""
+    old = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
+    moved = out.exists() or out.is_symlink()
+    if moved:
+        os.replace(out, old)
+    try:
+        os.replace(temporary, out)
+    except OSError:
+        if moved:
+            os.replace(old, out)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    elif moved:
+        old.unlink(missing_ok=True)

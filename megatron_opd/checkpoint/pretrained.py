@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from megatron_opd.checkpoint.errors import CheckpointNotFoundError
 from megatron_opd.checkpoint.hf_io import HFWeightReader
 from megatron_opd.checkpoint.hf_weights import load_hf_weights
 from megatron_opd.checkpoint.megatron_checkpoint import (
@@ -49,12 +50,15 @@ class Pretrained:
 def inspect_pretrained(path: Path | str, make_vocab_size_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> Pretrained:
     """What is at `path`, checked without loading weights.
 
-    Raises `FileNotFoundError` for a directory that is neither kind, and the config
-    errors of `model_config_from_hf` for an unsupported HF model.
+    Raises `CheckpointNotFoundError` (a FileNotFoundError) for a directory that is neither
+    kind, `CheckpointError`s for missing or corrupt weight files, and the config errors of
+    `model_config_from_hf` for an unsupported HF model.
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"pretrained model {path} does not exist (or is not a directory)")
+        what = "is a file, not a directory" if path.exists() else "does not exist"
+        raise CheckpointNotFoundError(f"pretrained model {path} {what}: give an HF model directory "
+                                      "(config.json + *.safetensors) or a megatron_opd checkpoint")
     if is_megatron_checkpoint(path):
         info = read_checkpoint_info(path)
         return Pretrained(path, "megatron", info.model, info.family, info.hf_config, DTYPES[info.dtype])
@@ -64,7 +68,7 @@ def inspect_pretrained(path: Path | str, make_vocab_size_divisible_by: int = MAK
         reader = HFWeightReader(path)  # fails now, not after the model is built, if weights are missing
         return Pretrained(path, "hf", model, hf_family(hf_config).model_type, hf_config, reader.dtype())
     found = sorted(p.name for p in path.iterdir())
-    raise FileNotFoundError(f"{path} is neither an HF model directory (config.json + *.safetensors) nor a "
+    raise CheckpointNotFoundError(f"{path} is neither an HF model directory (config.json + *.safetensors) nor a "
                             f"megatron_opd checkpoint (megatron_opd_model.json); it holds {found or 'nothing'}")
 
 

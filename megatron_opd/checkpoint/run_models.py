@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from megatron_opd.checkpoint.pretrained import Pretrained, inspect_pretrained
+from megatron_opd.config.errors import UserError
 from megatron_opd.config.job import JobConfig
 from megatron_opd.config.model import with_common_padded_vocab
 from megatron_opd.config.schema import ConfigError
@@ -40,8 +41,8 @@ def resolve_models(config: JobConfig) -> RunModels:
     """Inspect the student and teacher, check them against the layout, pad their vocabs to
     one size, load the tokenizer (which must fit every model's vocab) and check that the
     teacher's own tokenizer, if it ships one, is the same."""
-    student = inspect_pretrained(config.model, config.make_vocab_size_divisible_by)
-    teacher = (inspect_pretrained(config.teacher_model, config.make_vocab_size_divisible_by)
+    student = inspect_field("model", config.model, config.make_vocab_size_divisible_by)
+    teacher = (inspect_field("teacher_model", config.teacher_model, config.make_vocab_size_divisible_by)
                if config.teacher_model is not None else None)
     for name, source in (("model", student), ("teacher_model", teacher)):
         try:
@@ -60,6 +61,16 @@ def resolve_models(config: JobConfig) -> RunModels:
     if teacher is not None:
         check_teacher_tokenizer(tokenizer, tokenizer_path, tokenizer_field, teacher)
     return RunModels(sources[0], sources[1] if teacher is not None else None, vocab_size, tokenizer)
+
+
+def inspect_field(field: str, path: str, make_vocab_size_divisible_by: int) -> Pretrained:
+    """`inspect_pretrained` of the config field `field`: what is wrong with the directory
+    (missing, no config.json, corrupt weights, an unsupported model) raised as a ConfigError
+    naming the field."""
+    try:
+        return inspect_pretrained(path, make_vocab_size_divisible_by)
+    except (UserError, OSError) as error:
+        raise ConfigError(f"{field}={path} is invalid: {error}") from error
 
 
 def run_tokenizer_path(config: JobConfig, student: Pretrained) -> tuple[Path, str]:

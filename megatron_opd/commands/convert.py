@@ -7,8 +7,8 @@
 Single process by default (CPU mode when there is no GPU); for TP/PP > 1 launch
 with `torchrun --nproc-per-node TP*PP`. Every input is checked before a process
 group, a model or an output directory is created, so a bad input leaves the output
-untouched and exits non-zero with a message naming the problem. Outputs are written
-under a temporary name and renamed when complete.
+untouched and exits non-zero with one line naming the problem (`--debug`: the
+traceback). Outputs are written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from megatron_opd.checkpoint.convert import conversion_layout, expect_kind, hf_t
 from megatron_opd.checkpoint.hf_streamed import streamed_hf_logits
 from megatron_opd.checkpoint.megatron_checkpoint import DTYPES
 from megatron_opd.checkpoint.pretrained import inspect_pretrained, load_pretrained
+from megatron_opd.commands.errors import add_debug_flag, run_command
 from megatron_opd.config.model import MAKE_VOCAB_SIZE_DIVISIBLE_BY
 from megatron_opd.config.schema import ConfigError
 from megatron_opd.pipeline import lm_forward_backward
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     def layout(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--tp", type=int, default=1, help="tensor-parallel size (torchrun ranks = tp*pp)")
         sub.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+        add_debug_flag(sub)
 
     to_megatron = commands.add_parser("hf-to-megatron", help="HF directory -> Megatron dist-checkpoint")
     to_megatron.add_argument("--hf-path", type=Path, required=True)
@@ -123,24 +125,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "hf-to-megatron":
-            hf_to_megatron(args.hf_path, args.out, args.tp, args.pp, args.dtype, args.force,
-                           args.make_vocab_size_divisible_by)
-        elif args.command == "megatron-to-hf":
-            megatron_to_hf(args.megatron_path, args.out, args.tp, args.pp, args.dtype, args.force,
-                           args.max_shard_size)
-        else:
-            result = verify(args.hf_path, args.megatron_path, args.tp, args.pp, args.seq_length,
-                            args.batch_size)
-            ok = result.passed(args.tolerance)
-            log(f"verify: {result.tokens} tokens, max |logit diff| {result.max_abs_diff:.3e} "
-                 f"(scaled {result.scaled_diff:.3e}, tolerance {args.tolerance:g}), "
-                 f"top-1 agreement {result.top1_agreement:.4f}: {'OK' if ok else 'FAILED'}")
-            return 0 if ok else 1
-    except (ConfigError, FileNotFoundError, FileExistsError, KeyError, ValueError) as error:
-        log(f"megatron-opd convert {args.command}: error: {error}")
-        return 1
+def run(args: argparse.Namespace) -> int:
+    if args.command == "hf-to-megatron":
+        hf_to_megatron(args.hf_path, args.out, args.tp, args.pp, args.dtype, args.force,
+                       args.make_vocab_size_divisible_by)
+    elif args.command == "megatron-to-hf":
+        megatron_to_hf(args.megatron_path, args.out, args.tp, args.pp, args.dtype, args.force,
+                       args.max_shard_size)
+    else:
+        result = verify(args.hf_path, args.megatron_path, args.tp, args.pp, args.seq_length, args.batch_size)
+        ok = result.passed(args.tolerance)
+        log(f"verify: {result.tokens} tokens, max |logit diff| {result.max_abs_diff:.3e} "
+            f"(scaled {result.scaled_diff:.3e}, tolerance {args.tolerance:g}), "
+            f"top-1 agreement {result.top1_agreement:.4f}: {'OK' if ok else 'FAILED'}")
+        return 0 if ok else 1
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit code 0 on success; a user's mistake (a `UserError`, an OS error about a file) is one
+    line on stderr and exit code 1 (`commands.errors`); anything else keeps its traceback."""
+    args = build_parser().parse_args(argv)
+    return run_command(f"megatron-opd convert {args.command}", lambda: run(args), debug=args.debug)
