@@ -7,6 +7,7 @@ checkpoint is loaded with dist-checkpointing at whatever TP/PP the run uses.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -28,6 +29,7 @@ from megatron_opd.config.model import MAKE_VOCAB_SIZE_DIVISIBLE_BY, ModelConfig
 from megatron_opd.models.builder import Role, build_gpt_model
 from megatron_opd.models.hf_config import hf_family, model_config_from_hf, read_hf_config
 from megatron_opd.runtime.distributed import Runtime
+from megatron_opd.runtime.progress import Progress, log
 
 
 @dataclass
@@ -78,14 +80,15 @@ def load_pretrained(
     role: Role = "student",
     dtype: torch.dtype = torch.float32,
     pad_vocab_size_to: Optional[int] = None,
-    progress=None,
+    progress: Optional[str] = None,
     compute: ComputeConfig = ComputeConfig(),
 ) -> torch.nn.Module:
     """This rank's part of the pretrained model as a Megatron GPTModel (see `build_gpt_model`).
 
     `pad_vocab_size_to` overrides the padded vocab size, e.g. the one a teacher and a
-    student share (`with_common_padded_vocab`); `compute`: layer spec, attention backend,
-    activation recomputation.
+    student share (`with_common_padded_vocab`); `progress`: a label under which rank 0
+    reports the tensors read from an HF directory (`runtime.progress.Progress`) and the
+    time taken; `compute`: layer spec, attention backend, activation recomputation.
     """
     if not isinstance(source, Pretrained):
         source = inspect_pretrained(source)
@@ -94,8 +97,12 @@ def load_pretrained(
         model_config = dataclasses.replace(model_config, pad_vocab_size_to=pad_vocab_size_to)
     # No random init: every weight is loaded below (both loaders fail on a missing one).
     model = build_gpt_model(model_config, runtime, role=role, dtype=dtype, initialize=False, compute=compute)
+    started = time.monotonic()
     if source.kind == "hf":
-        load_hf_weights(model, model_config, HFWeightReader(source.path), progress)
+        tensors = Progress(sum(1 for _ in model.parameters()), progress) if progress else None
+        load_hf_weights(model, model_config, HFWeightReader(source.path), tensors)
     else:
         load_model_checkpoint(model, source.path)
+    if progress:
+        log(f"{progress}: done in {time.monotonic() - started:.1f}s")
     return model

@@ -47,7 +47,6 @@ from megatron_opd.rollout import RolloutEngine, build_rollout_engine, import_vll
 from megatron_opd.runtime import Runtime, initialize_runtime
 from megatron_opd.runtime.distributed import seed_everything
 from megatron_opd.runtime.precision import resolve_dtype
-from megatron_opd.runtime.progress import log
 from megatron_opd.runtime.seeds import step_seed
 from megatron_opd.teachers import LocalTeacher
 from megatron_opd.teachers.build import remote_teacher
@@ -100,14 +99,15 @@ class Trainer:
         use_distributed_optimizer = resolve_distributed_optimizer(config.optimizer.use_distributed_optimizer,
                                                                   config.optimizer.optimizer,
                                                                   parallel_state.get_data_parallel_world_size())
-        log(f"loading the student from {models.student.path}")
-        student = load_pretrained(models.student, self.runtime, "student", self.dtype, compute=config.compute)
+        student = load_pretrained(models.student, self.runtime, "student", self.dtype, compute=config.compute,
+                                  progress=f"loading the student from {models.student.path}")
         model_lines = [model_line("student", models.student.path, models.student.family,
                                   count_parameters(student), self.dtype)]
         self.model = wrap_student(student, use_distributed_optimizer)
         if models.teacher is not None:
-            log(f"loading the teacher from {models.teacher.path}")
-            teacher_model = load_pretrained(models.teacher, self.runtime, "teacher", self.dtype, compute=config.compute)
+            teacher_model = load_pretrained(models.teacher, self.runtime, "teacher", self.dtype,
+                                            compute=config.compute,
+                                            progress=f"loading the teacher from {models.teacher.path}")
             model_lines.append(model_line("teacher", models.teacher.path, models.teacher.family,
                                           count_parameters(teacher_model), self.dtype))
             teacher = LocalTeacher(teacher_model, offload=config.offload_teacher_model)
