@@ -77,10 +77,13 @@ def test_unchanged_run_resumes_without_lines(checkpointed, tmp_path):
 
 
 def test_schedule_and_interval_changes_are_applied_with_a_line(checkpointed, tmp_path):
+    val = write_dataset(tmp_path / "val.jsonl", 16, seed=98)  # held-out data: never trained on
     resume = plan(checkpointed, tmp_path, **{"optimizer.lr": 3e-3, "training.train_iters": 5,
-                                             "training.save_interval": 1, "parallel.tensor_model_parallel_size": 2})
+                                             "training.save_interval": 1, "parallel.tensor_model_parallel_size": 2,
+                                             "data.val_dataset": f"[{val}]"})
     assert {change.field for change in resume.applied} == {
-        "optimizer.lr", "training.train_iters", "training.save_interval", "parallel.tensor_model_parallel_size"}
+        "optimizer.lr", "training.train_iters", "training.save_interval", "parallel.tensor_model_parallel_size",
+        "data.val_dataset"}
     assert "resume: optimizer.lr: 0.001 -> 0.003 (applied)" in resume.lines()
 
 

@@ -7,7 +7,7 @@ files). On resume every difference to the new config is one of:
   applied   the new value takes effect, with one line saying so: the length of the run,
             the LR schedule (re-derived from the new values at the checkpoint's step, as
             Megatron-LM's `--override-opt_param-scheduler`), the batch sizes (the data
-            position counts rows), logging, evaluation and save intervals, the parallel
+            position counts rows), logging, evaluation (and its data) and save intervals, the parallel
             layout and optimizer sharding (checkpoints reshard), precision, the compute
             settings, the rollout engine's settings, the teacher server's address and
             client settings. `APPLIED` lists them.
@@ -43,6 +43,7 @@ APPLIED = (
     "optimizer.clip_grad", "optimizer.use_distributed_optimizer", "training.global_batch_size",
     "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size", "parallel.sequence_parallel",
     "compute", "rollout", "teacher_server", "teacher_model_server", "offload_teacher_model", "data.num_proc",
+    "data.val_dataset",  # held-out data: evaluated, never trained on
 )
 # Fields whose files, not their paths, decide (a path may move, or be spelled another way).
 FINGERPRINTED = ("model", "teacher_model", "teacher_cache", "data.dataset", "data.val_dataset")
