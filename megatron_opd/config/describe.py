@@ -37,7 +37,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
-from megatron_opd.config.job import JobConfig, _load_yaml, apply_overrides, load_job_config
+from megatron_opd.config.job import JobConfig, _load_yaml, load_job_config, read_raw_config
 from megatron_opd.config.schema import ConfigError, _coerce
 
 MARKDOWN_COMMAND = "python -m megatron_opd.config.describe --markdown > docs/config.md"
@@ -290,21 +290,6 @@ def render_config(config: JobConfig) -> str:
     return _render(JobConfig, config, _header("megatron_opd training config: the effective values."))
 
 
-def _read_raw(path: Optional[Path | str], overrides: Sequence[str]) -> dict[str, Any]:
-    raw: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            raw = _load_yaml(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path} is not valid YAML: {error}") from error
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(raw).__name__}")
-    return apply_overrides(raw, overrides)
-
-
 def _missing_required(raw: dict[str, Any]) -> list[str]:
     missing = []
     for key in config_keys(JobConfig):
@@ -363,7 +348,7 @@ def config_text(path: Optional[Path | str] = None, overrides: Sequence[str] = ()
     """
     if path is None and not overrides:
         return render_defaults()
-    raw = _read_raw(path, overrides)
+    raw = read_raw_config(path, overrides)
     missing = _missing_required(raw)
     if missing:
         return _partial(raw, missing)

@@ -336,12 +336,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
-def load_job_config(path: Optional[Path | str], overrides: Sequence[str] = (),
-                      world_size: Optional[int] = None) -> JobConfig:
-    """Read YAML at `path` (or start empty), apply overrides, build and validate the config.
-
-    With `world_size` (default: $WORLD_SIZE when set) the layout is checked against it too.
-    """
+def read_raw_config(path: Optional[Path | str], overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The YAML at `path` (or an empty mapping) with the overrides applied, not yet typed or checked."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -353,7 +349,16 @@ def load_job_config(path: Optional[Path | str], overrides: Sequence[str] = (),
             raise ConfigError(f"{path} is not valid YAML: {error}") from error
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config keys, got {type(raw).__name__}")
-    config = from_dict(JobConfig, apply_overrides(raw, overrides))
+    return apply_overrides(raw, overrides)
+
+
+def load_job_config(path: Optional[Path | str], overrides: Sequence[str] = (),
+                      world_size: Optional[int] = None) -> JobConfig:
+    """Read YAML at `path` (or start empty), apply overrides, build and validate the config.
+
+    With `world_size` (default: $WORLD_SIZE when set) the layout is checked against it too.
+    """
+    config = from_dict(JobConfig, read_raw_config(path, overrides))
     if world_size is None and "WORLD_SIZE" in os.environ:
         world_size = int(os.environ["WORLD_SIZE"])
     if world_size is not None:
