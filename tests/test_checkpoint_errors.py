@@ -334,13 +334,20 @@ def save_onto_a_full_disk_on_rank(directory: str) -> dict:
     real_save = torch.save
 
     def zip_writer_fails(obj, file, *args, **kwargs):
-        if str(file).endswith(".pt"):  # dist-checkpointing's common.pt
+        if str(file).endswith(".pt"):  # dist-checkpointing's common.pt (Megatron-Core < 0.19)
             raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")
         return real_save(obj, file, *args, **kwargs)
 
+    import megatron.core
+    from packaging.version import Version
+
+    cases = [("enospc", filesystem_async, "_write_item", no_space)]
+    # Megatron-Core 0.19 keeps the common state inside the torch_dist files (no common.pt, no
+    # torch.save of its own), so this failure cannot be staged there.
+    if Version(megatron.core.__version__).release < (0, 19):
+        cases.append(("unexpected_pos", torch, "save", zip_writer_fails))
     failures = {}
-    for name, module, attribute, replacement in (("enospc", filesystem_async, "_write_item", no_space),
-                                                 ("unexpected_pos", torch, "save", zip_writer_fails)):
+    for name, module, attribute, replacement in cases:
         original = getattr(module, attribute)
         setattr(module, attribute, replacement)
         try:
@@ -363,9 +370,12 @@ def test_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path):
     for name, (kind, message) in result["failures"].items():
         assert kind is not None and issubclass(kind, OutputDirError), (name, kind, message)
         assert "\n" not in message and f"cannot write {out}: " in message and "free some space" in message, message
-    assert "no space left on the device" in result["failures"]["enospc"][1]
-    assert "unexpected pos 704 vs 598" in result["failures"]["unexpected_pos"][1]
-    assert "full disk" in result["failures"]["unexpected_pos"][1]
+    # Megatron-Core 0.16 passes the worker's OSError on; 0.19 only its class (no errno)
+    enospc = result["failures"]["enospc"][1]
+    assert "no space left on the device" in enospc or "dist-checkpointing reports an OSError" in enospc, enospc
+    if "unexpected_pos" in result["failures"]:
+        assert "unexpected pos 704 vs 598" in result["failures"]["unexpected_pos"][1]
+        assert "full disk" in result["failures"]["unexpected_pos"][1]
     assert result["unchanged"] and result["leftovers"] == []
 
 

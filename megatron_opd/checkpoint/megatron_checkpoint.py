@@ -270,6 +270,9 @@ _NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
 _NOT_A_DIRECTORY = {errno.EEXIST, errno.ENOTDIR}
 # torch.save's zip writer reports a failed write (a full disk) as a RuntimeError, not an OSError.
 _TORCH_WRITE_FAILED = ("unexpected pos", "failed writing file", "file write failed")
+# Megatron-Core 0.19's dist-checkpointing writer passes on only the class of its worker's
+# OSError ("Worker failure: ... error: <class 'OSError'>"), not its errno.
+_WORKER_OS_ERROR = re.compile(r"error: <class '(?:builtins\.)?(OSError|IOError)'>")
 
 
 def _not_a_directory(out: Path) -> Optional[str]:
@@ -344,6 +347,10 @@ def _output_failure(error: BaseException, out: Path, temporary: Optional[Path] =
                     "or fix its permissions")
         if code in _NOT_A_DIRECTORY and ours and _not_a_directory(out) is not None:
             return _not_a_directory(out)
+        if isinstance(failure, RuntimeError) and _WORKER_OS_ERROR.search(str(failure)):
+            return (f"cannot write {out}: a file write failed midway (dist-checkpointing reports an OSError "
+                    f"without its cause), which is what a full disk does ({_free_space(parent)} free in {parent} "
+                    "now): free some space, or choose another output directory; nothing was written")
         if isinstance(failure, RuntimeError) and any(text in str(failure) for text in _TORCH_WRITE_FAILED):
             return (f"cannot write {out}: a file write failed midway (torch: {str(failure).strip()}), which is "
                     f"what a full disk does ({_free_space(parent)} free in {parent} now): free some space, or "

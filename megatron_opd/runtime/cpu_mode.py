@@ -15,7 +15,12 @@ module redirects each of them to the CPU, for the whole process:
    `CheckpointWithoutOutput._recompute` replay the forward), so those run inside a
    mode of their own.
 2. Other `torch.cuda` utilities: `device_count` (1), `set_device`, `synchronize`,
-   `empty_cache` (no-ops). They would otherwise raise on a CPU build.
+   `empty_cache` (no-ops). They would otherwise raise on a CPU build (or, on a CUDA
+   build without a GPU, initialize CUDA in a forked process). Megatron-Core 0.19 also
+   orders its DDP grad reduction on streams (`param_and_grad_buffer.start_grad_sync`
+   takes `torch.cuda.current_stream()` and waits on events; 0.16 did not):
+   `current_stream` and `default_stream` return one `_CpuStream`, whose waits are
+   no-ops, since CPU kernels and gloo collectives complete in program order.
 3. Random state. Megatron's `CudaRNGStatesTracker` forks the *CUDA* generator so
    that dropout and weight init differ across TP ranks where they must. On CPU the
    generator that CPU kernels draw from is the default CPU generator, so the CUDA
@@ -120,6 +125,39 @@ def _noop(name: str) -> Callable[..., None]:
     return noop
 
 
+class _CpuStream:
+    """What `torch.cuda.current_stream()` / `default_stream()` return in CPU mode: a stream on
+    which every operation has already completed (CPU ops run in program order)."""
+
+    device = _CPU
+
+    def wait_event(self, event: Any) -> None:
+        return None
+
+    def wait_stream(self, stream: Any) -> None:
+        return None
+
+    def record_event(self, event: Any = None) -> Any:
+        return event
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+_CPU_STREAM = _CpuStream()
+
+
+def _current_stream(device: Any = None) -> _CpuStream:
+    return _CPU_STREAM
+
+
+def _default_stream(device: Any = None) -> _CpuStream:
+    return _CPU_STREAM
+
+
 class _CpuModeState:
     """What `install()` replaced, so that `uninstall()` can restore it exactly."""
 
@@ -163,6 +201,8 @@ def install(force: bool = False) -> None:
     state.patch(torch.cuda, "device_count", lambda: 1)
     for name in ("set_device", "synchronize", "empty_cache"):
         state.patch(torch.cuda, name, _noop(name))
+    state.patch(torch.cuda, "current_stream", _current_stream)
+    state.patch(torch.cuda, "default_stream", _default_stream)
     for owner in (torch.cuda, torch.cuda.random):
         state.patch(owner, "get_rng_state", _get_rng_state)
         state.patch(owner, "set_rng_state", _set_rng_state)
