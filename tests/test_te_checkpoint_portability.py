@@ -19,6 +19,7 @@ so the stand-in cannot drift from what TE would save.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ TE_MODULES = ("self_attention.linear_qkv", "self_attention.core_attention", "sel
 def _te_slots(spec, prefix: str = "") -> set[str]:
     """Paths of the submodule slots of `spec` filled by the stand-in TE provider's markers."""
     found = set()
-    submodules = getattr(spec, "submodules", None)
+    submodules = _submodules(spec)
     if submodules is None:
         return found
     for field in dataclasses.fields(submodules):
@@ -45,9 +46,23 @@ def _te_slots(spec, prefix: str = "") -> set[str]:
         path = f"{prefix}{field.name}"
         if isinstance(value, type) and value.__name__.startswith("TEMarker"):
             found.add(path)
-        elif hasattr(value, "submodules"):
+        elif _submodules(value) is not None:
             found |= _te_slots(value, path + ".")
     return found
+
+
+def _submodules(spec):
+    """A spec's submodules: a ModuleSpec's field, or (Megatron-Core 0.19's MLP) the
+    `submodules` keyword of a functools.partial."""
+    if isinstance(spec, functools.partial):
+        return spec.keywords.get("submodules")
+    return getattr(spec, "submodules", None)
+
+
+def _with_submodules(spec, submodules):
+    if isinstance(spec, functools.partial):
+        return functools.partial(spec.func, *spec.args, **{**spec.keywords, "submodules": submodules})
+    return dataclasses.replace(spec, submodules=submodules)
 
 
 def test_te_spec_modules_are_these(monkeypatch):
@@ -86,9 +101,9 @@ def _with_te_extra_state(cls):
 def _replace_at(spec, path: list[str]):
     """`spec` with the class at `path` given TE's extra state."""
     head, *rest = path
-    value = getattr(spec.submodules, head)
+    value = getattr(_submodules(spec), head)
     value = _replace_at(value, rest) if rest else _with_te_extra_state(value)
-    return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, **{head: value}))
+    return _with_submodules(spec, dataclasses.replace(_submodules(spec), **{head: value}))
 
 
 def _te_stand_in_block_spec(config, impl):

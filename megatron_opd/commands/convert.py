@@ -63,8 +63,9 @@ def verify(hf_path: Path, megatron_path: Path, tp: int = 1, pp: int = 1, seq_len
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, source.model.vocab_size, (1, batch_size, seq_length + 1), generator=generator)
     captured = []
+    group = parallel_state.get_tensor_model_parallel_group()
     lm_forward_backward(model, tokens, forward_only=True, on_logits=lambda logits: captured.append(
-        gather_from_tensor_model_parallel_region(logits).detach().clone()))
+        gather_from_tensor_model_parallel_region(logits, group=group).detach().clone()))
     result = None
     if (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
             and parallel_state.get_data_parallel_rank() == 0):

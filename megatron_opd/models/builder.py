@@ -19,6 +19,18 @@ from megatron_opd.runtime.distributed import Runtime
 Role = Literal["student", "teacher"]
 
 
+def _no_cuda_graph_modules() -> dict:
+    """Megatron 0.16's `cuda_graph_scope` default ("full", the whole layer) warns on every
+    build that it is deprecated in favour of [] (same meaning); 0.19 renamed the field
+    `cuda_graph_modules`, whose default "full" warns the same, and warns when
+    `cuda_graph_scope` is set at all."""
+    fields = TransformerConfig.__dataclass_fields__
+    for name in ("cuda_graph_modules", "cuda_graph_scope"):
+        if name in fields:
+            return {name: []}
+    return {}
+
+
 def transformer_config(
     model: ModelConfig, runtime: Runtime, dtype: torch.dtype = torch.float32, initialize: bool = True,
     compute: ComputeConfig = ComputeConfig(),
@@ -58,9 +70,8 @@ def transformer_config(
         # On CPU, Megatron's CPU init draws the full master weight and splits it, so
         # weights do not depend on the TP size.
         use_cpu_initialization=runtime.is_cpu,
-        # Megatron 0.16's default ("full") means "the whole layer" and warns on every build
-        # that it is deprecated in favour of [] (same meaning); no CUDA graphs are used here.
-        **({"cuda_graph_scope": []} if "cuda_graph_scope" in TransformerConfig.__dataclass_fields__ else {}),
+        # No CUDA graphs here; the field's default warns on every build (see the function).
+        **_no_cuda_graph_modules(),
         attention_backend=AttnBackend[compute.attention_backend],
         **compute.megatron_fields(),
         **({} if initialize else {"init_method": _leave_uninitialized,

@@ -10,6 +10,7 @@ turns it off only for the duration of the forward call.
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -55,7 +56,10 @@ def head_input(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     output layer does with its input.
     """
     if unwrap(model).config.sequence_parallel:
-        return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True).transpose(0, 1)
+        return gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True,
+                                                    group=parallel_state.get_tensor_model_parallel_group()
+                                                    ).transpose(0, 1)
     # Transpose first: Megatron's backward all-reduce works in place on `.contiguous()` of
     # its gradient, so a non-contiguous gradient (a transpose's) would silently stay unreduced.
-    return copy_to_tensor_model_parallel_region(hidden.transpose(0, 1).contiguous())
+    return copy_to_tensor_model_parallel_region(hidden.transpose(0, 1).contiguous(),
+                                                group=parallel_state.get_tensor_model_parallel_group())

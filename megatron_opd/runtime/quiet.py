@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 import sys
 import warnings
 from typing import Optional
@@ -50,8 +51,43 @@ DIST_CHECKPOINTING_DEPRECATIONS = (
 _printed = False
 
 
+# Log records (logger -> message start) that every run printed on Megatron-Core 0.19 with
+# torch's CUDA build on a CPU machine, none about anything this project does or can change:
+# torch's note on compiling extensions (which we never do), Megatron's notice that GPTModel
+# (the model this project builds, still supported) is deprecated in favour of HybridModel,
+# once per model, and its notice about an async-save strategy we do not use.
+DROPPED_LOG_RECORDS = {
+    "torch.utils.cpp_extension": "No CUDA runtime is found",
+    "megatron.core.models.gpt.gpt_model": "GPTModel IS DEPRECATED",
+    "megatron.core.dist_checkpointing.strategies.torch": "MCore's async save is deprecated",
+}
+# Warnings of the same kind on 0.19: an experimental class imported with the package (we do
+# not use it), and torch's distributed-checkpoint notices when Megatron reads a checkpoint's
+# metadata outside a collective.
+MEGATRON_019_NOTICES = (
+    r"MimoModelConfig is experimental",
+    r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load",
+    r"The argument order of load has been changed",
+)
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
 def silence_optional_package_notices() -> None:
     """Ignore Megatron-Core's missing-optional-package warnings (idempotent)."""
+    for name, prefix in DROPPED_LOG_RECORDS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropRecords) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropRecords(prefix))
+    for message in MEGATRON_019_NOTICES:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
     for message in OPTIONAL_PACKAGE_NOTICES:
         # filterwarnings drops an identical filter before inserting, so calls do not pile up.
         warnings.filterwarnings("ignore", message=message, category=UserWarning, module=_MEGATRON_MODULES)
