@@ -44,16 +44,27 @@ def test_cuda_rng_functions_drive_the_cpu_generator(installed):
     assert torch.equal(torch.rand(4), first)
 
 
+def test_cuda_streams_are_a_completed_cpu_stream(installed):
+    """Megatron-Core 0.19's DDP orders its grad reduction on streams (current_stream().wait_event,
+    wait_stream); in CPU mode both streams are one stream on which everything has completed.
+    Without the stand-in a CPU build raises and a CUDA build initializes CUDA (in a forked rank: fails)."""
+    stream = torch.cuda.current_stream()
+    assert stream is torch.cuda.default_stream() and stream.device == torch.device("cpu")
+    event = object()
+    assert stream.wait_event(event) is None and stream.wait_stream(stream) is None
+    assert stream.record_event(event) is event and stream.query() is True
+
+
 def test_uninstall_restores_torch():
     import megatron.core.tensor_parallel.random as megatron_random
 
-    original = torch.cuda.current_device
+    original, stream = torch.cuda.current_device, torch.cuda.current_stream
     recompute = megatron_random.CheckpointFunction.__dict__["backward"]
     cpu_mode.install(force=True)
     assert megatron_random.CheckpointFunction.__dict__["backward"] is not recompute
     cpu_mode.install(force=True)  # idempotent
     cpu_mode.uninstall()
-    assert torch.cuda.current_device is original
+    assert torch.cuda.current_device is original and torch.cuda.current_stream is stream
     assert megatron_random.CheckpointFunction.__dict__["backward"] is recompute  # still a staticmethod
     assert torch.zeros(1).type() == "torch.FloatTensor"
     if torch.cuda.is_available():
