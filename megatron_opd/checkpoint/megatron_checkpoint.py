@@ -49,6 +49,7 @@ from megatron_opd.config.errors import UserError
 from megatron_opd.config.model import ModelConfig
 from megatron_opd.config.schema import from_dict, to_dict
 from megatron_opd.models.tp_layout import full_to_local, unwrap
+from megatron_opd.runtime.progress import byte_amount
 
 METADATA_FILE = "megatron_opd_model.json"
 DIST_DIR = "dist"
@@ -289,10 +290,7 @@ def _free_space(directory: Path) -> str:
         free = shutil.disk_usage(directory).free
     except OSError:
         return "unknown space"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if free >= size:
-            return f"{free / size:.1f} {unit}"
-    return f"{free} bytes"
+    return byte_amount(free)
 
 
 def _failures(error: BaseException) -> Iterator[BaseException]:

@@ -11,6 +11,14 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def byte_amount(size: int) -> str:
+    """`512 B`, `3.4 MiB`, `5.60 GiB`."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{size} B"
+
+
 def log(message: str) -> None:
     if is_rank_zero():
         print(message, file=sys.stderr, flush=True)

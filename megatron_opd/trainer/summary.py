@@ -37,14 +37,6 @@ def _amount(count: float) -> str:
     return str(int(count))
 
 
-def byte_amount(size: int) -> str:
-    """`512 B`, `3.4 MiB`, `5.60 GiB`."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size >= scale:
-            return f"{size / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
-    return f"{size} B"
-
-
 def model_line(role: str, path: object, family: str, parameters: int, dtype: torch.dtype) -> str:
     return f"{role}: {path} ({family}, {_amount(parameters)} parameters, {str(dtype).removeprefix('torch.')})"
 
@@ -78,4 +70,4 @@ def start_summary(config: JobConfig, runtime: Runtime, dtype: torch.dtype, model
     return lines
 
 
-__all__ = ["byte_amount", "count_parameters", "model_line", "start_summary"]
+__all__ = ["count_parameters", "model_line", "start_summary"]

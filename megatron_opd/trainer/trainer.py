@@ -47,6 +47,7 @@ from megatron_opd.rollout import RolloutEngine, build_rollout_engine, import_vll
 from megatron_opd.runtime import Runtime, initialize_runtime
 from megatron_opd.runtime.distributed import seed_everything
 from megatron_opd.runtime.precision import resolve_dtype
+from megatron_opd.runtime.progress import byte_amount
 from megatron_opd.runtime.seeds import step_seed
 from megatron_opd.teachers import LocalTeacher
 from megatron_opd.teachers.build import remote_teacher
@@ -58,7 +59,7 @@ from megatron_opd.trainer.checkpointing import (
 from megatron_opd.trainer.metrics import MetricsWriter, reduce_metrics
 from megatron_opd.trainer.optim import MIN_LOSS_SCALE, build_optimizer, resolve_distributed_optimizer, wrap_student
 from megatron_opd.trainer.resume_check import ResumePlan, plan_resume, run_identity
-from megatron_opd.trainer.summary import byte_amount, count_parameters, model_line, start_summary
+from megatron_opd.trainer.summary import count_parameters, model_line, start_summary
 
 
 class _Stopwatch:
