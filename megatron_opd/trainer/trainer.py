@@ -51,11 +51,7 @@ from megatron_opd.runtime.progress import byte_amount
 from megatron_opd.runtime.seeds import step_seed
 from megatron_opd.teachers import LocalTeacher
 from megatron_opd.teachers.build import remote_teacher
-from megatron_opd.trainer.checkpointing import (
-    latest_checkpoint,
-    load_training_checkpoint,
-    save_training_checkpoint,
-)
+from megatron_opd.trainer.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from megatron_opd.trainer.metrics import MetricsWriter, reduce_metrics
 from megatron_opd.trainer.optim import MIN_LOSS_SCALE, build_optimizer, resolve_distributed_optimizer, wrap_student
 from megatron_opd.trainer.resume_check import ResumePlan, plan_resume, run_identity
