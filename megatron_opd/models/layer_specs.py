@@ -18,6 +18,7 @@ from megatron.core.transformer.transformer_block import (
 
 from megatron_opd.config.compute import TransformerImpl
 from megatron_opd.models.norms import RMSNorm
+from megatron_opd.models.sdpa_attention import SDPAttention
 
 
 def has_transformer_engine() -> bool:
@@ -46,14 +47,15 @@ def resolve_transformer_impl(requested: TransformerImpl, device_type: str) -> st
 
 
 def local_block_spec(config: TransformerConfig) -> TransformerBlockSubmodules:
-    """Megatron's local layer spec with every norm (input, pre-MLP, Q/K, final) as our RMSNorm."""
+    """Megatron's local layer spec with every norm (input, pre-MLP, Q/K, final) as our RMSNorm
+    and its core attention through torch's fused kernel where that is exact (`SDPAttention`)."""
     layer = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
     attention = layer.submodules.self_attention
     qk_norm = RMSNorm if config.qk_layernorm else attention.submodules.q_layernorm
     attention = dataclasses.replace(
         attention,
         submodules=dataclasses.replace(
-            attention.submodules, q_layernorm=qk_norm, k_layernorm=qk_norm
+            attention.submodules, q_layernorm=qk_norm, k_layernorm=qk_norm, core_attention=SDPAttention
         ),
     )
     layer = dataclasses.replace(

@@ -1,0 +1,63 @@
+"""Core attention of the local layer spec through torch's `scaled_dot_product_attention`.
+
+Megatron-Core's local `DotProductAttention` computes attention as three unfused ops:
+scores `[b * np, sq, sk]` by `baddbmm`, a masked softmax, and `bmm` with the values, after
+repeating every key/value head for its query group. On CPU (where the local spec is the
+only one) that materializes the scores and their softmax in the forward and again in the
+backward; torch's fused kernel does neither and handles grouped-query attention itself.
+Measured (fp32, one thread, forward + backward): 2.5x faster at the quickstart's shapes
+([10, 64, 4 heads / 2 groups, 32]) and 2.9x at [512, 4, 14 / 2, 64], a Qwen2.5-0.5B layer.
+
+Only the case torch's kernel computes exactly as Megatron's does takes this path: causal
+self-attention without an explicit mask (or one query row against its KV cache), vanilla
+softmax, no sliding window, no attention bias or packed sequences, no dropout while
+training. Everything else is `DotProductAttention`'s own forward, unchanged; the weights,
+checkpoints and sharded state dict are its own.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+
+class SDPAttention(DotProductAttention):
+    """`DotProductAttention` with its common case through `F.scaled_dot_product_attention`.
+
+    query `[sq, b, np/tp, hn]`, key and value `[sk, b, ng/tp, hn]` -> context `[sq, b, np/tp * hn]`.
+    """
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
+                attention_bias: Optional[torch.Tensor] = None, packed_seq_params=None) -> torch.Tensor:
+        if not self._fused_applies(query, key, attention_mask, attention_bias, packed_seq_params):
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                   packed_seq_params)
+        sq, batch = query.shape[:2]
+        # As DotProductAttention's softmax: the default causal mask when sq > 1; a single query
+        # row (decoding against the KV cache) attends to every cached position.
+        causal = self.attn_mask_type == AttnMaskType.causal and sq > 1
+        scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
+        context = F.scaled_dot_product_attention(
+            query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
+            is_causal=causal, scale=scale,
+            enable_gqa=self.num_attention_heads_per_partition != self.num_query_groups_per_partition)
+        return context.permute(2, 0, 1, 3).reshape(sq, batch, self.hidden_size_per_partition)
+
+    def _fused_applies(self, query, key, attention_mask, attention_bias, packed_seq_params) -> bool:
+        scale_mask_softmax = self.scale_mask_softmax
+        return (attention_mask is None and attention_bias is None and packed_seq_params is None
+                and self.softmax_offset is None and scale_mask_softmax.window_size is None
+                and self.attn_mask_type in (AttnMaskType.causal, AttnMaskType.no_mask)
+                and (query.size(0) == key.size(0) or query.size(0) == 1)
+                and not (self.training and self.attention_dropout.p > 0)
+                # Megatron's half-precision softmax in the input dtype (attention_softmax_in_fp32
+                # off) rounds differently from torch's kernel, which accumulates in fp32.
+                and (query.dtype == torch.float32 or self.config.attention_softmax_in_fp32))
+
+
+__all__ = ["SDPAttention"]
