@@ -47,6 +47,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import bench_against_trl  # noqa: E402  (tools/, next to this file)
+
 PHASES = ("sampling_s", "teacher_s", "student_s", "optimizer_s")
 PRESETS = {
     # Qwen2.5-0.5B (24 layers, hidden 896, 14/2 heads, FFN 4864) from Qwen2.5-1.5B (28 layers,
@@ -67,7 +69,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--completion-len", type=int, default=32)
     parser.add_argument("--batch", type=int, default=16, help="global batch size (sequences per step)")
     parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per mode (per run with --against)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
@@ -80,7 +82,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-sampler", action="store_true", help="skip the sampler-alone measurement")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="real-model shapes (overrides the sizes)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--against", choices=["trl"],
+                        help="trl: the same GKD steps against TRL's own GKDTrainer, side by side in alternated "
+                             "one-thread subprocesses (tools/bench_against_trl.py; the quickstart's shapes "
+                             "unless --preset or sizes are given)")
+    bench_against_trl.add_arguments(parser)
     args = parser.parse_args()
+    if args.against and not args.preset:  # the quickstart's shapes, unless given on the command line
+        given = {arg.split("=")[0].lstrip("-").replace("-", "_") for arg in sys.argv[1:] if arg.startswith("--")}
+        for key, value in bench_against_trl.QUICKSTART_SHAPES.items():
+            if key not in given:
+                setattr(args, key, value)
     if args.preset:
         for key, value in PRESETS[args.preset].items():
             setattr(args, key, value)
@@ -200,6 +212,12 @@ def bench_sampler(args, trainer) -> dict:
 
 def main() -> None:
     args = parse_args()
+    if args.against == "trl":
+        results = bench_against_trl.run_comparison(args, write_inputs)
+        bench_against_trl.print_report(results["summary"])
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+        return
     os.environ.setdefault("MEGATRON_OPD_DEVICE", "cpu" if not torch.cuda.is_available() else "cuda")
     from megatron_opd.config import ParallelConfig
     from megatron_opd.runtime import initialize_runtime
