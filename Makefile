@@ -83,6 +83,7 @@ test-all: setup
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 quickstart: setup
+	$(VPY) -c "import matplotlib" 2>/dev/null || $(VPY) -m pip install --quiet -e ".[quickstart]"
 	PYTHON=$(VPY) bash examples/megatron/quickstart_cpu.sh
 
 # OPD-RL (pure distillation from the shipped teacher) and OPSD (self-distillation with the

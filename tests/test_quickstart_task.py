@@ -17,8 +17,16 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megatron_opd.models.hf_config import model_config_from_hf
-from megatron_opd.quickstart.task import (AdditionTask, answer, score, write_dataset, write_random_model,
-                                          write_tokenizer)
+from megatron_opd.quickstart.task import (
+    AdditionTask,
+    PermutationTask,
+    answer,
+    is_permutation,
+    score,
+    write_dataset,
+    write_random_model,
+    write_tokenizer,
+)
 
 TINY = dict(hidden_size=32, num_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
 
@@ -134,6 +142,59 @@ def test_score():
         score(prompts, ["432"])
     with pytest.raises(ValueError, match="at least one"):
         score([], [])
+
+
+# ---------------------------------------------------------------- permutation task
+
+
+def test_permutation_rows():
+    """Each completion orders the prompt's digits (checked with a Counter, not the task's own
+    check), lengths cover min..max, the splits never share a prompt, and the references of a
+    repeated prompt differ: one sample of many right answers."""
+    from collections import Counter
+
+    task = PermutationTask(min_digits=3, max_digits=5, seed=1)
+    train, val = task.rows(3000, "train"), task.rows(300, "val")
+    assert train == task.rows(3000, "train") and val == task.rows(300, "val")
+    for row in train + val:
+        digits = row["prompt"].removesuffix("=")
+        assert re.fullmatch(r"[0-9]{3,5}=", row["prompt"])
+        assert Counter(row["completion"]) == Counter(digits)
+    assert {len(row["completion"]) for row in train} == {3, 4, 5}
+    assert not {row["prompt"] for row in train} & {row["prompt"] for row in val}
+    assert sum(task.split_of(f"{n:04d}") == "val" for n in range(10000)) in range(800, 1200)  # ~1 in 10
+    references = {}
+    for row in train:
+        references.setdefault(row["prompt"], set()).add(row["completion"])
+    assert any(len(answers) > 1 for answers in references.values())
+
+
+def test_permutation_score():
+    task = PermutationTask()
+    prompts = ["3817=", "112=", "905="]
+    assert task.score(prompts, ["1783", "121", "509"]) == 1.0
+    assert task.score(prompts, ["3817<eos>99", " 211 ", "950<eos>"]) == 1.0
+    assert task.score(prompts, ["178", "1122", "905"]) == pytest.approx(1 / 3)  # a digit short; one too many
+    assert task.score(prompts, ["1784", "221", ""]) == 0.0
+    assert is_permutation("3817=", "7318") and not is_permutation("3817=", "73181")
+    with pytest.raises(ValueError, match="digits="):
+        is_permutation("1+2=", "3")
+    with pytest.raises(ValueError, match="same length"):
+        task.score(prompts, ["1"])
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(min_digits=0), "min_digits"), (dict(max_digits=2, min_digits=3), "max_digits"), (dict(seed=1.5), "seed"),
+])
+def test_permutation_task_validation(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        PermutationTask(**kwargs)
+
+
+def test_addition_task_score_is_the_module_score():
+    prompts = ["74+583=", "1+2="]
+    assert AdditionTask(little_endian=True).score(prompts, ["234", "3"]) == 1.0
+    assert AdditionTask().score(["47+385="], ["432"]) == 1.0 and AdditionTask().score(["47+385="], ["234"]) == 0.0
 
 
 # ---------------------------------------------------------------- tokenizer

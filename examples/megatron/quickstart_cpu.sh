@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# CPU quickstart: on-policy GKD on two gloo ranks at TP=2 (see megatron_opd/quickstart/run.py).
-# Trains a teacher on multi-digit addition, distills it into a smaller student with
-# lmbda=0.5 / beta=0.5 (configs/quickstart_cpu.yaml), trains the same student with plain
-# SFT as a baseline, and prints a table; metrics.json lands in $OUT.
-# Extra arguments go to the quickstart, e.g. `--teacher-iters 400 training.train_iters=100`.
+# CPU quickstart on two gloo ranks at TP=2 (see megatron_opd/quickstart/run.py): from one
+# warmed-up student, the same steps on the same 500 prompts of SFT, off-policy KD (lmbda 0),
+# on-policy GKD (lmbda 0.5, configs/quickstart_cpu.yaml) and prompts-only on-policy
+# distillation (lmbda 1) from the shipped teacher; a table, metrics.json with the curves and
+# quickstart.png (with matplotlib) land in $OUT.
+# Extra arguments go to the quickstart, e.g. `--arms sft,gkd training.train_iters=300`.
 # Runs from any directory, in it: OUT (default outputs/quickstart) is relative to where you run it.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)"

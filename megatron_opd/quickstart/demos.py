@@ -1,4 +1,4 @@
-"""CPU demos of OPD-RL and OPSD on the quickstart's addition task (`make demo-opd-rl`, `make demo-opsd`).
+"""CPU demos of OPD-RL and OPSD on the addition task (`make demo-opd-rl`, `make demo-opsd`).
 
     torchrun --nproc-per-node 2 -m megatron_opd.quickstart.demos --method opd_rl --out outputs/demo_opd_rl
 
@@ -37,6 +37,7 @@ from megatron_opd.quickstart.run import (
     SHIPPED_TEACHER,
     Stages,
     greedy_accuracy,
+    make_task,
     parse_args,
     prepare,
     read_rows,
@@ -51,6 +52,8 @@ METHODS = ("opd_rl", "opsd")
 # teacher mostly accepts (from the 400-step student, right 28% of the time, the teacher's
 # -20..-36 log-probs of its wrong digits drown the batch and the student gets worse).
 WARMUP_ITERS = {"opd_rl": 1200, "opsd": 400}
+# The demos' data: 20,000 addition rows (the quickstart's small prompt budget is its own point).
+DEMO_TRAIN_ROWS = 20000
 METRIC_KEYS = ("teacher_kl_before", "teacher_kl_after", "student_accuracy_before", "student_accuracy_after")
 
 
@@ -79,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     known, rest = parser.parse_known_args(argv)
     method = known.method
     args = parse_args(["--config", str(CONFIGS / f"demo_{method}_cpu.yaml"), *rest],
-                      student_warmup_iters=WARMUP_ITERS[method])
+                      student_warmup_iters=WARMUP_ITERS[method], task="addition", train_rows=DEMO_TRAIN_ROWS)
     out = args.out.resolve()
     opsd = method == "opsd"
     data = [f"data.dataset=[{out / 'data_opsd' / 'train.jsonl'}]",
@@ -114,7 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               sample=True)
         metrics[f"teacher_kl_{when}"] = kl.get("teacher_kl", float("nan"))
         metrics[f"student_accuracy_{when}"] = greedy_accuracy(trainer.model, trainer.tokenizer, trainer.vocab_size,
-                                                              val_rows, little_endian)
+                                                              val_rows, make_task(args))
         stages.say(f"{when}: teacher_kl {metrics[f'teacher_kl_{when}']:.4f}, "
                    f"accuracy {metrics[f'student_accuracy_{when}']:.3f}")
 

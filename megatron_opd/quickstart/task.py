@@ -1,11 +1,13 @@
-"""Multi-digit addition: the synthetic task of the CPU quickstart.
+"""The synthetic tasks of the CPU quickstart and demos: digit permutations and multi-digit addition.
 
-A row is `{"prompt": "47+385=", "completion": "432"}`: two non-negative operands and
-their sum, most significant digit first; or, with `little_endian` (the quickstart's
+`PermutationTask` (the quickstart's): any ordering of a prompt's digits is right, so a
+teacher's distribution carries more than a reference answer (see its docstring).
+`AdditionTask` (the demos'): a row is `{"prompt": "47+385=", "completion": "432"}`: two non-negative operands and
+their sum, most significant digit first; or, with `little_endian` (the demos'
 choice), every number written least significant digit first, `"74+583=" -> "234"`,
 the order in which the digits of a sum are computed, carry by carry: a tiny model
 learns that form several times faster (as reported for small transformers by Lee et al.,
-"Teaching Arithmetic to Small Transformers", 2023), which keeps the CPU quickstart short. The task is chosen
+"Teaching Arithmetic to Small Transformers", 2023), which keeps the CPU demos short. The task is chosen
 because a model that knows nothing gets it wrong, the right answer is checkable
 without a reference model (`answer`, `score`), and a tiny model on a character
 vocabulary of 15 tokens learns it in minutes on a CPU.
@@ -104,6 +106,82 @@ class AdditionTask:
                 rows.append({"prompt": f"{write(a)}+{write(b)}=", "completion": write(a + b)})
         return rows
 
+    def score(self, prompts: list[str], completions: list[str]) -> float:
+        """Exact-match accuracy of `completions` (module-level `score` in this task's digit order)."""
+        return score(prompts, completions, self.little_endian)
+
+
+@dataclass(frozen=True)
+class PermutationTask:
+    """Any ordering of a multiset of digits: `{"prompt": "3817=", "completion": "1783"}`.
+
+    A prompt is `min_digits`..`max_digits` random digits and '='; every permutation of
+    them is a right answer (`is_permutation`), and the reference completion is one
+    permutation drawn uniformly. A teacher that learned the task puts, at each answer
+    position, its probability on every digit not yet written (in proportion to how many
+    are left): the set of right next tokens, of which a reference string shows one. That
+    is the case distillation is for: the teacher's distribution says more than the data.
+    """
+
+    min_digits: int = 3
+    max_digits: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("min_digits", "max_digits"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"PermutationTask.{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.max_digits < self.min_digits:
+            raise ValueError(f"PermutationTask.max_digits ({self.max_digits}) must be >= min_digits "
+                             f"({self.min_digits})")
+        if not is_int(self.seed):
+            raise ValueError(f"PermutationTask.seed must be an integer, got {self.seed!r}")
+
+    def split_of(self, digits: str) -> str:
+        """'val' for about one prompt in `VAL_FRACTION_INVERSE`, else 'train' (a stable hash)."""
+        digest = hashlib.blake2b(f"permute/{self.seed}:{digits}".encode(), digest_size=8).digest()
+        return "val" if int.from_bytes(digest, "big") % VAL_FRACTION_INVERSE == 0 else "train"
+
+    def rows(self, count: int, split: str) -> list[dict[str, str]]:
+        """`count` rows of `split`, drawn with replacement, the same for the same task."""
+        if not is_int(count) or count < 0:
+            raise ValueError(f"count must be an integer >= 0, got {count!r}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        rng = random.Random(f"permute/{self.seed}/{split}")
+        rows: list[dict[str, str]] = []
+        attempts_left = 1000 + 100 * count
+        while len(rows) < count:
+            if attempts_left == 0:
+                raise ValueError(f"split {split!r} of {self} holds (almost) no prompts; raise max_digits")
+            attempts_left -= 1
+            digits = "".join(rng.choice("0123456789") for _ in range(rng.randint(self.min_digits, self.max_digits)))
+            if self.split_of(digits) == split:
+                rows.append({"prompt": f"{digits}=", "completion": "".join(rng.sample(digits, len(digits)))})
+        return rows
+
+    def score(self, prompts: list[str], completions: list[str]) -> float:
+        """Fraction of `completions` that are a permutation of their prompt's digits."""
+        return _fraction(prompts, completions, is_permutation)
+
+
+def is_permutation(prompt: str, completion: str) -> bool:
+    """Whether `completion` orders the digits of a 'digits=' prompt ('3817=', '1783' -> True)."""
+    if not isinstance(prompt, str) or re.fullmatch(r"[0-9]+=", prompt) is None:
+        raise ValueError(f"prompt must look like 'digits=', got {prompt!r}")
+    return sorted(completion) == sorted(prompt[:-1])
+
+
+def _fraction(prompts: list[str], completions: list[str], right) -> float:
+    """Fraction of completions (each cut at its first '<eos>' and stripped) `right` for their prompt."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"prompts and completions must have the same length, got {len(prompts)} and "
+                         f"{len(completions)}")
+    if not prompts:
+        raise ValueError("score needs at least one prompt; the accuracy of nothing is undefined")
+    return sum(bool(right(prompt, completion.split(EOS, 1)[0].strip()))
+               for prompt, completion in zip(prompts, completions)) / len(prompts)
+
 
 def _reversed(number: int) -> str:
     return str(number)[::-1]
@@ -127,17 +205,11 @@ def score(prompts: list[str], completions: list[str], little_endian: bool = Fals
     A completion counts up to its first '<eos>' (a decode that kept special tokens, or
     a model that went on after it), with surrounding whitespace removed.
     """
-    if len(prompts) != len(completions):
-        raise ValueError(f"prompts and completions must have the same length, got {len(prompts)} and "
-                         f"{len(completions)}")
-    if not prompts:
-        raise ValueError("score needs at least one prompt; the accuracy of nothing is undefined")
-    correct = sum(completion.split(EOS, 1)[0].strip() == answer(prompt, little_endian)
-                  for prompt, completion in zip(prompts, completions))
-    return correct / len(prompts)
+    return _fraction(prompts, completions, lambda prompt, completion: completion == answer(prompt, little_endian))
 
 
-def write_dataset(out_dir: PathLike, task: AdditionTask, train_rows: int, val_rows: int) -> dict[str, Path]:
+def write_dataset(out_dir: PathLike, task: AdditionTask | PermutationTask, train_rows: int,
+                  val_rows: int) -> dict[str, Path]:
     """`train.jsonl` and `val.jsonl` of `task` in `out_dir`; returns {'train': path, 'val': path}.
 
     Rows are prompt/completion strings, the form the data pipeline reads with
