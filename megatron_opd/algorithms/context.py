@@ -63,6 +63,8 @@ class StepContext:
         return self.local_examples(next(self.data_iterator), self.train_data, "train", repeat)
 
     def microbatches(self, examples: list[dict]) -> list[Microbatch]:
+        """`examples` as microbatches (fixed rows or a token budget: `pipeline.batching`); each
+        microbatch's `rows` say which examples it holds."""
         return make_microbatches(examples, self.pad_id, self.config)
 
     # ------------------------------------------------------------------ responses
@@ -107,13 +109,13 @@ class StepContext:
             engine.close()
         self.engines.clear()
 
-    def microbatch_token_values(self, per_example: list[list[float]]) -> list[torch.Tensor]:
-        """Per-example values of the response tokens -> `[N]` per microbatch (row-major over
-        the loss mask, as the losses flatten it), on the last stage's device."""
-        size = self.config.training.micro_batch_size
-        return [torch.tensor([value for row in per_example[start:start + size] for value in row],
+    def microbatch_token_values(self, per_example: list[list[float]], microbatches: list[Microbatch]
+                                ) -> list[torch.Tensor]:
+        """Per-example values of the response tokens -> `[N]` per microbatch (its rows in
+        order, row-major over the loss mask, as the losses flatten it), on the last stage's device."""
+        return [torch.tensor([value for row in batch.rows for value in per_example[row]],
                              dtype=torch.float32, device=self.runtime.device)
-                for start in range(0, len(per_example), size)]
+                for batch in microbatches]
 
     # ------------------------------------------------------------------ forward passes
 
@@ -123,7 +125,9 @@ class StepContext:
         if self.teacher is None:
             return None
         if any(example.get("teacher_prompt_ids") is not None for example in examples):
-            microbatches = self.microbatches([teacher_example(example) for example in examples])
+            # Other prompt lengths, the same rows in each microbatch: the teacher's answers align
+            microbatches = make_microbatches([teacher_example(example) for example in examples], self.pad_id,
+                                             self.config, rows=[batch.rows for batch in microbatches])
         return self.teacher.forward(microbatches, examples)
 
     def student_token_logprobs(self, microbatches: list[Microbatch]) -> Optional[list[torch.Tensor]]:

@@ -99,15 +99,16 @@ class GKD(Algorithm):
         examples = context.next_examples()
         source = response_source(self.lmbda, self.seq_kd, self.seed, iteration)
         sums: dict[str, float] = {}
-        rollout_logprobs = None
+        rollout_logprobs = rollout = None
         metrics = {"on_policy": float(source == "student"), "teacher_sampled": float(source == "teacher")}
         if source != "dataset":
             examples, rollout = context.sample_responses(examples, source, iteration)
             sums = {"sampled_tokens": rollout.num_tokens, "samples": len(rollout.completions)}
             metrics.update(rollout.extra)
-            if source == "student" and rollout.logprobs is not None:
-                rollout_logprobs = context.microbatch_token_values(rollout.logprobs)
-        return Responses(examples, context.microbatches(examples), source, sums, metrics, rollout_logprobs)
+        microbatches = context.microbatches(examples)
+        if source == "student" and rollout.logprobs is not None:
+            rollout_logprobs = context.microbatch_token_values(rollout.logprobs, microbatches)
+        return Responses(examples, microbatches, source, sums, metrics, rollout_logprobs)
 
     def microbatch_loss(self, responses: Responses) -> MicrobatchLoss:
         return functools.partial(self.loss, with_sft=responses.source != "student")

@@ -74,9 +74,10 @@ class OPDRL(Algorithm):
         base = group_advantages(rewards, self.group_size) if self.reward_functions else torch.zeros_like(rewards).float()
         sums = {"sampled_tokens": rollout.num_tokens, "samples": len(rollout.completions)}
         metrics.update(rollout.extra)
-        rollout_logprobs = (context.microbatch_token_values(rollout.logprobs) if rollout.logprobs is not None
-                            else None)
-        responses = Responses(examples, context.microbatches(examples), "student", sums, metrics, rollout_logprobs)
+        microbatches = context.microbatches(examples)
+        rollout_logprobs = (context.microbatch_token_values(rollout.logprobs, microbatches)
+                            if rollout.logprobs is not None else None)
+        responses = Responses(examples, microbatches, "student", sums, metrics, rollout_logprobs)
         return RolloutBatch(responses, base, rollout_logprobs=rollout_logprobs)
 
     def teacher_signal(self, context: StepContext, responses: Responses) -> Optional[list[RolloutTokens]]:
@@ -94,11 +95,10 @@ class OPDRL(Algorithm):
             return None
         device = context.runtime.device
         local_base = batch.base_advantages[[example["_position"] for example in examples]].to(device)
-        size = self.config.training.micro_batch_size
         tokens = []
         for index, microbatch in enumerate(microbatches):
             mask = microbatch.loss_mask.to(device)
-            rows = local_base[index * size:(index + 1) * size]
+            rows = local_base[list(microbatch.rows)]
             teacher_logprobs = None
             if teacher_outputs is not None:
                 teacher_logprobs = teacher_outputs[index].token_logprobs(

@@ -87,6 +87,10 @@ class TrainingConfig:
     train_iters: int = 1000
     micro_batch_size: int = 1
     global_batch_size: int = 8  # sequences per optimizer step, over all microbatches and DP ranks
+    # microbatches by a token budget: a step's rows on a DP rank sorted by length and grouped so
+    # that rows x padded length <= this (a longer row alone), each padded to its own longest row;
+    # micro_batch_size is then unused for splitting (null: micro_batch_size rows, one shape per step)
+    max_tokens_per_microbatch: Optional[int] = None
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     output_dir: str = "outputs/run"
     save_interval: int = 0  # dist-checkpoint every N steps (0: only at the end)
@@ -112,6 +116,10 @@ class TrainingConfig:
                   "an integer >= 1, or null to keep every checkpoint")
         check(self.global_batch_size % self.micro_batch_size == 0, "training.global_batch_size",
               self.global_batch_size, f"a multiple of training.micro_batch_size={self.micro_batch_size}")
+        if self.max_tokens_per_microbatch is not None:
+            check(self.max_tokens_per_microbatch >= 8, "training.max_tokens_per_microbatch",
+                  self.max_tokens_per_microbatch, "an integer >= 8 (a row is padded to a multiple of 8 tokens), "
+                  "or null (micro_batch_size rows per microbatch)")
 
     def num_microbatches(self, data_parallel_size: int) -> int:
         per_step = self.micro_batch_size * data_parallel_size
@@ -213,6 +221,12 @@ class JobConfig:
                   "null with teacher: self (the student is its own teacher)")
             check(not self.seq_kd, "seq_kd", self.seq_kd, "false with teacher: self")
         self._check_remote_teacher()
+        budget, parallel = self.training.max_tokens_per_microbatch, self.parallel
+        if budget is not None and parallel.sequence_parallel:
+            multiple = 8 * parallel.tensor_model_parallel_size
+            check(budget >= multiple, "training.max_tokens_per_microbatch", budget,
+                  f"an integer >= {multiple} with parallel.sequence_parallel (rows are padded to a multiple of "
+                  f"8 x parallel.tensor_model_parallel_size = {multiple} tokens)")
         if self.opsd_clip is not None:
             check(self.teacher == "self", "opsd_clip", self.opsd_clip, "null unless teacher: self")
             check(self.opsd_clip > 0, "opsd_clip", self.opsd_clip, "a number > 0, or null (off)")

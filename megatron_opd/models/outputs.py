@@ -20,22 +20,24 @@ from megatron_opd.models.tp_layout import unwrap
 
 
 def forward_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                          inference_context=None) -> torch.Tensor:
+                          inference_context=None, attention_mask=None) -> torch.Tensor:
     """Run this stage; on the last stage return the final hidden states instead of logits.
 
     `input_ids`, `position_ids` `[b, s]`. Returns `[s, b, H]` (`[s/tp, b, H]` under
     sequence parallelism), the tensor any stage sends to the next one.
     `inference_context`: Megatron's KV cache (`StaticInferenceContext`), for generation.
+    `attention_mask` `[b, 1, s, s]` (True: masked): e.g. packed sequences' block-diagonal mask;
+    None is causal.
     """
     gpt = unwrap(model)
     # Megatron asserts a logits gather in inference; with post_process off nothing is gathered.
     kwargs = {} if inference_context is None else {"inference_context": inference_context,
                                                    "runtime_gather_output": True}
     if not gpt.post_process:
-        return model(input_ids, position_ids, None, **kwargs)
+        return model(input_ids, position_ids, attention_mask, **kwargs)
     gpt.post_process = False
     try:
-        return model(input_ids, position_ids, None, **kwargs)
+        return model(input_ids, position_ids, attention_mask, **kwargs)
     finally:
         gpt.post_process = True
 

@@ -78,13 +78,12 @@ class TeacherCache:
 
     def forward(self, microbatches: list[Microbatch], examples: list[dict]) -> Optional[list[TeacherTopK]]:
         """Per microbatch on the last stage: the cached top-K of its rows' response tokens
-        (`examples` in microbatch order, each with its split and dataset row)."""
+        (`examples`: the step's rows, each with its split and dataset row, picked by `batch.rows`)."""
         if not parallel_state.is_pipeline_last_stage():
             return None
-        outputs, start = [], 0
+        outputs = []
         for batch in microbatches:
-            rows = examples[start:start + batch.tokens.shape[0]]
-            start += len(rows)
+            rows = [examples[row] for row in batch.rows]
             counts = batch.loss_mask.sum(dim=1).tolist()
             parts = [self._row(example, int(count)) for example, count in zip(rows, counts)]
             outputs.append(TeacherTopK(*(torch.cat(column).to(self.device) for column in zip(*parts))))

@@ -96,15 +96,16 @@ def cache_split(teacher, dataset, split: str, config: JobConfig, vocab_size: int
         outputs = teacher.forward(microbatches, examples)
         if outputs is None:
             continue
-        for index, (batch, output) in enumerate(zip(microbatches, outputs)):
+        spans: dict[int, tuple] = {}  # example -> its microbatch's answer, offset, count
+        for batch, output in zip(microbatches, outputs):
             answer = _topk(output, batch, k, vocab_size)
-            counts = batch.loss_mask.sum(dim=1).tolist()
             offset = 0
-            for local, count in enumerate(counts):
-                example = examples[index * micro + local]
-                if writer is not None and "_row" in example:
-                    writer.add(example["_row"], example["input_ids"], answer, offset, int(count))
+            for row, count in zip(batch.rows, batch.loss_mask.sum(dim=1).tolist()):
+                spans[row] = (answer, offset, int(count))
                 offset += int(count)
+        for row, example in enumerate(examples):  # in dataset order (a token budget regroups rows)
+            if writer is not None and "_row" in example:
+                writer.add(example["_row"], example["input_ids"], *spans[row])
         if writes:
             done = min(total, start + batch_size)
             print(f"cache-teacher {split}: {done}/{total} rows, {done / max(time.monotonic() - started, 1e-9):.1f} "

@@ -35,7 +35,8 @@ from megatron_opd.trainer.checkpointing import latest_checkpoint, read_training_
 
 # Fields (or whole sections) a resume applies; a prefix covers a section.
 APPLIED = (
-    "training.train_iters", "training.micro_batch_size", "training.precision", "training.save_interval",
+    "training.train_iters", "training.micro_batch_size", "training.max_tokens_per_microbatch",
+    "training.precision", "training.save_interval",
     "training.save_total_limit", "training.log_interval", "training.eval_interval", "training.eval_iters",
     "training.tensorboard", "training.export_hf", "training.resume_allow_changes",
     "optimizer.lr", "optimizer.min_lr", "optimizer.lr_warmup_iters", "optimizer.lr_decay_style",

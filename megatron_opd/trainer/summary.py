@@ -55,11 +55,12 @@ def start_summary(config: JobConfig, runtime: Runtime, dtype: torch.dtype, model
         lines.append(f"teacher: cache {config.teacher_cache}")
     elif config.teacher == "self":
         lines.append("teacher: the student itself, fed each row's teacher_prompt (OPSD)")
-    microbatches = training.num_microbatches(data_parallel)
+    microbatches = (f"{training.num_microbatches(data_parallel)} microbatch(es) of {training.micro_batch_size} "
+                    "per DP rank" if training.max_tokens_per_microbatch is None else
+                    f"microbatches of at most {training.max_tokens_per_microbatch:,} padded tokens (rows by length)")
     data = f"data: {train_rows:,} train rows" + (f", {val_rows:,} val rows" if val_rows is not None else "")
     lines.append(f"{data}; {training.global_batch_size} sequences per step (at most "
-                 f"{training.global_batch_size * config.data.max_length:,} tokens), {microbatches} microbatch(es) "
-                 f"of {training.micro_batch_size} per DP rank")
+                 f"{training.global_batch_size * config.data.max_length:,} tokens), {microbatches}")
     start = f"resumed from {resumed_from} at iteration {iteration}" if resumed_from else "from iteration 0"
     lines.append(f"schedule: {training.train_iters:,} steps, lr {optimizer.lr:g} ({optimizer.lr_decay_style}, "
                  f"{optimizer.lr_warmup_iters} warmup), {start}")
