@@ -61,15 +61,15 @@ def quickstart_lengths(rows: int) -> list[int]:
             for row in rows_read]
 
 
-def padding(lengths: list[int], batch: int, micro_batch_size: int, budget) -> dict:
+def padding(lengths: list[int], batch: int, micro_batch_size: int, budget, multiple: int) -> dict:
     """Padding fraction and microbatches per step over consecutive steps of `batch` rows."""
     total = real = microbatches = 0
     for start in range(0, len(lengths) - batch + 1, batch):
         step = lengths[start:start + batch]
-        groups = plan_microbatches(step, 8, micro_batch_size, budget)
-        longest = max(padded_length(length, 8) for length in step)
+        groups = plan_microbatches(step, multiple, micro_batch_size, budget)
+        longest = max(padded_length(length, multiple) for length in step)
         for group in groups:
-            width = longest if budget is None else max(padded_length(step[row], 8) for row in group)
+            width = longest if budget is None else max(padded_length(step[row], multiple) for row in group)
             total += len(group) * (width + 1)
             real += sum(step[row] for row in group)
         microbatches += len(groups)
@@ -84,9 +84,9 @@ def padding_tables(args) -> dict:
              "lognormal_50_2048": (lognormal_lengths(4096, seed=0), args.batch, args.micro_batch,
                                    [2048, 4096, 8192])}
     for name, (lengths, batch, micro, budgets) in cases.items():
-        rows = {f"fixed {micro} rows": padding(lengths, batch, micro, None)}
+        rows = {f"fixed {micro} rows": padding(lengths, batch, micro, None, args.pad_multiple)}
         for budget in budgets:
-            rows[f"budget {budget}"] = padding(lengths, batch, micro, budget)
+            rows[f"budget {budget}"] = padding(lengths, batch, micro, budget, args.pad_multiple)
         tables[name] = {"batch": batch, "mean_length": statistics.mean(lengths),
                         "median_length": statistics.median(lengths), "rows": rows}
     return tables
@@ -182,6 +182,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--quickstart-rows", type=int, default=4096)
     parser.add_argument("--no-step", action="store_true", help="padding tables only")
+    parser.add_argument("--pad-multiple", type=int, default=8,
+                        help="padding tables: lengths rounded up to this (8: CUDA; 1: CPU, where the trainer pads "
+                             "only to TP under sequence parallelism)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)

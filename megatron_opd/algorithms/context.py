@@ -65,7 +65,7 @@ class StepContext:
     def microbatches(self, examples: list[dict]) -> list[Microbatch]:
         """`examples` as microbatches (fixed rows or a token budget: `pipeline.batching`); each
         microbatch's `rows` say which examples it holds."""
-        return make_microbatches(examples, self.pad_id, self.config)
+        return make_microbatches(examples, self.pad_id, self.config, self.runtime.device.type)
 
     # ------------------------------------------------------------------ responses
 
@@ -127,7 +127,8 @@ class StepContext:
         if any(example.get("teacher_prompt_ids") is not None for example in examples):
             # Other prompt lengths, the same rows in each microbatch: the teacher's answers align
             microbatches = make_microbatches([teacher_example(example) for example in examples], self.pad_id,
-                                             self.config, rows=[batch.rows for batch in microbatches])
+                                             self.config, self.runtime.device.type,
+                                             rows=[batch.rows for batch in microbatches])
         return self.teacher.forward(microbatches, examples)
 
     def student_token_logprobs(self, microbatches: list[Microbatch]) -> Optional[list[torch.Tensor]]:

@@ -76,7 +76,7 @@ def write_cache(config: JobConfig, out: Path, force: bool) -> dict:
             dataset = tokenized_split(config.data, models.tokenizer, split, runtime)
             dataset = dataset.select_columns(list(OUTPUT_COLUMNS))
             metadata["splits"][split] = cache_split(teacher, dataset, split, config, models.vocab_size, pad_id,
-                                                    staging, writes)
+                                                    staging, writes, runtime.device.type)
         if writes:
             (staging / METADATA).write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata

@@ -25,10 +25,14 @@ from megatron_opd.data import collate
 from megatron_opd.pipeline.schedule import Microbatch
 
 
-def pad_multiple(config: JobConfig) -> int:
-    """What a microbatch's input length s is a multiple of: 8, times TP under sequence parallelism."""
+def pad_multiple(config: JobConfig, device_type: str) -> int:
+    """What a microbatch's input length s is a multiple of: TP under sequence parallelism (the
+    sequence is split over the TP ranks), times 8 on CUDA (tensor-core-aligned shapes). On CPU
+    there is nothing to align to and padding is pure cost: the quickstart's rows of about 10
+    tokens padded to 16 made every step 1.5x the work."""
     parallel = config.parallel
-    return 8 * (parallel.tensor_model_parallel_size if parallel.sequence_parallel else 1)
+    return (8 if device_type == "cuda" else 1) * (parallel.tensor_model_parallel_size
+                                                  if parallel.sequence_parallel else 1)
 
 
 def padded_length(length: int, multiple: int) -> int:
@@ -61,17 +65,17 @@ def plan_microbatches(lengths: Sequence[int], multiple: int, micro_batch_size: i
     return [tuple(group) for group in groups]
 
 
-def make_microbatches(examples: list[dict], pad_id: int, config: JobConfig,
+def make_microbatches(examples: list[dict], pad_id: int, config: JobConfig, device_type: str,
                       rows: Optional[Sequence[Sequence[int]]] = None) -> list[Microbatch]:
     """`examples` as microbatches (`plan_microbatches` with `training.micro_batch_size` and
     `training.max_tokens_per_microbatch`), or grouped as `rows` (the grouping of another view
     of the same examples, e.g. the teacher's prompts under OPSD).
 
     Fixed rows pad every microbatch to the step's longest example (today's one shape per step);
-    a token budget pads each to its own longest row. Lengths are multiples of 8, and of TP
-    under sequence parallelism.
+    a token budget pads each to its own longest row. Lengths are multiples of
+    `pad_multiple(config, device_type)`.
     """
-    training, multiple = config.training, pad_multiple(config)
+    training, multiple = config.training, pad_multiple(config, device_type)
     budget = training.max_tokens_per_microbatch
     if rows is None:
         rows = plan_microbatches([len(example["input_ids"]) for example in examples], multiple,

@@ -81,8 +81,9 @@ class _SplitWriter:
 
 
 def cache_split(teacher, dataset, split: str, config: JobConfig, vocab_size: int, pad_id: int,
-                staging: Path, writes: bool) -> int:
-    """Run the teacher over `dataset` in order, global batch by global batch; rows written."""
+                staging: Path, writes: bool, device_type: str) -> int:
+    """Run the teacher over `dataset` in order, global batch by global batch; rows written.
+    `device_type`: the run's device ('cuda' or 'cpu'), which sets the microbatches' padding."""
     k = config.gkd_logits_topk
     batch_size, micro = config.training.global_batch_size, config.training.micro_batch_size
     writer = _SplitWriter(staging, split) if writes else None
@@ -92,7 +93,7 @@ def cache_split(teacher, dataset, split: str, config: JobConfig, vocab_size: int
         real = len(examples)
         # Megatron's schedule needs equal microbatches: fill the last one with empty rows.
         examples += [{"input_ids": [pad_id, pad_id], "loss_mask": [0, 0], "prompt_length": 2}] * (-real % micro)
-        microbatches = make_microbatches(examples, pad_id, config)
+        microbatches = make_microbatches(examples, pad_id, config, device_type)
         outputs = teacher.forward(microbatches, examples)
         if outputs is None:
             continue
