@@ -132,3 +132,38 @@ def test_fused_sparse_equals_unfused_and_the_local_topk_path(tp):
                 torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(server_style, local, rtol=1e-6, atol=1e-9)  # fp32 log-probs, as served
     assert ranks[0][0][0][0] > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_forward_kl_gradient_from_the_forward_pass(dtype):
+    """Forward KL without TP computes the head's gradient during the forward pass (as Liger does) and the
+    backward only scales it when every token has the same upstream gradient ("mean", "sum"); other
+    upstream gradients ("none" with weights) and a second backward recompute it. All three against
+    float64 autograd through h @ W.T and the dense formula (tests/divergence_reference.py)."""
+    from tests import divergence_reference as ref
+
+    student_hidden, student_weight, teacher_hidden, teacher_weight, mask = tensors(dtype)
+    weights = torch.rand(N, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * mask
+    kwargs = dict(beta=0.0, temperature=1.3, vocab_size=VOCAB - 3)
+    tolerance = dict(rtol=1e-9, atol=1e-11) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+
+    def reference(weighting):
+        leaves = [student_hidden.double().clone().requires_grad_(), student_weight.double().clone().requires_grad_()]
+        per_token = ref.dense_divergence(leaves[0] @ leaves[1].T, teacher_hidden.double() @ teacher_weight.double().T,
+                                         **kwargs)
+        (per_token * weighting).sum().backward()
+        return [leaf.grad for leaf in leaves]
+
+    for reduction, weighting in (("mean", mask.double() / mask.sum()), ("sum", mask.double()), ("none", weights)):
+        leaves = [student_hidden.clone().requires_grad_(), student_weight.clone().requires_grad_()]
+        loss = fused_linear_divergence(*leaves, teacher_hidden, teacher_weight, mask=mask, reduction=reduction,
+                                       chunk_size=5, **kwargs)
+        loss = (loss.double() * weights).sum() if reduction == "none" else loss
+        loss.backward(retain_graph=True)
+        first = [leaf.grad.clone() for leaf in leaves]
+        for leaf in leaves:
+            leaf.grad = None
+        loss.backward()  # the unit gradients were consumed: this one recomputes
+        for got, again, want in zip(first, [leaf.grad for leaf in leaves], reference(weighting)):
+            assert torch.allclose(got.double(), want, **tolerance), (reduction, (got.double() - want).abs().max())
+            assert torch.allclose(again.double(), want, **tolerance), (reduction, "second backward")

@@ -247,6 +247,45 @@ def test_chunk_size_does_not_change_the_result(chunk_size):
                 f"chunk_size={chunk_size} topk={topk}")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+def test_masked_rows_with_reused_chunk_buffers(chunk_size, threads):
+    """The full-vocab kernel gathers masked rows into buffers reused chunk after chunk and writes each
+    row's gradient once (no zero-fill for unmasked calls): a stale buffer row, a row written to the
+    wrong place or a missing zero at an unselected token shows here. Whole masked-out rows (the first
+    of each sequence), -inf logits, vocab padding, T != 1; float64 reference. With 2 intra-op threads
+    the chunks run on two workers, each with its own buffers."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_masked_rows(chunk_size)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _check_masked_rows(chunk_size):
+    shape, vocab = (3, 7), 40
+    student, teacher = randn((*shape, vocab), 81), randn((*shape, vocab), 82, 3.0)
+    dead = torch.rand(*shape, vocab, generator=torch.Generator().manual_seed(83)) < 0.1
+    student[dead] = teacher[dead] = float("-inf")  # both rule these out (the reference's KL is finite)
+    mask = random_mask(shape, 84)
+    mask[:, 0] = False
+    weights = randn(shape, 85, 1.0)
+    failures = []
+    for beta in (0.0, 0.5, 1.0):
+        for temperature, vocab_size in ((1.0, None), (0.7, vocab - 5)):
+            kwargs = dict(beta=beta, temperature=temperature, vocab_size=vocab_size)
+            what = f"chunk_size={chunk_size} beta={beta} T={temperature} vocab_size={vocab_size}"
+            try:
+                got = evaluate(dense_call(teacher, mask, chunk_size=chunk_size, **kwargs), student, weights)
+                compare(got, dense_reference(student, teacher, mask, weights, **kwargs), what, temperature)
+                assert (got["grad_none"][~mask] == 0).all(), f"{what}: masked tokens got a gradient"
+                assert (got["none"][~mask] == 0).all(), f"{what}: masked tokens got a value"
+            except AssertionError as error:
+                failures.append(str(error).splitlines()[0])
+    assert not failures, f"{len(failures)} of 6 cases fail:\n" + "\n".join(failures)
+
+
 def test_teacher_gets_no_gradient():
     student = randn((4, 16), 31).requires_grad_(True)
     teacher = randn((4, 16), 32).requires_grad_(True)

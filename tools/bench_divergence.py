@@ -15,6 +15,17 @@ TP group. A case that runs out of memory is reported as "OOM". Prints a table wi
 ratios and writes JSON.
 
     python tools/bench_divergence.py --shapes 1024x151936 --tp 1,2 --beta 0.5
+
+Side by side (`--side-by-side`, TP=1, one process): the eager formula in the input dtype
+(as TRL runs it: bf16 stays bf16), the kernel, and optionally an earlier version of
+divergence.py (`--baseline FILE`), alternated round by round; medians and ratios. Cases
+include a token mask (`--mask 0.5`: half the tokens count; eager computes every token and
+drops the others, as TRL does with labels == -100) and small inputs (`--shapes 256x32000`
+is TRL's [4, 64, 32000]). `--memory` instead measures one forward + backward per case in a
+fresh process with glibc's default allocator settings: extra peak RSS and heap growth.
+
+    python tools/bench_divergence.py --side-by-side --shapes 256x32000,4096x32768 --dtypes fp32,bf16
+    python tools/bench_divergence.py --side-by-side --memory --shapes 1024x151936 --mask 0,0.5
 """
 
 from __future__ import annotations
@@ -282,6 +293,139 @@ def print_table(results: list[dict]) -> None:
                   f"{traffic}")
 
 
+# ---------------------------------------------------------------- side by side, TP=1
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _load_baseline(path: str):
+    """An earlier divergence.py (e.g. `git show HEAD:megatron_opd/ops/divergence.py > old.py`), imported
+    under its own name beside the current package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("baseline_divergence", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _side_inputs(tokens: int, vocab: int, dtype: torch.dtype, mask_fraction: float):
+    generator = torch.Generator().manual_seed(0)
+    student = (torch.randn(tokens, vocab, generator=generator) * 2).to(dtype).requires_grad_()
+    teacher = (torch.randn(tokens, vocab, generator=generator) * 3).to(dtype)
+    mask = None
+    if mask_fraction:
+        mask = torch.rand(tokens, generator=generator) < mask_fraction
+    return student, teacher, mask
+
+
+def _side_step(impl: str, student, teacher, mask, beta: float, baseline) -> float:
+    student.grad = None
+    if impl == "eager":  # TRL: every token, then the masked ones dropped
+        if mask is None:
+            loss = eager_divergence(student, teacher, beta)
+        else:
+            loss = _eager_per_token(student, teacher, beta)[mask].mean()
+    else:
+        from megatron_opd.ops import vocab_parallel_divergence
+
+        function = baseline.vocab_parallel_divergence if impl == "baseline" else vocab_parallel_divergence
+        loss = function(student, teacher, beta=beta, mask=mask)
+    loss.backward()
+    return loss.item()
+
+
+def _eager_per_token(student_logits, teacher_logits, beta: float):
+    """`eager_divergence` per token `[N]`."""
+    student_logp = F.log_softmax(student_logits, dim=-1)
+    teacher_logp = F.log_softmax(teacher_logits, dim=-1)
+    if beta == 0:
+        return F.kl_div(student_logp, teacher_logp, reduction="none", log_target=True).sum(-1)
+    if beta == 1:
+        return F.kl_div(teacher_logp, student_logp, reduction="none", log_target=True).sum(-1)
+    beta_t = torch.tensor(beta, dtype=student_logp.dtype)
+    mixture = torch.logsumexp(torch.stack([student_logp + torch.log(1 - beta_t),
+                                           teacher_logp + torch.log(beta_t)]), dim=0)
+    return (beta_t * F.kl_div(mixture, teacher_logp, reduction="none", log_target=True)
+            + (1 - beta_t) * F.kl_div(mixture, student_logp, reduction="none", log_target=True)).sum(-1)
+
+
+def side_by_side_times(case: dict, impls: list[str], rounds: int, baseline_path) -> dict:
+    """Median wall and CPU ms per implementation, alternated round by round on the same inputs (CPU
+    time is the steadier measure on a loaded machine)."""
+    baseline = _load_baseline(baseline_path) if baseline_path else None
+    student, teacher, mask = _side_inputs(case["tokens"], case["vocab"], DTYPES[case["dtype"]], case["mask"])
+    times = {impl: [] for impl in impls}
+    cpu_times = {impl: [] for impl in impls}
+    for impl in impls:  # warm-up
+        _side_step(impl, student, teacher, mask, case["beta"], baseline)
+    for _ in range(rounds):
+        for impl in impls:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            _side_step(impl, student, teacher, mask, case["beta"], baseline)
+            times[impl].append(time.perf_counter() - start)
+            cpu_times[impl].append(time.process_time() - cpu_start)
+    return ({impl: 1000 * statistics.median(values) for impl, values in times.items()},
+            {impl: 1000 * statistics.median(values) for impl, values in cpu_times.items()})
+
+
+def side_by_side_memory(case: dict, baseline_path) -> dict:
+    """One forward + backward of case["impl"] in this (fresh) process, glibc defaults: extra peak
+    RSS over the inputs, and how much the heap (brk) grew, in MiB."""
+    import ctypes
+
+    import megatron_opd.ops  # noqa: F401  (imported before the baseline RSS: code is not the step's memory)
+
+    baseline = _load_baseline(baseline_path) if baseline_path else None
+    student, teacher, mask = _side_inputs(case["tokens"], case["vocab"], DTYPES[case["dtype"]], case["mask"])
+    libc = ctypes.CDLL("libc.so.6")
+    libc.sbrk.restype = ctypes.c_void_p
+    heap_start = libc.sbrk(0)
+    baseline_kib = _status_kib("VmRSS")
+    _reset_peak()
+    _side_step(case["impl"], student, teacher, mask, case["beta"], baseline)
+    return {"extra_peak_mib": (_status_kib("VmHWM") - baseline_kib) / 1024,
+            "heap_growth_mib": (libc.sbrk(0) - heap_start) / 2**20,
+            "fp32_shard_mib": case["tokens"] * case["vocab"] * 4 / 2**20}
+
+
+def _in_fresh_process(function, *args):
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
+def side_by_side(args) -> list[dict]:
+    impls = ["eager", "kernel"] + (["baseline"] if args.baseline else [])
+    results = []
+    for shape in args.shapes.split(","):
+        tokens, vocab = (int(x) for x in shape.lower().split("x"))
+        for dtype in args.dtypes.split(","):
+            for mask in (float(x) for x in args.mask.split(",")):
+                for beta in (float(x) for x in args.beta.split(",")):
+                    case = dict(tokens=tokens, vocab=vocab, dtype=dtype, mask=mask, beta=beta)
+                    if args.memory:
+                        for impl in impls:
+                            result = {**case, "impl": impl,
+                                      **_in_fresh_process(side_by_side_memory, {**case, "impl": impl}, args.baseline)}
+                            print(f"N={tokens} V={vocab} {dtype} mask={mask} beta={beta} {impl:8}: extra peak "
+                                  f"{result['extra_peak_mib']:8.1f} MiB "
+                                  f"({result['extra_peak_mib'] / result['fp32_shard_mib']:.2f}x fp32 [N, V]), heap "
+                                  f"+{result['heap_growth_mib']:.1f} MiB", flush=True)
+                            results.append(result)
+                        continue
+                    ms, cpu_ms = side_by_side_times(case, impls, args.repeats, args.baseline)
+                    line = " ".join(f"{impl} {ms[impl]:7.1f} ms ({cpu_ms[impl]:7.1f} CPU)" for impl in impls)
+                    ratios = ", ".join(f"{impl}/kernel {ms[impl] / ms['kernel']:.2f}x "
+                                       f"({cpu_ms[impl] / cpu_ms['kernel']:.2f}x CPU)" for impl in impls
+                                       if impl != "kernel")
+                    print(f"N={tokens} V={vocab} {dtype} mask={mask} beta={beta} threads={torch.get_num_threads()}: "
+                          f"{line}  ({ratios})", flush=True)
+                    results.append({**case, "threads": torch.get_num_threads(), "ms": ms, "cpu_ms": cpu_ms})
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated NxV")
@@ -292,9 +436,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per case")
     parser.add_argument("--out", default="bench_divergence.json")
+    parser.add_argument("--side-by-side", action="store_true", help="TP=1, implementations alternated in one run")
+    parser.add_argument("--dtypes", default="fp32", help="side by side: comma-separated, of fp32,bf16")
+    parser.add_argument("--mask", default="0", help="side by side: fractions of tokens that count (0: no mask)")
+    parser.add_argument("--baseline", help="side by side: an earlier divergence.py to compare against")
+    parser.add_argument("--memory", action="store_true", help="side by side: peak RSS and heap growth per case")
     args = parser.parse_args()
     if args.repeats < 3:
         parser.error("--repeats must be >= 3 (the median of at least three timed runs)")
+    if args.side_by_side:
+        results = side_by_side(args)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.out}")
+        return
     cases = []
     for shape in args.shapes.split(","):
         tokens, vocab = (int(x) for x in shape.lower().split("x"))

@@ -35,11 +35,14 @@ also the entry point for a teacher server's top-K logprobs). Normalizations:
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
+import threading
 from typing import Literal, Optional
 
 import torch
+import torch.distributed as dist
 
 from megatron_opd.ops.logits_source import DenseLogits, LinearLogits
 from megatron_opd.ops.token_logprobs import ShardedLogProbsAt
@@ -52,10 +55,7 @@ from megatron_opd.ops.vocab_parallel import (
     combine_logsumexp,
     compute_dtype,
     flatten_tokens,
-    local_max_and_sumexp,
-    log_softmax_with,
     row_chunks,
-    tempered,
     vocab_shard,
 )
 
@@ -134,34 +134,147 @@ def _sum_of_student_logp_grad(divergence: torch.Tensor, kl_terms: torch.Tensor, 
 
 # ------------------------------------------------------------------------- full vocab
 
+# fp32 elements per chunk buffer (1 MiB): the three buffers of a KL chunk stay in a core's
+# L2 cache (4 MiB here) while a dozen elementwise passes run over them. At least one row.
+CHUNK_ELEMENTS = 1 << 18
+
+
+# fp32 elements per logits block of the fused LM-head path (32 MiB; 256 rows at V/tp = 32k,
+# 64 at 152k): the head is read once per block, by four matmuls.
+LINEAR_BLOCK_ELEMENTS = 1 << 23
+
+
+class _ChunkBuffers:
+    """`count` compute-dtype buffers `[rows, V/tp]`, allocated once per call and reused by every
+    chunk: no chunk-sized allocation per chunk (a masked call's row gathers used to grow the heap
+    by ~1.4 GB at N=1024, V=152k), and the working set stays cache-sized."""
+
+    def __init__(self, count: int, rows: int, shard: VocabShard, dtype: torch.dtype, device):
+        self.buffers = [torch.empty(rows, shard.local_vocab, dtype=dtype, device=device) for _ in range(count)]
+
+    def take(self, rows: int) -> list[torch.Tensor]:
+        return [buffer[:rows] for buffer in self.buffers]
+
+
+def _each_chunk(chunks, body, count: int, step: int, shard: VocabShard, dtype, device, parallel: bool) -> None:
+    """`body(out, src, buffers)` for every chunk, `buffers` `count` x `[rows, V/tp]`.
+
+    With several intra-op threads and `parallel` (bodies that write disjoint rows only), the
+    chunks are shared out among as many workers, each running its ops on one thread: a dozen
+    small ops per chunk, each its own OpenMP region ending in a barrier, made the kernel 10-25x
+    slower with 2 threads on a loaded 2-core machine (a thread spinning at every barrier for a
+    descheduled peer); workers that take the next chunk when done wait only once, at the end.
+    Every op is then single-threaded, so results do not depend on the thread count.
+    """
+    threads = torch.get_num_threads()
+    if not parallel or threads == 1 or len(chunks) < 2:
+        buffers = _ChunkBuffers(count, step, shard, dtype, device)
+        for out, src in chunks:
+            body(out, src, buffers.take(out.stop - out.start))
+        return
+    queue = iter(chunks)
+    lock = threading.Lock()
+
+    def worker() -> None:
+        torch.set_num_threads(1)  # this thread's OpenMP setting
+        buffers = _ChunkBuffers(count, step, shard, dtype, device)
+        while True:
+            with lock:
+                item = next(queue, None)
+            if item is None:
+                return
+            out, src = item
+            with torch.no_grad():  # grad mode is per thread; autograd.Function bodies run without it
+                body(out, src, buffers.take(out.stop - out.start))
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            for future in [pool.submit(worker) for _ in range(threads)]:
+                future.result()
+    finally:
+        torch.set_num_threads(threads)  # the workers changed the process-wide default
+
+
+def _read_tempered(source, src, shard: VocabShard, tau: float, out: torch.Tensor) -> torch.Tensor:
+    """`tempered(source.chunk(src))` written into `out` `[rows, V/tp]`: logits / tau in the compute
+    dtype, -inf and padding ids at NEG_INF (same values as `vocab_parallel.tempered`)."""
+    if tau == 1.0 and isinstance(source, DenseLogits) and isinstance(src, slice) and source.dtype == out.dtype:
+        torch.clamp(source.logits[src], min=NEG_INF, out=out)  # one pass: read, convert, clamp
+    else:
+        source.read_chunk(src, out)
+        if tau != 1.0:
+            out.div_(tau)
+        out.clamp_(min=NEG_INF)
+    if shard.valid_local < shard.local_vocab:
+        out[:, shard.valid_local:] = NEG_INF
+    return out
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_v a_v b_v per row, `[rows, v]` x2 -> `[rows]`; overwrites `b` (einsum's batched matmul is
+    ten times slower here)."""
+    return b.mul_(a).sum(dim=-1)
+
+
+def _rows_apart(*sources) -> bool:
+    """Whether chunks may run concurrently: dense logits (a chunk reads and writes its own rows); an LM
+    head's weight gradient is one sum over all chunks, and its matmuls use the threads themselves."""
+    return all(isinstance(source, DenseLogits) for source in sources)
+
+
+def _chunk_rows(chunk_size: Optional[int], source, shard: VocabShard) -> int:
+    if chunk_size is not None:
+        return chunk_size
+    if isinstance(source, LinearLogits):
+        # The LM head is re-read for every block: thin blocks make the matmuls bandwidth-bound.
+        return max(source.chunk_rows, LINEAR_BLOCK_ELEMENTS // max(1, shard.local_vocab))
+    return max(1, CHUNK_ELEMENTS // max(1, shard.local_vocab))
+
 
 class _FullVocabDivergence(torch.autograd.Function):
     """Per selected token D(P_T, P_S) -> `[n]`, from logits sources (see `logits_source`):
     the student's built by `make_student(*student_tensors)` (gradients flow to those
-    tensors), the teacher's given as an object (no gradient)."""
+    tensors), the teacher's given as an object (no gradient).
+
+    KL (beta 0 or 1) without TP in one pass over the chunks: with P the weighting model (teacher for
+    forward KL, student for reverse) and Q the other, x_P, x_Q this shard's tempered logits
+    less their local max, the pass keeps per row max, sum e^x_P, sum e^x_Q and
+    w = sum e^x_P (x_P - x_Q), the exponentials reused. Rescaled to the global max and
+    summed: KL = W / Z_P - log Z_P + log Z_Q. JSD needs normalized P_S, P_T for log M, and
+    TP needs the global normalizers first (see `forward`): a statistics pass, then the
+    divergence pass.
+    """
 
     @staticmethod
     def forward(ctx, rows, shard: VocabShard, beta: float, tau: float, chunk_size: Optional[int],
                 teacher, make_student, *student_tensors):
         student = make_student(*student_tensors)
-        chunks = list(row_chunks(rows, student.num_rows, shard.local_vocab, chunk_size))
-        maxes, sums = [], []
-        for _, src in chunks:
-            stats = [local_max_and_sumexp(tempered(source.chunk(src), shard, tau)) for source in (student, teacher)]
-            maxes.append(torch.stack([stats[0][0], stats[1][0]], -1))
-            sums.append(torch.stack([stats[0][1], stats[1][1]], -1))
-        empty = torch.empty(0, 2, dtype=compute_dtype(student.dtype), device=student.device)
-        (shift, log_total), _ = combine_logsumexp(shard, torch.cat(maxes) if maxes else empty,
-                                                  torch.cat(sums) if sums else empty)  # [n, 2] each
-        kl_terms = []
-        for out, src in chunks:
-            student_logp = log_softmax_with(tempered(student.chunk(src), shard, tau), shift[out, 0], log_total[out, 0])
-            teacher_logp = log_softmax_with(tempered(teacher.chunk(src), shard, tau), shift[out, 1], log_total[out, 1])
-            kl_terms.append(mixture_log_ratios(student_logp, teacher_logp, beta))
-        kl_terms = shard.all_reduce(torch.cat(kl_terms) if kl_terms else empty)
-        divergence = combine_divergence(kl_terms, beta)
+        dtype = compute_dtype(student.dtype)
+        step = _chunk_rows(chunk_size, student, shard)
+        ctx.unit_grads = None
+        chunks = list(row_chunks(rows, student.num_rows, shard.local_vocab, step))
+        num = student.num_rows if rows is None else rows.numel()
+        if beta in (0.0, 1.0) and shard.size == 1:
+            weighting, other = (teacher, student) if beta == 0.0 else (student, teacher)
+            # An LM head's gradient in the same pass (forward KL): the backward then only scales it,
+            # instead of computing every logits block a second time.
+            if beta == 0.0 and isinstance(student, LinearLogits) and any(ctx.needs_input_grad[7:]):
+                student.start_backward(dtype)
+                ctx.unit_grads = student
+            stats = _one_pass_kl(chunks, num, weighting, other, shard, tau, step, dtype, ctx.unit_grads)
+            # [n, 2] each (column 0: the student, 1: the teacher), the KL [n]
+            shift, log_total, divergence = _combine_one_pass_kl(shard, stats, student_first=beta == 1.0)
+            kl_terms = None
+        else:
+            # Under TP the statistics first: the KL terms are then summed from the same rounded
+            # log-probs the backward recomputes (a one-pass combine would add offsets of the
+            # logits' magnitude, rounding at 1e-3 for |logits| ~ 1e4).
+            shift, log_total = _normalizers(chunks, num, student, teacher, shard, tau, step, dtype)
+            kl_terms = shard.all_reduce(_divergence_terms(chunks, num, student, teacher, shard, tau, step, dtype,
+                                                          shift, log_total, beta))
+            divergence = combine_divergence(kl_terms, beta)
         ctx.save_for_backward(rows, shift, log_total, kl_terms, divergence, *student_tensors)
-        ctx.shard, ctx.beta, ctx.tau, ctx.chunk_size = shard, beta, tau, chunk_size
+        ctx.shard, ctx.beta, ctx.tau, ctx.step = shard, beta, tau, step
         ctx.teacher, ctx.make_student = teacher, make_student
         # A true divergence: rounding must not make it negative (identical models give ~-1e-8).
         return divergence.clamp(min=0.0)
@@ -170,17 +283,146 @@ class _FullVocabDivergence(torch.autograd.Function):
     def backward(ctx, grad_divergence):
         rows, shift, log_total, kl_terms, divergence, *student_tensors = ctx.saved_tensors
         student, teacher = ctx.make_student(*student_tensors), ctx.teacher
-        shard, beta, tau = ctx.shard, ctx.beta, ctx.tau
-        student.start_backward(shift.dtype)
-        grad_sum = _sum_of_student_logp_grad(divergence, kl_terms, beta)
-        scale = grad_divergence.to(shift.dtype) / tau
-        for out, src in row_chunks(rows, student.num_rows, shard.local_vocab, ctx.chunk_size):
-            student_logp = log_softmax_with(tempered(student.chunk(src), shard, tau), shift[out, 0], log_total[out, 0])
-            teacher_logp = log_softmax_with(tempered(teacher.chunk(src), shard, tau), shift[out, 1], log_total[out, 1])
-            logp_grad = _student_logp_grad(student_logp, teacher_logp, beta)
-            chunk_grad = logp_grad - student_logp.exp() * grad_sum[out].unsqueeze(-1)
-            student.add_chunk_grad(src, chunk_grad * scale[out].unsqueeze(-1))
+        shard, beta, tau, step = ctx.shard, ctx.beta, ctx.tau, ctx.step
+        dtype = shift.dtype
+        factor = grad_divergence.to(dtype) / tau
+        if ctx.unit_grads is not None and (factor == factor[:1]).all():  # "sum" / "mean": one g for all rows
+            unit_grads, ctx.unit_grads = ctx.unit_grads, None  # scaled in place: a second backward recomputes
+            unit_grads.scale_grads(factor[0] if factor.numel() else 0.0)
+            return (None,) * 7 + unit_grads.grads()
+        student.start_grad_writes(dtype, every_row=rows is None)
+        # dL/dz_S = g (a - P_S sum a) / tau, per row factor g / tau
+        scale = grad_divergence.to(dtype) / tau
+
+        def body(out, src, buffers):
+            if beta == 0.0:  # a = -P_T, sum a = -1: g (P_S - P_T) / tau
+                x_s, x_t, _ = buffers
+                p_s = _probs(_read_tempered(student, src, shard, tau, x_s), shift[out, 0], log_total[out, 0])
+                p_t = _probs(_read_tempered(teacher, src, shard, tau, x_t), shift[out, 1], log_total[out, 1])
+                grad = p_s.sub_(p_t).mul_(scale[out].unsqueeze(-1))
+            elif beta == 1.0:  # a = P_S (log P_S - log P_T + 1), sum a = D + 1: g P_S (log P_S - log P_T - D) / tau
+                log_s, log_t, p_s = buffers
+                _log_probs(student, src, shard, tau, shift[out, 0], log_total[out, 0], log_s)
+                _log_probs(teacher, src, shard, tau, shift[out, 1], log_total[out, 1], log_t)
+                torch.exp(log_s, out=p_s)
+                grad = log_s.sub_(log_t).sub_(divergence[out].unsqueeze(-1)).mul_(p_s)
+                grad.mul_(scale[out].unsqueeze(-1))
+            else:  # a = (1 - beta) P_S (log P_S - log M), sum a = (1 - beta) S
+                log_s, log_t, p_s, p_t, log_m = buffers
+                _jsd_chunk(student, teacher, src, shard, tau, shift[out], log_total[out], beta,
+                           log_s, log_t, p_s, p_t, log_m)
+                grad = log_s.sub_(log_m).sub_(kl_terms[out, 1].unsqueeze(-1)).mul_(p_s)
+                grad.mul_(((1.0 - beta) * scale[out]).unsqueeze(-1))
+            student.write_chunk_grad(src, grad)
+
+        _each_chunk(list(row_chunks(rows, student.num_rows, shard.local_vocab, step)), body,
+                    3 if beta in (0.0, 1.0) else 5, step, shard, dtype, shift.device, _rows_apart(student))
         return (None,) * 7 + student.grads()
+
+
+def _probs(x: torch.Tensor, shift: torch.Tensor, log_total: torch.Tensor) -> torch.Tensor:
+    """P in place of tempered logits `x` `[rows, v]`: exp(x - shift) / Z (x - shift rounds exactly
+    near the max; exp(-log Z) is one per-row factor)."""
+    return x.sub_(shift.unsqueeze(-1)).exp_().mul_(torch.exp(-log_total).unsqueeze(-1))
+
+
+def _one_pass_kl(chunks, num: int, weighting, other, shard, tau, step, dtype, student_grad=None) -> torch.Tensor:
+    """Per row local `[n, 5]`: max and sum exp of P's logits, of Q's, and w = sum e^x_P (x_P - x_Q)
+    (x less its local max). `student_grad` (forward KL without TP, Q the student): the gradient of
+    sum over rows of KL * tau, P_S - P_T per chunk, handed to its `add_chunk_grad` as Liger does."""
+    stats = torch.empty(num, 5, dtype=dtype, device=weighting.device)
+
+    def body(out, src, buffers):
+        p, q, exp = buffers[:3]
+        for col, x, source in ((0, p, weighting), (2, q, other)):
+            _read_tempered(source, src, shard, tau, x)
+            stats[out, col] = x.amax(dim=-1)
+            x.sub_(stats[out, col].unsqueeze(-1))
+        exp_q = exp if student_grad is None else buffers[3]
+        stats[out, 3] = torch.exp(q, out=exp_q).sum(dim=-1)
+        stats[out, 1] = torch.exp(p, out=exp).sum(dim=-1)
+        stats[out, 4] = _row_dot(exp, p.sub_(q))
+        if student_grad is not None:  # the local sums are the full vocab's without TP
+            exp.div_(stats[out, 1].unsqueeze(-1))
+            student_grad.add_chunk_grad(src, exp_q.div_(stats[out, 3].unsqueeze(-1)).sub_(exp))
+
+    _each_chunk(chunks, body, 3 if student_grad is None else 4, step, shard, dtype, weighting.device,
+                student_grad is None and _rows_apart(weighting, other))
+    return stats
+
+
+def _combine_one_pass_kl(shard: VocabShard, stats: torch.Tensor, student_first: bool):
+    """Local `_one_pass_kl` stats -> the normalizers `(shift, log_total)` `[n, 2]` each (student,
+    teacher) and KL(P || Q) `[n]`, in one MAX and one SUM all-reduce."""
+    local_max = stats[:, [0, 2]]  # [n, 2]: P, Q
+    shift = shard.all_reduce(local_max.clone(), dist.ReduceOp.MAX)
+    offset = local_max - shift  # <= 0
+    scale = offset.exp()
+    sums = stats[:, [1, 3]] * scale
+    # sum over this shard of e^(x - shift_P) ((x_P - shift_P) - (x_Q - shift_Q))
+    weighted = scale[:, 0] * (stats[:, 4] + stats[:, 1] * (offset[:, 0] - offset[:, 1]))
+    totals = shard.all_reduce(torch.cat([sums, weighted.unsqueeze(-1)], dim=-1))
+    log_total = totals[:, :2].log()
+    divergence = totals[:, 2] / totals[:, 0] - log_total[:, 0] + log_total[:, 1]
+    order = [0, 1] if student_first else [1, 0]
+    return shift[:, order], log_total[:, order], divergence
+
+
+def _normalizers(chunks, num: int, student, teacher, shard, tau, step, dtype):
+    """`(shift, log_total)` `[n, 2]` each (student, teacher) over the full vocab."""
+    maxes = torch.empty(num, 2, dtype=dtype, device=student.device)
+    sums = torch.empty_like(maxes)
+
+    def body(out, src, buffers):
+        x, e = buffers
+        for col, source in enumerate((student, teacher)):
+            chunk = _read_tempered(source, src, shard, tau, x)
+            maxes[out, col] = chunk.amax(dim=-1)
+            sums[out, col] = torch.exp(chunk.sub_(maxes[out, col].unsqueeze(-1)), out=e).sum(dim=-1)
+
+    _each_chunk(chunks, body, 2, step, shard, dtype, student.device, _rows_apart(student, teacher))
+    (shift, log_total), _ = combine_logsumexp(shard, maxes, sums)
+    return shift, log_total
+
+
+def _log_probs(source, src, shard, tau, shift, log_total, out: torch.Tensor) -> torch.Tensor:
+    """log P `[rows, v]` into `out`: (x - shift) - log_total, never x - (shift + log_total)."""
+    _read_tempered(source, src, shard, tau, out)
+    return out.sub_(shift.unsqueeze(-1)).sub_(log_total.unsqueeze(-1))
+
+
+def _jsd_chunk(student, teacher, src, shard, tau, shift, log_total, beta, log_s, log_t, p_s, p_t, log_m) -> None:
+    """Fills log P_S, log P_T, P_S, P_T and log M `[rows, v]` for one chunk (statistics `[rows, 2]`)."""
+    for col, source, log_p, p in ((0, student, log_s, p_s), (1, teacher, log_t, p_t)):
+        torch.exp(_log_probs(source, src, shard, tau, shift[:, col], log_total[:, col], log_p), out=p)
+    # M from the probabilities; where both underflow, log M = NEG_INF and both terms are 0 * finite.
+    torch.mul(p_t, beta, out=log_m).add_(p_s, alpha=1.0 - beta).log_().clamp_(min=NEG_INF)
+
+
+def _divergence_terms(chunks, num, student, teacher, shard, tau, step, dtype, shift, log_total, beta
+                      ) -> torch.Tensor:
+    """This shard's `[n, 2]`: sum P_T (log P_T - log M), sum P_S (log P_S - log M) (for beta 0 / 1
+    only the term that is the KL; the other column is 0)."""
+    terms = torch.zeros(num, 2, dtype=dtype, device=student.device)
+
+    def body(out, src, buffers):
+        if beta in (0.0, 1.0):
+            log_s, log_t, p = buffers
+            _log_probs(student, src, shard, tau, shift[out, 0], log_total[out, 0], log_s)
+            _log_probs(teacher, src, shard, tau, shift[out, 1], log_total[out, 1], log_t)
+            if beta == 0.0:
+                terms[out, 0] = _row_dot(torch.exp(log_t, out=p), log_t.sub_(log_s))
+            else:
+                terms[out, 1] = _row_dot(torch.exp(log_s, out=p), log_s.sub_(log_t))
+            return
+        log_s, log_t, p_s, p_t, log_m = buffers
+        _jsd_chunk(student, teacher, src, shard, tau, shift[out], log_total[out], beta, log_s, log_t, p_s, p_t, log_m)
+        terms[out, 0] = _row_dot(p_t, log_t.sub_(log_m))
+        terms[out, 1] = _row_dot(p_s, log_s.sub_(log_m))
+
+    _each_chunk(chunks, body, 3 if beta in (0.0, 1.0) else 5, step, shard, dtype, student.device,
+                _rows_apart(student, teacher))
+    return terms
 
 
 # ----------------------------------------------------------------------------- top-K

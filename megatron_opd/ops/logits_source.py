@@ -46,11 +46,32 @@ class DenseLogits:
         """`rows` `[n, 1]`, `local_ids` `[n, K]` -> `[n, K]`."""
         return self.logits[rows, local_ids]
 
+    def read_chunk(self, rows: Rows, out: torch.Tensor) -> torch.Tensor:
+        """`chunk(rows)` written into `out` `[rows, V/tp]` (any float dtype): no chunk-sized allocation."""
+        if isinstance(rows, slice):
+            return out.copy_(self.logits[rows])
+        if out.dtype == self.dtype:
+            return torch.index_select(self.logits, 0, rows, out=out)
+        return out.copy_(self.logits.index_select(0, rows))
+
     def start_backward(self, dtype: torch.dtype) -> None:
         self.grad = torch.zeros(self.logits.shape, dtype=dtype, device=self.device)
 
+    def start_grad_writes(self, compute_dtype: torch.dtype, every_row: bool) -> None:
+        """For `write_chunk_grad`: the gradient in the logits' dtype (each row is rounded once, as
+        `grads()` would), uninitialized when every row will be written."""
+        make = torch.empty if every_row else torch.zeros
+        self.grad = make(self.logits.shape, dtype=self.dtype, device=self.device)
+
     def add_chunk_grad(self, rows: Rows, grad: torch.Tensor) -> None:
         self.grad[rows] += grad
+
+    def write_chunk_grad(self, rows: Rows, grad: torch.Tensor) -> None:
+        """The whole gradient of these rows (each row written once)."""
+        if isinstance(rows, slice):
+            self.grad[rows].copy_(grad)
+        else:
+            self.grad.index_copy_(0, rows, grad.to(self.dtype))
 
     def grads(self) -> tuple[torch.Tensor]:
         return (self.grad.to(self.dtype),)
@@ -83,6 +104,12 @@ class LinearLogits:
     def chunk(self, rows: Rows) -> torch.Tensor:
         return self.hidden[rows] @ self.weight.T
 
+    def read_chunk(self, rows: Rows, out: torch.Tensor) -> torch.Tensor:
+        """`chunk(rows)` written into `out` `[rows, V/tp]`."""
+        if out.dtype == self.dtype:
+            return torch.matmul(self.hidden[rows], self.weight.T, out=out)
+        return out.copy_(self.chunk(rows))
+
     def at(self, rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         """Through chunked logits blocks: gathering K head rows per token would cost `[n, K, H]`."""
         row_index = rows.reshape(-1)
@@ -98,6 +125,16 @@ class LinearLogits:
         """`grad` `[rows, V/tp]`: the gradient of this chunk's logits."""
         self.grad_hidden[rows] += grad @ self.weight.to(grad.dtype)
         self.grad_weight += grad.T @ self.hidden[rows].to(grad.dtype)
+
+    def start_grad_writes(self, compute_dtype: torch.dtype, every_row: bool) -> None:
+        self.start_backward(compute_dtype)
+
+    write_chunk_grad = add_chunk_grad
+
+    def scale_grads(self, factor) -> None:
+        """Multiplies the accumulated gradients (computed for a unit upstream gradient) by `factor`."""
+        self.grad_hidden.mul_(factor)
+        self.grad_weight.mul_(factor)
 
     def grads(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.grad_hidden.to(self.hidden.dtype), self.grad_weight.to(self.weight.dtype)
