@@ -23,13 +23,17 @@ Keep = Callable[[int, Microbatch, torch.Tensor], T]
 
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """`model` in eval mode (no dropout) for the duration, then back in the mode it was in."""
-    was_training = model.training
+    """`model` in eval mode (no dropout) for the duration, then back in the mode it was in.
+    A model already in eval mode (a frozen teacher) is left alone: `train()` / `eval()` walk
+    every submodule, a cost paid on each teacher forward of every step."""
+    if not model.training:
+        yield model
+        return
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        model.train()
 
 
 @torch.no_grad()

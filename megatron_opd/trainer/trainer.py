@@ -208,7 +208,8 @@ class Trainer:
         signals = self.algorithm.teacher_signal(self.context, responses)
         teacher_time = clock.lap()
 
-        self.model.train()
+        if not self.model.training:  # train() walks every submodule; eval_mode() restores it after use
+            self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self.context.student_pass(responses.microbatches, signals,
