@@ -108,7 +108,8 @@ def test_parser_on_vllms_tie_at_the_kth_value():
     ranks 1..K and K + 1, two equal values. The old parser took the top K by value, kept the
     actual token (listed first) and raised "fewer than K top tokens"."""
     choice = FIXTURES["tie_outside"]["response"]["choices"][0]
-    prompt, k = FIXTURES["tie_outside"]["request"]["body"]["prompt"], 2
+    body = FIXTURES["tie_outside"]["request"]["body"]
+    prompt, k = body["prompt"], body["prompt_logprobs"]
     entry = choice["prompt_logprobs"][1]
     actual = entry[str(prompt[1])]
     assert len(entry) == k + 1 and actual["rank"] == k + 1
@@ -155,7 +156,7 @@ def test_our_server_ranks_a_tied_token_outside_the_top_k_as_vllm_does(our_server
     `tie_outside`: K + 1 entries, the actual token first with rank K + 1 (the count of ids at
     least as likely, not 1 + those strictly more likely) and the K-th value equal to its own."""
     theirs = FIXTURES["tie_outside"]["response"]["choices"][0]["prompt_logprobs"][1]
-    k = 2
+    k = FIXTURES["tie_outside"]["request"]["body"]["prompt_logprobs"]
     shapes = []
     for name in ("tie_outside", "tie_inside"):
         status, answer = ask(our_server, FIXTURES[name])
