@@ -164,10 +164,12 @@ def _each_chunk(chunks, body, count: int, step: int, shard: VocabShard, dtype, d
     small ops per chunk, each its own OpenMP region ending in a barrier, made the kernel 10-25x
     slower with 2 threads on a loaded 2-core machine (a thread spinning at every barrier for a
     descheduled peer); workers that take the next chunk when done wait only once, at the end.
-    Every op is then single-threaded, so results do not depend on the thread count.
+    Every op is then single-threaded, so results do not depend on the thread count. Only on
+    CPU: on CUDA the ops run on the device whatever the host threads, and a new host thread
+    would start on CUDA device 0 with its own current stream.
     """
     threads = torch.get_num_threads()
-    if not parallel or threads == 1 or len(chunks) < 2:
+    if not parallel or threads == 1 or len(chunks) < 2 or torch.device(device).type != "cpu":
         buffers = _ChunkBuffers(count, step, shard, dtype, device)
         for out, src in chunks:
             body(out, src, buffers.take(out.stop - out.start))
