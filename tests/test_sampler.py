@@ -4,7 +4,8 @@ the same ids on every rank and at every layout (TP=1, TP=2, PP=2), with and with
 References are independent of the code under test: HF's own greedy decoding of the same
 checkpoint (one prompt at a time, so its padding plays no part), and for sampling the
 TP=1 run of the same seeds. Prompts have different lengths (3, 9, 5 tokens) so the
-right-padded batch, prompt forcing and the per-row stop are exercised.
+right-padded batch, prompt forcing and the per-row stop are exercised; prompt 0 stops first,
+so the finished-row compaction of the batch and its KV cache runs in every layout.
 """
 
 from __future__ import annotations
@@ -67,6 +68,9 @@ def generate_on_rank(models: dict, tp: int, pp: int) -> dict:
             entry[f"greedy_kv{cache}"] = (rollout.completions, rollout.finished)
             entry[f"sampled_kv{cache}"] = sampler.generate(PROMPTS, sampled, SEEDS).completions
             entry[f"top5_kv{cache}"] = sampler.generate(PROMPTS, top5, SEEDS).completions
+        # Finished rows leave the batch (and the KV cache) by default; keeping them changes no id.
+        entry["sampled_uncompacted"] = MegatronSampler(model, VOCAB, compact_finished=False).generate(
+            PROMPTS, sampled, SEEDS).completions
         sampler = MegatronSampler(model, VOCAB)
         # A row's sample depends on its seed, not on the rows sharing its batch.
         entry["row1_alone"] = sampler.generate(PROMPTS[1:2], sampled, SEEDS[1:2]).completions[0]
@@ -106,6 +110,7 @@ def test_sampling_identical_across_ranks_layouts_and_cache(runs, family):
                 for cache in (True, False):
                     assert entry[f"{key}_kv{cache}"] == reference[f"{key}_kvTrue"], (layout, rank, key, cache)
             assert entry["row1_alone"] == reference["sampled_kvTrue"][1], (layout, rank)
+            assert entry["sampled_uncompacted"] == reference["sampled_kvTrue"], (layout, rank)
 
 
 def check_errors_on_rank(directory) -> list[str]:

@@ -9,6 +9,13 @@ is Megatron's `StaticInferenceContext`: after a prefill of the shortest prompt, 
 step feeds one token per row. Without the cache (`use_kv_cache=False`) each step
 re-runs the whole prefix; both give the same ids (see the tests), the cache is faster.
 
+Finished rows leave the batch: once at least an eighth of the rows still decoding have hit
+EOS or their token limit, the survivors' KV-cache rows are moved to the front of the cache
+and later steps feed only them (`compact_finished=False` keeps every row to the end; the
+ids are the same either way, since each row draws from its own seeded stream). The copy
+reads the survivors' cache once, about one decode step's attention; the eighth bounds the
+number of copies by about 8 ln(rows).
+
 Per step, the last stage applies the LM-head shard to the last hidden state
 (`[B, H] @ [V/tp, H]^T`, logits stay vocab-sharded) and draws with
 `ops.vocab_parallel_sample` (Gumbel-max over the shards, each row from its own seeded
@@ -51,11 +58,11 @@ class MegatronSampler:
     """
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, use_kv_cache: bool = True, label: str = "student",
-                 progress_interval_s: float = 30.0):
+                 progress_interval_s: float = 30.0, compact_finished: bool = True):
         self.model = model
         self.gpt = unwrap(model)
         self.vocab_size = vocab_size
-        self.use_kv_cache = use_kv_cache
+        self.use_kv_cache, self.compact_finished = use_kv_cache, compact_finished
         self.label, self.progress_interval_s = label, progress_interval_s
 
     @torch.no_grad()
@@ -78,23 +85,31 @@ class MegatronSampler:
         context = StaticInferenceContext(batch, total) if self.use_kv_cache else None
         cached = 0  # positions already in the KV cache
         passes = 0
+        active = torch.arange(batch, device=device)  # the rows still in the batch, in cache order
         heartbeat = Heartbeat(f"sampling ({self.label})", self.progress_interval_s)
         with self._inference_mode():
             for position in range(min(lengths), total):
                 start = cached if context is not None else 0
-                hidden = self._forward(tokens[:, start:position], start, context)
+                hidden = self._forward(tokens[active, start:position], start, context)
                 passes += 1
                 if context is not None:
                     context.increment_sequence_len_offset(position - start)
                     context.enable_decode_mode()
                     cached = position
-                sampling = (prompt_lengths <= position) & ~finished
-                ids = self._sample(hidden, sampling, params, row_seeds, position)
-                tokens[:, position] = torch.where(sampling, ids, tokens[:, position])
-                generated += sampling.long()
-                finished |= sampling & (torch.isin(ids, eos) | (generated == params.max_new_tokens))
+                sampling = (prompt_lengths[active] <= position) & ~finished[active]
+                active_seeds = None if row_seeds is None else [row_seeds[row] for row in active.tolist()]
+                ids = self._sample(hidden, sampling, params, active_seeds, position)
+                tokens[active, position] = torch.where(sampling, ids, tokens[active, position])
+                generated[active] += sampling.long()
+                finished[active] |= sampling & (torch.isin(ids, eos) | (generated[active] == params.max_new_tokens))
                 if bool(finished.all()):
                     break
+                done = finished[active]
+                if self.compact_finished and int(done.sum()) >= max(1, len(active) // 8):
+                    keep = (~done).nonzero().squeeze(-1)
+                    if context is not None:
+                        _keep_cache_rows(context, keep, cached)
+                    active = active[keep]
                 heartbeat(f"{int(generated.max())}/{params.max_new_tokens} tokens, "
                           f"{int(finished.sum())}/{batch} responses finished")
 
@@ -168,3 +183,13 @@ class MegatronSampler:
         finally:
             for owner, name, value in switched:
                 setattr(owner, name, value)
+
+
+def _keep_cache_rows(context: StaticInferenceContext, keep: torch.Tensor, cached: int) -> None:
+    """Moves the cached keys and values of batch rows `keep` `[n]` (indices into the current
+    batch, ascending) to rows 0..n-1 of every layer's cache `[max_seq, max_batch, ...]`.
+    Megatron's attention reads and writes rows `batch_size_offset .. + batch`, i.e. 0..n-1
+    once only n rows are fed; the rows past n are stale and never read again."""
+    for memories in context.key_value_memory_dict.values():
+        for memory in memories:
+            memory[:cached, :len(keep)] = memory[:cached, keep]
