@@ -53,7 +53,8 @@ def test_summary_ratio_pairs_each_round():
     bench = load("bench_against_trl")
 
     def run(tokens, cpu_s):
-        return {"tokens": tokens, "cpu_s": cpu_s, "wall_s": cpu_s, "startup_s": 1.0, "peak_rss_gib": 1.0, "steps": 2}
+        return {"tokens": tokens, "cpu_s": cpu_s, "wall_s": cpu_s, "startup_s": 1.0, "peak_rss_gib": 1.0,
+                "step_extra_gib": 0.5, "steps": 2}
 
     # Round 2 ran on a machine twice as loaded: both sides slowed, the pair's ratio stays 2.
     summary = bench.summarize({"ours": [run(100, 1.0), run(100, 2.0), run(100, 1.0)],

@@ -17,9 +17,13 @@ both. A child reports, for its steps after --warmup:
               dataset responses; sampled ones stop at EOS or the completion length)
   cpu_s       `time.process_time()` across the steps (all threads of the process)
   wall_s      wall-clock seconds across the steps
-and separately `startup_s` (process spawn to the first step: imports, model loading, set-up)
-and its peak RSS. The report gives per lmbda the medians over rounds of tokens per CPU-second
-and their ratio (ours / TRL's), start-up and peak RSS.
+and separately `startup_s` (process spawn to the first step: imports, model loading, set-up),
+its peak RSS over the whole run (`peak_rss_gib`; loading may set it), and what the measured
+steps need on top of what the process holds between steps (`step_extra_gib`: the peak RSS of the
+measured steps, from Linux's VmHWM reset when they start, minus the RSS then; after the warm-up
+steps both sides hold their weights, gradients and optimizer state, so this is the step's
+activations, logits and loss temporaries). The report gives per lmbda the medians over rounds of
+tokens per CPU-second and their ratio (ours / TRL's), start-up, peak RSS and step memory.
 
 TRL is an optional benchmark dependency (`pip install trl accelerate --no-deps` into the
 venv; TRL 1.x keeps GKD under `trl.experimental.gkd`), never a test dependency.
@@ -71,7 +75,8 @@ def run_comparison(args: argparse.Namespace, write_inputs) -> dict:
                 runs[str(lmbda)][side].append(result)
                 print(f"round {round_index + 1}/{args.rounds} lmbda {lmbda} {side}: "
                       f"{result['tokens'] / result['cpu_s']:.0f} tokens/CPU-s, start-up {result['startup_s']:.1f} s, "
-                      f"peak RSS {result['peak_rss_gib']:.2f} GiB", flush=True)
+                      f"peak RSS {result['peak_rss_gib']:.2f} GiB, step memory {result['step_extra_gib']:.2f} GiB",
+                      flush=True)
     summary = {lmbda: summarize(sides) for lmbda, sides in runs.items()}
     return {"runs": runs, "summary": summary}
 
@@ -86,24 +91,29 @@ def summarize(sides: dict) -> dict:
                      "tokens_per_s": median(side, lambda run: run["tokens"] / run["wall_s"]),
                      "startup_s": median(side, lambda run: run["startup_s"]),
                      "peak_rss_gib": median(side, lambda run: run["peak_rss_gib"]),
+                     "step_extra_gib": median(side, lambda run: run["step_extra_gib"]),
                      "tokens_per_step": median(side, lambda run: run["tokens"] / run["steps"])}
     # The ratio of each round's pair (same load), then the median over rounds.
     row["ratio_tokens_per_cpu_s"] = statistics.median(
         (ours["tokens"] / ours["cpu_s"]) / (trl["tokens"] / trl["cpu_s"])
         for ours, trl in zip(sides["ours"], sides["trl"]))
     row["ratio_peak_rss"] = row["trl"]["peak_rss_gib"] / row["ours"]["peak_rss_gib"]
+    row["ratio_step_extra"] = row["trl"]["step_extra_gib"] / max(row["ours"]["step_extra_gib"], 1e-3)
     return row
 
 
 def print_report(summary: dict) -> None:
-    print(f"\n{'lmbda':<7}{'side':<6}{'tok/CPU-s':>11}{'tok/s':>9}{'tok/step':>10}{'start-up s':>12}{'peak GiB':>10}")
+    print(f"\n{'lmbda':<7}{'side':<6}{'tok/CPU-s':>11}{'tok/s':>9}{'tok/step':>10}{'start-up s':>12}{'peak GiB':>10}"
+          f"{'step GiB':>10}")
     for lmbda, row in summary.items():
         for side in ("ours", "trl"):
             numbers = row[side]
             print(f"{lmbda:<7}{side:<6}{numbers['tokens_per_cpu_s']:>11.0f}{numbers['tokens_per_s']:>9.0f}"
-                  f"{numbers['tokens_per_step']:>10.0f}{numbers['startup_s']:>12.1f}{numbers['peak_rss_gib']:>10.2f}")
+                  f"{numbers['tokens_per_step']:>10.0f}{numbers['startup_s']:>12.1f}{numbers['peak_rss_gib']:>10.2f}"
+                  f"{numbers['step_extra_gib']:>10.2f}")
         print(f"{lmbda:<7}ours / TRL: {row['ratio_tokens_per_cpu_s']:.2f}x tokens per CPU-second (median of the "
-              f"rounds' ratios), {row['ratio_peak_rss']:.2f}x less peak RSS")
+              f"rounds' ratios), {row['ratio_peak_rss']:.2f}x less peak RSS, {row['ratio_step_extra']:.2f}x less "
+              f"step memory")
 
 
 def write_trl_dataset(paths: dict) -> None:
@@ -150,16 +160,39 @@ def child_main(spec: dict, result_path: Path) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     measure = ours_steps if spec["side"] == "ours" else trl_steps
-    steps = measure(spec)  # [(first step's start time, tokens, cpu_s, wall_s) per step]
+    memory = StepMemory()
+    steps = measure(spec, memory)  # [(first step's start time, tokens, cpu_s, wall_s) per step]
     counted = steps[spec["warmup"]:]
     result = {"first_step_at": steps[0][0], "steps": len(counted), "tokens": sum(step[1] for step in counted),
               "cpu_s": sum(step[2] for step in counted), "wall_s": sum(step[3] for step in counted),
               "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-              "threads": torch.get_num_threads()}
+              "step_extra_gib": memory.extra_gib(), "threads": torch.get_num_threads()}
     result_path.write_text(json.dumps(result))
 
 
-def ours_steps(spec: dict) -> list:
+class StepMemory:
+    """The measured steps' peak RSS above the RSS when they start (Linux: /proc/self/status,
+    VmHWM reset through /proc/self/clear_refs)."""
+
+    def __init__(self) -> None:
+        self.held_gib = None
+
+    @staticmethod
+    def _status_gib(field: str) -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20  # kB
+        raise RuntimeError(f"/proc/self/status has no {field}")
+
+    def start(self) -> None:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        self.held_gib = self._status_gib("VmRSS")
+
+    def extra_gib(self) -> float:
+        return self._status_gib("VmHWM") - self.held_gib
+
+
+def ours_steps(spec: dict, memory: StepMemory) -> list:
     from megatron_opd.config import ParallelConfig
     from megatron_opd.config.job import load_job_config
     from megatron_opd.runtime import initialize_runtime
@@ -182,7 +215,9 @@ def ours_steps(spec: dict) -> list:
     config = load_job_config(None, [f"{key}={value}" for key, value in overrides.items()])
     trainer = Trainer(config, initialize_runtime(ParallelConfig()))
     steps = []
-    for _ in range(spec["warmup"] + spec["steps"]):
+    for index in range(spec["warmup"] + spec["steps"]):
+        if index == spec["warmup"]:
+            memory.start()
         started, cpu_started = time.time(), time.process_time()
         metrics = trainer.train_step()
         steps.append((started, int(metrics["tokens"]), time.process_time() - cpu_started, time.time() - started))
@@ -190,7 +225,7 @@ def ours_steps(spec: dict) -> list:
     return steps
 
 
-def trl_steps(spec: dict) -> list:
+def trl_steps(spec: dict, memory: StepMemory) -> list:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -209,6 +244,8 @@ def trl_steps(spec: dict) -> list:
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
+            if len(steps) == spec["warmup"]:
+                memory.start()
             trainer.step_tokens = 0
             self.started, self.cpu_started = time.time(), time.process_time()
 
