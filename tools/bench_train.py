@@ -15,7 +15,11 @@ student forward-backward, optimizer step), response tokens per second over the w
 step, and the peak memory (CPU: the process's peak RSS, `ru_maxrss`, which only grows,
 so the second mode's figure covers both; GPU: `torch.cuda.max_memory_allocated`).
 Then the sampler alone: --batch prompts of --prompt-len tokens, --completion-len new
-tokens each, with and without the KV cache (tokens generated per second).
+tokens each, with and without the KV cache (tokens generated per second); and with rows that
+stop at EOS at different lengths (any of --sampler-eos-fraction of the vocabulary ends a row:
+geometric lengths, mean about 1 / fraction), finished rows compacted out of the batch and its KV
+cache (the default) against kept to the end, alternated over --sampler-repeats (medians; both
+must give the same ids).
 The first --warmup steps of each mode are not counted.
 
     # a real-model pair: a Qwen2.5-0.5B-shaped student from a Qwen2.5-1.5B-shaped teacher
@@ -81,6 +85,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--modes", default="on_policy,off_policy", help="which of on_policy, off_policy to run")
     parser.add_argument("--no-sampler", action="store_true", help="skip the sampler-alone measurement")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="real-model shapes (overrides the sizes)")
+    parser.add_argument("--sampler-eos-fraction", type=float, default=1 / 64,
+                        help="share of the vocabulary that ends a row in the EOS-stop sampler measurement")
+    parser.add_argument("--sampler-repeats", type=int, default=3, help="alternated repeats of the EOS-stop measurement")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--against", choices=["trl"],
                         help="trl: the same GKD steps against TRL's own GKDTrainer, side by side in alternated "
@@ -207,7 +214,31 @@ def bench_sampler(args, trainer) -> dict:
         result["kv_cache" if cache else "no_cache"] = {"tokens": rollout.num_tokens, "seconds": seconds,
                                                        "tokens_per_s": rollout.num_tokens / seconds}
     result["speedup"] = result["kv_cache"]["tokens_per_s"] / result["no_cache"]["tokens_per_s"]
+    result["eos_stops"] = bench_compaction(args, trainer, prompts)
     return result
+
+
+def bench_compaction(args, trainer, prompts: list) -> dict:
+    """Rows stopping at EOS at different lengths: finished rows compacted out of the batch against kept."""
+    from megatron_opd.rollout import MegatronSampler, SamplingParams
+
+    eos = tuple(range(1, 1 + max(1, round(args.sampler_eos_fraction * (args.tokenizer_vocab - 2)))))
+    params = SamplingParams(max_new_tokens=args.completion_len, temperature=1.0, eos_token_ids=eos)
+    seeds = list(range(len(prompts)))
+    runs: dict = {True: [], False: []}
+    for repeat in range(args.sampler_repeats):
+        for compact in ((True, False) if repeat % 2 == 0 else (False, True)):
+            sampler = MegatronSampler(trainer.model, trainer.vocab_size, compact_finished=compact)
+            started = time.monotonic()
+            rollout = sampler.generate(prompts, params, seeds)
+            runs[compact].append((rollout.num_tokens / (time.monotonic() - started), rollout.completions))
+    if any(completions != runs[True][0][1] for _, completions in runs[True] + runs[False]):
+        raise SystemExit("compacted and uncompacted sampling gave different ids")
+    lengths = sorted(len(completion) for completion in runs[True][0][1])
+    compacted = statistics.median(speed for speed, _ in runs[True])
+    kept = statistics.median(speed for speed, _ in runs[False])
+    return {"eos_ids": len(eos), "lengths_min_median_max": [lengths[0], lengths[len(lengths) // 2], lengths[-1]],
+            "compacted_tokens_per_s": compacted, "kept_tokens_per_s": kept, "speedup": compacted / kept}
 
 
 def main() -> None:
@@ -274,6 +305,10 @@ def print_report(results: dict) -> None:
     sampler = results["sampler"]
     print(f"sampler: {sampler['kv_cache']['tokens_per_s']:.0f} tok/s with the KV cache, "
           f"{sampler['no_cache']['tokens_per_s']:.0f} without ({sampler['speedup']:.1f}x)")
+    stops = sampler["eos_stops"]
+    print(f"sampler, rows stopping at EOS (lengths min/median/max {stops['lengths_min_median_max']}): "
+          f"{stops['compacted_tokens_per_s']:.0f} tok/s with finished rows compacted out, "
+          f"{stops['kept_tokens_per_s']:.0f} with them kept ({stops['speedup']:.2f}x)")
 
 
 if __name__ == "__main__":
