@@ -185,7 +185,8 @@ def teacher_against_hf(argv: list[str], out: str, steps: int) -> dict:
 
     def teacher_logits():
         outputs = context.teacher_forward(examples, microbatches)
-        return torch.cat([(out.hidden @ out.head_weight.T).detach().clone() for out in outputs])
+        answers = [out.parts[0].answer for out in outputs]  # one teacher: one part per microbatch
+        return torch.cat([(out.hidden @ out.head_weight.T).detach().clone() for out in answers])
 
     before = teacher_logits()
     for _ in range(steps):

@@ -38,8 +38,11 @@ EngineFactory = Callable[[ResponseSource], RolloutEngine]
 class StepContext:
     def __init__(self, config: JobConfig, runtime: Runtime, model: torch.nn.Module, teacher, tokenizer,
                  vocab_size: int, tokenizer_dir: Path, train_data, data_iterator: DataIterator,
-                 engine_factory: EngineFactory):
+                 engine_factory: EngineFactory, routes: Optional[dict[str, list[int]]] = None):
+        # teacher: the run's `teachers.TeacherSet` (None without one); routes: per split, each
+        # dataset row's teacher index in it (None: one teacher, every row its)
         self.config, self.runtime, self.model, self.teacher = config, runtime, model, teacher
+        self.routes = routes or {}
         self.tokenizer, self.vocab_size, self.tokenizer_dir = tokenizer, vocab_size, tokenizer_dir
         self.train_data, self.data_iterator = train_data, data_iterator
         self.pad_id = pad_token_id(tokenizer)
@@ -52,11 +55,19 @@ class StepContext:
     def local_examples(self, indices: list[int], dataset, split: str, repeat: int = 1) -> list[dict]:
         """This DP rank's contiguous share of a global batch's rows, each row `repeat` times in
         a row (OPD-RL's groups), with its position in the global batch (`_position`, what its
-        sampling seed derives from), its dataset row (`_row`) and split (`_split`)."""
+        sampling seed derives from), its dataset row (`_row`), split (`_split`) and, with several
+        teachers, its teacher's index (`_teacher`)."""
         positions = local_batch(list(range(len(indices) * repeat)), parallel_state.get_data_parallel_rank(),
                                 self.data_parallel_size)
-        return [{**dataset[indices[position // repeat]], "_position": position,
-                 "_row": indices[position // repeat], "_split": split} for position in positions]
+        rows = [indices[position // repeat] for position in positions]
+        # One columnar read of all rows: a `datasets` row read costs ~20 us of Arrow slicing each.
+        columns = dataset[rows]
+        examples = [{**dict(zip(columns, values)), "_position": position, "_row": row, "_split": split}
+                    for position, row, values in zip(positions, rows, zip(*columns.values()))]
+        if split in self.routes:
+            for example in examples:
+                example["_teacher"] = self.routes[split][example["_row"]]
+        return examples
 
     def next_examples(self, repeat: int = 1) -> list[dict]:
         """The next training batch's rows on this DP rank (advances the data iterator)."""

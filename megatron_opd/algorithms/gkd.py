@@ -31,7 +31,7 @@ from megatron_opd.algorithms.context import StepContext
 from megatron_opd.algorithms.sft import cross_entropy_sum
 from megatron_opd.config.job import JobConfig
 from megatron_opd.runtime.seeds import step_uniform
-from megatron_opd.teachers.outputs import TeacherOutput
+from megatron_opd.teachers.outputs import TeacherMix, TeacherOutput, as_mix, sums_by_teacher
 
 
 def response_source(lmbda: float, seq_kd: bool, seed: int, iteration: int) -> ResponseSource:
@@ -49,30 +49,33 @@ def response_source(lmbda: float, seq_kd: bool, seed: int, iteration: int) -> Re
 @dataclass(frozen=True)
 class GKDLoss:
     beta: float
-    temperature: float
+    temperature: float  # of a bare teacher answer; a TeacherMix carries each teacher's own
     sft_alpha: float
-    topk: Optional[int]
+    topk: Optional[int]  # likewise
     vocab_size: int  # ids >= this are padding in both models' heads
     opsd_clip: Optional[float] = None  # teacher: self: each token's divergence at most this
 
     def __call__(self, student_hidden: torch.Tensor, student_head: torch.Tensor, labels: torch.Tensor,
-                 loss_mask: torch.Tensor, teacher: TeacherOutput, with_sft: bool = False
+                 loss_mask: torch.Tensor, teacher: TeacherOutput | TeacherMix, with_sft: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Summed loss, counted tokens and metric sums for one microbatch.
 
         student_hidden `[b, s, H]` (after `models.outputs.head_input`), student_head
         `[V/tp, H]`, labels and loss_mask `[b, s]`, the teacher's answer at the mask's N
-        response tokens (`teachers.outputs`). A clipped token (`opsd_clip`) passes no gradient;
-        `with_sft`: add `sft_alpha` * CE (on dataset or teacher responses, never on student samples).
+        response tokens (`teachers.outputs`: each row against its own teacher). A clipped token
+        (`opsd_clip`) passes no gradient; `with_sft`: add `sft_alpha` * CE (on dataset or teacher
+        responses, never on student samples). With several teachers, also per teacher the
+        divergence summed over its tokens and its token count (`sums_by_teacher`).
         """
         mask = loss_mask.bool()
-        per_token = teacher.divergence(student_hidden[mask], student_head, beta=self.beta,
-                                       temperature=self.temperature, topk=self.topk, vocab_size=self.vocab_size)
+        mix = as_mix(teacher, self.temperature, self.topk)
+        per_token = mix.divergence(student_hidden[mask], student_head, beta=self.beta, vocab_size=self.vocab_size)
         if self.opsd_clip is not None:
             per_token = per_token.clamp(max=self.opsd_clip)
         divergence = per_token.sum()
         loss = divergence
-        metrics = {"divergence_sum": divergence.detach().clone()}
+        metrics = {"divergence_sum": divergence.detach().clone(), **sums_by_teacher(mix.groups(),
+                                                                                     {"divergence": per_token})}
         if with_sft and self.sft_alpha > 0:
             cross_entropy = cross_entropy_sum(student_hidden, student_head, labels, mask, self.vocab_size)
             loss = loss + self.sft_alpha * cross_entropy

@@ -40,12 +40,13 @@ Shapes: one microbatch's response tokens are flattened in row-major order to `[N
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from megatron_opd.ops import fused_linear_token_logprobs
+from megatron_opd.teachers.outputs import as_mix, sums_by_teacher
 
 GROUP_STD_EPSILON = 1e-4  # as TRL: a group of equal rewards gets advantage 0, not 0/0
 
@@ -110,6 +111,8 @@ class RolloutTokens:
     teacher_logprobs: Optional[torch.Tensor]  # log p_T(y_t); None without a teacher
     old_logprobs: Optional[torch.Tensor]  # log p_old(y_t); None: this step's own (num_iterations == 1)
     rollout_logprobs: Optional[torch.Tensor] = None  # log p_rollout(y_t) of the sampling engine (vLLM)
+    # (teacher name, its tokens' positions [n] or None for all) per teacher of a multi-teacher run
+    teacher_groups: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,9 @@ class OPDRLLoss:
         metrics.update(loss_sum=loss.detach().clone(), advantage_sum=advantages.double().sum(),
                        tokens=num_tokens.detach().clone())
         if rollout.teacher_logprobs is not None:
-            metrics["teacher_kl_sum"] = teacher_kl_k3(rollout.teacher_logprobs, old_logprobs).double().sum()
+            teacher_kl = teacher_kl_k3(rollout.teacher_logprobs, old_logprobs).double()
+            metrics["teacher_kl_sum"] = teacher_kl.sum()
+            metrics.update(sums_by_teacher(rollout.teacher_groups, {"teacher_kl": teacher_kl, "loss": per_token}))
         return loss, num_tokens, metrics
 
 
@@ -159,7 +164,8 @@ class OPDRLLoss:
 class TeacherKL:
     """An evaluation loss: OPD-RL's `teacher_kl` (k3, per response token) of the student's
     current distribution against the teacher's output (`teachers.outputs`),
-    for `Trainer.evaluate(loss=TeacherKL(...), sample=True)` on held-out prompts."""
+    for `Trainer.evaluate(loss=TeacherKL(...), sample=True)` on held-out prompts. Each token at
+    its row's teacher temperature (`temperature`: of a bare teacher answer)."""
 
     temperature: float
     vocab_size: int
@@ -168,10 +174,13 @@ class TeacherKL:
                  loss_mask: torch.Tensor, teacher, with_sft: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         mask = loss_mask.bool()
-        targets = labels[mask]
-        student = fused_linear_token_logprobs(student_hidden[mask], student_head, targets,
-                                              temperature=self.temperature, vocab_size=self.vocab_size)
-        teacher_logprobs = teacher.token_logprobs(targets, temperature=self.temperature, vocab_size=self.vocab_size)
-        kl = teacher_kl_k3(teacher_logprobs, student).double().sum()
+        targets, hidden = labels[mask], student_hidden[mask]
+        mix = as_mix(teacher, self.temperature, None)
+        student = mix.per_part(lambda part, rows: fused_linear_token_logprobs(
+            rows(hidden), student_head, rows(targets), temperature=part.temperature, vocab_size=self.vocab_size))
+        teacher_logprobs = mix.token_logprobs(targets, vocab_size=self.vocab_size)
+        per_token = teacher_kl_k3(teacher_logprobs, student).double()
+        kl = per_token.sum()
         num_tokens = mask.sum().to(torch.int)
-        return kl, num_tokens, {"teacher_kl_sum": kl.detach().clone(), "tokens": num_tokens.detach().clone()}
+        return kl, num_tokens, {"teacher_kl_sum": kl.detach().clone(), "tokens": num_tokens.detach().clone(),
+                                **sums_by_teacher(mix.groups(), {"teacher_kl": per_token})}

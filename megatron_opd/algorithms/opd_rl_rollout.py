@@ -32,6 +32,7 @@ from megatron_opd.algorithms.rewards import RewardError, RewardFunction, compute
 from megatron_opd.config.job import JobConfig
 from megatron_opd.data import OUTPUT_COLUMNS
 from megatron_opd.runtime.agreement import run_agreed
+from megatron_opd.teachers.outputs import as_mix
 
 
 @dataclass
@@ -99,14 +100,16 @@ class OPDRL(Algorithm):
         for index, microbatch in enumerate(microbatches):
             mask = microbatch.loss_mask.to(device)
             rows = local_base[list(microbatch.rows)]
-            teacher_logprobs = None
-            if teacher_outputs is not None:
-                teacher_logprobs = teacher_outputs[index].token_logprobs(
-                    microbatch.labels.to(device)[mask], temperature=self.config.temperature,
-                    vocab_size=context.vocab_size)
+            teacher_logprobs, groups = None, []
+            if teacher_outputs is not None:  # each row's log-ratio against its own teacher
+                mix = as_mix(teacher_outputs[index], self.config.temperature, None)
+                teacher_logprobs = mix.token_logprobs(microbatch.labels.to(device)[mask],
+                                                      vocab_size=context.vocab_size)
+                groups = mix.groups()
             tokens.append(RolloutTokens(rows.unsqueeze(1).expand(mask.shape)[mask], teacher_logprobs,
                                         old_logprobs[index] if old_logprobs is not None else None,
-                                        batch.rollout_logprobs[index] if batch.rollout_logprobs is not None else None))
+                                        batch.rollout_logprobs[index] if batch.rollout_logprobs is not None else None,
+                                        groups))
         return tokens
 
     def _rewards(self, context: StepContext, examples: list[dict], completions: list[list[int]]

@@ -1,5 +1,5 @@
-"""A job's models as found on disk, before any weights load: the student, an in-process teacher,
-one padded vocab for both, and the tokenizer (shared by training and `cache-teacher`).
+"""A job's models as found on disk, before any weights load: the student, the in-process teachers,
+one padded vocab for all, and the tokenizer (shared by training and `cache-teacher`).
 
 Teacher and student may differ in every dimension (layers, hidden size, heads, FFN, padded
 vocab): the losses read the teacher through its own final hidden states and LM head. What
@@ -32,9 +32,14 @@ class RunModels:
     """The run's models as found on disk (no weights loaded), with one padded vocab, and the tokenizer."""
 
     student: Pretrained
-    teacher: Optional[Pretrained]  # an in-process teacher_model, else None
+    teachers: dict[str, Pretrained]  # the in-process teachers by name (config.teacher_list() order)
     vocab_size: int  # true vocab (the tokenizer's): ids >= it are padding in every head
     tokenizer: Any
+
+    @property
+    def teacher(self) -> Optional[Pretrained]:
+        """The in-process teacher of a run whose only teacher is one, else None."""
+        return next(iter(self.teachers.values())) if len(self.teachers) == 1 else None
 
 
 def resolve_models(config: JobConfig) -> RunModels:
@@ -42,15 +47,15 @@ def resolve_models(config: JobConfig) -> RunModels:
     one size, load the tokenizer (which must fit every model's vocab) and check that the
     teacher's own tokenizer, if it ships one, is the same."""
     student = inspect_field("model", config.model, config.make_vocab_size_divisible_by)
-    teacher = (inspect_field("teacher_model", config.teacher_model, config.make_vocab_size_divisible_by)
-               if config.teacher_model is not None else None)
-    for name, source in (("model", student), ("teacher_model", teacher)):
+    fields = teacher_model_fields(config)  # name -> (config field, path) of each in-process teacher
+    teachers = {name: inspect_field(field, path, config.make_vocab_size_divisible_by)
+                for name, (field, path) in fields.items()}
+    for name, source in (("model", student), *((fields[key][0], value) for key, value in teachers.items())):
         try:
-            if source is not None:
-                source.model.check_parallel(config.parallel)
+            source.model.check_parallel(config.parallel)
         except ConfigError as error:
             raise ConfigError(f"{name} {source.path}: {error}") from error
-    sources = [student] + ([teacher] if teacher is not None else [])
+    sources = [student, *teachers.values()]
     padded = with_common_padded_vocab([source.model for source in sources],
                                       config.parallel.tensor_model_parallel_size)
     sources = [dataclasses.replace(source, model=model) for source, model in zip(sources, padded)]
@@ -58,9 +63,18 @@ def resolve_models(config: JobConfig) -> RunModels:
     tokenizer_path, tokenizer_field = run_tokenizer_path(config, student)
     tokenizer = load_tokenizer(tokenizer_path)
     vocab_size = tokenizer_vocab_size(tokenizer, tokenizer_field, sources)
-    if teacher is not None:
-        check_teacher_tokenizer(tokenizer, tokenizer_path, tokenizer_field, teacher)
-    return RunModels(sources[0], sources[1] if teacher is not None else None, vocab_size, tokenizer)
+    teachers = dict(zip(teachers, sources[1:]))
+    for name, teacher in teachers.items():
+        check_teacher_tokenizer(tokenizer, tokenizer_path, tokenizer_field, teacher, fields[name][0])
+    return RunModels(sources[0], teachers, vocab_size, tokenizer)
+
+
+def teacher_model_fields(config: JobConfig) -> dict[str, tuple[str, str]]:
+    """Each in-process teacher's name -> (the config field naming it, its path)."""
+    if config.teachers:
+        return {spec.name: (f"teachers[{index}].model", spec.model)
+                for index, spec in enumerate(config.teachers) if spec.model is not None}
+    return {spec.name: ("teacher_model", spec.model) for spec in config.teacher_list() if spec.model is not None}
 
 
 def inspect_field(field: str, path: str, make_vocab_size_divisible_by: int) -> Pretrained:
@@ -106,7 +120,8 @@ def has_tokenizer_files(directory: Path) -> bool:
     return any((directory / name).is_file() for name in TOKENIZER_FILES)
 
 
-def check_teacher_tokenizer(tokenizer: Any, tokenizer_path: Path, tokenizer_field: str, teacher: Pretrained) -> None:
+def check_teacher_tokenizer(tokenizer: Any, tokenizer_path: Path, tokenizer_field: str, teacher: Pretrained,
+                            field: str = "teacher_model") -> None:
     """Refuse an in-process teacher whose own tokenizer differs from the run's.
 
     The teacher scores the student's token ids, so the same id must mean the same text to
@@ -122,7 +137,7 @@ def check_teacher_tokenizer(tokenizer: Any, tokenizer_path: Path, tokenizer_fiel
     difference = tokenizer_difference(tokenizer, load_tokenizer(theirs_path))
     if difference is not None:
         raise ConfigError(
-            f"teacher_model={teacher.path} is invalid: its tokenizer ({theirs_path}) differs from the run's, "
+            f"{field}={teacher.path} is invalid: its tokenizer ({theirs_path}) differs from the run's, "
             f"{tokenizer_field}: {difference}. The teacher must use the student's tokenizer (a larger teacher "
             "vocab_size over the same tokenizer, e.g. 152064 vs 151936, is allowed)")
 

@@ -199,6 +199,8 @@ def _scalar(value: Any) -> str:
     """`value` as a one-line YAML flow node."""
     if value is None:
         return "null"
+    if isinstance(value, list) and any(dataclasses.is_dataclass(item) for item in value):  # teachers:
+        value = [_plain(item) for item in value]
     text = yaml.safe_dump(value, default_flow_style=True, width=float("inf"), allow_unicode=True)
     if text.endswith("\n...\n"):
         text = text[: -len("\n...\n")]
@@ -208,6 +210,13 @@ def _scalar(value: Any) -> str:
     if "\n" in text or _load_yaml(text) != value:
         text = json.dumps(value)
     return text
+
+
+def _plain(item: Any) -> Any:
+    """A list entry that is a config dataclass as a mapping of its set fields (nulls left out)."""
+    if not dataclasses.is_dataclass(item):
+        return item
+    return {name: _plain(value) for name, value in dataclasses.asdict(item).items() if value is not None}
 
 
 def _choices(annotation: Any) -> list[Any]:

@@ -6,7 +6,8 @@ Algorithm parameters sit at the top level under ms-swift's names (`beta`, `lmbda
 `sft_alpha`, `temperature`, `max_completion_length`, `gkd_logits_topk`, `seq_kd`,
 `teacher_model`, `teacher_model_server`, `offload_teacher_model`, `teacher_kl_coef`)
 and TRL's GRPO names (`num_generations`, `num_iterations`, `epsilon`, `epsilon_high`,
-`reward_funcs`) so that a recipe reads the same in both; `teacher_cache` is ours. The
+`reward_funcs`) so that a recipe reads the same in both; `teacher_cache` and `teachers`
+(several named teachers, rows routed by `teacher_column`) are ours. The
 machinery (parallel layout, the models' compute: layer spec and recomputation, data,
 optimizer, training schedule, checkpoints, logging, the teacher server's client) is in sections.
 """
@@ -147,6 +148,29 @@ class TeacherServerConfig:
         check(self.max_concurrency >= 1, "teacher_server.max_concurrency", self.max_concurrency, "an integer >= 1")
 
 
+@dataclass
+class TeacherConfig:
+    """One named teacher of `teachers`: exactly one source (`model`, `server` or `cache`), and
+    its own temperature, top-K and server settings (null: the run's)."""
+
+    name: str  # what rows name in the routing column, and what per-teacher metrics are called
+    model: Optional[str] = None  # an HF directory or megatron_opd checkpoint, run in process
+    server: Optional[str] = None  # URL of an OpenAI-style server with prompt_logprobs (its settings: teacher_server)
+    cache: Optional[str] = None  # a directory written by `megatron-opd cache-teacher` (GKD, lmbda 0)
+    temperature: Optional[float] = None  # divides the logits of this teacher's rows (null: the run's temperature)
+    gkd_logits_topk: Optional[int] = None  # this teacher's top-K (null: the run's gkd_logits_topk)
+    teacher_server: Optional[TeacherServerConfig] = None  # for server (null: the run's teacher_server)
+
+    @property
+    def source(self) -> str:
+        """'model', 'server' or 'cache': where this teacher's answers come from."""
+        return next(kind for kind in ("model", "server", "cache") if getattr(self, kind) is not None)
+
+
+TEACHER_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# The name of the one teacher of teacher_model / teacher_model_server / teacher_cache / teacher: self
+SINGLE_TEACHER = "teacher"
+
 ALGORITHMS = ("gkd", "opd_rl", "sft")
 
 
@@ -167,6 +191,14 @@ class JobConfig:
     # token of the dataset, for off-policy GKD with no teacher loaded
     teacher_cache: Optional[str] = None
     offload_teacher_model: bool = False
+    # Several teachers in one run (e.g. math, code and tool-use specialists into one student), each
+    # row distilled from the teacher its `teacher_column` names: a list of {name, and one of model
+    # (in process, the student's TP/PP layout), server (URL) or cache (directory); optional
+    # temperature, gkd_logits_topk and teacher_server, null: the run's}. Empty: the one teacher of
+    # teacher_model / teacher_model_server / teacher_cache, which the run treats as a list of one
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    teacher_column: str = "teacher"  # the data column naming each row's teacher (read with two or more teachers)
+    default_teacher: Optional[str] = None  # the teacher of rows whose column is absent or null (null: an error)
     beta: float = 0.5  # 0 forward KL(teacher || student), 1 reverse KL, between: generalized JSD
     lmbda: float = 0.5  # probability that a step trains on student samples (on-policy)
     sft_alpha: float = 0.0  # weight of the CE on dataset responses
@@ -221,6 +253,8 @@ class JobConfig:
                   "null with teacher: self (the student is its own teacher)")
             check(not self.seq_kd, "seq_kd", self.seq_kd, "false with teacher: self")
         self._check_remote_teacher()
+        if self.teachers:
+            self._check_teachers()
         budget, parallel = self.training.max_tokens_per_microbatch, self.parallel
         if budget is not None and parallel.sequence_parallel:
             multiple = 8 * parallel.tensor_model_parallel_size
@@ -247,8 +281,8 @@ class JobConfig:
         for index, name in enumerate(self.training.resume_allow_changes):
             check(name in known, f"training.resume_allow_changes[{index}]", name,
                   "a config field or section, e.g. model, data.dataset, beta or optimizer")
-        has_teacher = any(value is not None for value in
-                          (self.teacher_model, self.teacher_model_server, self.teacher_cache))
+        has_teacher = bool(self.teachers) or any(value is not None for value in
+                                                 (self.teacher_model, self.teacher_model_server, self.teacher_cache))
         if self.algorithm == "gkd" and not has_teacher and self.teacher != "self":
             raise ConfigError("teacher_model=None is invalid: GKD needs a teacher (an HF dir or megatron_opd "
                               "checkpoint, teacher_model_server or teacher_cache), or teacher: self with a "
@@ -269,7 +303,8 @@ class JobConfig:
             check(self.algorithm != "opd_rl" or self.temperature == 1.0, "temperature", self.temperature,
                   "1.0 with algorithm: opd_rl and teacher_model_server (servers return log-probs at "
                   "temperature 1, and a sampled token's tempered log-prob needs the whole vocab)")
-        check(not self.offload_teacher_model or self.teacher_model is not None, "offload_teacher_model",
+        check(not self.offload_teacher_model or self.teacher_model is not None or bool(self.teachers),
+              "offload_teacher_model",
               self.offload_teacher_model, "false unless teacher_model is set (only an in-process teacher has weights)")
         if self.teacher_cache is not None:
             for name in ("teacher_model", "teacher_model_server"):
@@ -282,6 +317,82 @@ class JobConfig:
             check(self.gkd_logits_topk is not None, "gkd_logits_topk", self.gkd_logits_topk,
                   "an integer >= 1 when teacher_cache is set (at most the cache's K)")
 
+    def _check_teachers(self) -> None:
+        """`teachers`: unique names, one source each, settings that fit the algorithm, a known default."""
+        for name in ("teacher_model", "teacher_model_server", "teacher_cache"):
+            check(getattr(self, name) is None, name, getattr(self, name),
+                  "null when teachers is set (list every teacher there)")
+        check(self.teacher == "model", "teacher", self.teacher, "'model' when teachers is set")
+        check(self.algorithm != "sft", "teachers", [spec.name for spec in self.teachers],
+              "empty with algorithm: sft (no teacher)")
+        names = []
+        for index, spec in enumerate(self.teachers):
+            where = f"teachers[{index}]"
+            check(TEACHER_NAME.match(spec.name) is not None, f"{where}.name", spec.name,
+                  "a non-empty name of letters, digits, '_', '.' or '-' (metrics are named after it)")
+            check(spec.name not in names, f"{where}.name", spec.name, f"a name not used before (taken: {names})")
+            names.append(spec.name)
+            sources = [kind for kind in ("model", "server", "cache") if getattr(spec, kind) is not None]
+            check(len(sources) == 1, where, spec.name,
+                  f"exactly one source: set one of {where}.model, {where}.server or {where}.cache"
+                  + (f" (it sets {sources})" if sources else " (it sets none)"))
+            temperature = self.temperature if spec.temperature is None else spec.temperature
+            topk = self.gkd_logits_topk if spec.gkd_logits_topk is None else spec.gkd_logits_topk
+            if spec.temperature is not None:
+                check(spec.temperature > 0, f"{where}.temperature", spec.temperature, "a number > 0, or null")
+            if spec.gkd_logits_topk is not None:
+                check(spec.gkd_logits_topk >= 1, f"{where}.gkd_logits_topk", spec.gkd_logits_topk,
+                      "an integer >= 1, or null (the run's gkd_logits_topk)")
+            check(spec.teacher_server is None or spec.server is not None, f"{where}.teacher_server",
+                  spec.teacher_server, f"null unless {where}.server is set")
+            if spec.server is not None:
+                check(re.match(r"^https?://[^/\s]+", spec.server) is not None, f"{where}.server", spec.server,
+                      "an http(s) URL, e.g. http://127.0.0.1:8000")
+                if self.algorithm == "gkd":
+                    check(topk is not None, f"{where}.gkd_logits_topk", spec.gkd_logits_topk,
+                          "an integer >= 1 for a server teacher (here or gkd_logits_topk; servers return top-K)")
+                check(self.algorithm != "opd_rl" or temperature == 1.0, f"{where}.temperature", temperature,
+                      "1.0 for a server teacher with algorithm: opd_rl (servers return log-probs at temperature 1)")
+            if spec.cache is not None:
+                check(self.algorithm == "gkd" and self.lmbda == 0.0 and not self.seq_kd, f"{where}.cache", spec.cache,
+                      "null unless algorithm: gkd with lmbda 0 and seq_kd false (the cache holds the dataset's "
+                      "responses only)")
+                check(topk is not None, f"{where}.gkd_logits_topk", spec.gkd_logits_topk,
+                      "an integer >= 1 for a cache teacher (here or gkd_logits_topk; at most the cache's K)")
+        check(not self.seq_kd or len(self.teachers) == 1 and self.teachers[0].model is not None, "seq_kd",
+              self.seq_kd, "false with several teachers (teacher samples need one in-process teacher)")
+        check(not self.offload_teacher_model or any(spec.model is not None for spec in self.teachers),
+              "offload_teacher_model", self.offload_teacher_model,
+              "false unless a teacher has a model (only an in-process teacher has weights)")
+        check(self.teacher_column != "" and not self.teacher_column.startswith("_"), "teacher_column",
+              self.teacher_column, "a data column name (not empty, not starting with '_')")
+        if self.default_teacher is not None:
+            check(self.default_teacher in names, "default_teacher", self.default_teacher,
+                  f"one of the teachers' names {names}, or null")
+
+    def teacher_list(self) -> list[TeacherConfig]:
+        """The run's separate teachers, one list whatever the config spelled: `teachers`, or the
+        single-teacher fields as a list of one named 'teacher' (the run's temperature and top-K;
+        teacher: self with teacher_model is the student's frozen initial copy); empty without a
+        separate teacher (teacher: self dynamic, sft, reward-only OPD-RL)."""
+        if self.teachers:
+            return list(self.teachers)
+        if self.algorithm == "sft":
+            return []
+        if all(value is None for value in (self.teacher_model, self.teacher_model_server, self.teacher_cache)):
+            return []
+        return [TeacherConfig(name=SINGLE_TEACHER, model=self.teacher_model, server=self.teacher_model_server,
+                              cache=self.teacher_cache)]
+
+    def teacher_temperature(self, spec: TeacherConfig) -> float:
+        return self.temperature if spec.temperature is None else spec.temperature
+
+    def teacher_topk(self, spec: TeacherConfig) -> Optional[int]:
+        return self.gkd_logits_topk if spec.gkd_logits_topk is None else spec.gkd_logits_topk
+
+    def teacher_server_settings(self, spec: TeacherConfig) -> TeacherServerConfig:
+        return self.teacher_server if spec.teacher_server is None else spec.teacher_server
+
     def _check_opd_rl(self) -> None:
         check(self.num_generations >= 2, "num_generations", self.num_generations,
               "an integer >= 2 (group-normalized advantages need a group)")
@@ -290,7 +401,8 @@ class JobConfig:
         if self.epsilon_high is not None:
             check(self.epsilon_high > 0, "epsilon_high", self.epsilon_high, "a number > 0, or null (= epsilon)")
         check(not self.seq_kd, "seq_kd", self.seq_kd, "false with algorithm: opd_rl (it trains on student samples)")
-        has_teacher = self.teacher == "self" or self.teacher_model is not None or self.teacher_model_server is not None
+        has_teacher = (self.teacher == "self" or self.teacher_model is not None or self.teacher_model_server is not None
+                       or bool(self.teachers))
         check(has_teacher or bool(self.reward_funcs), "reward_funcs", self.reward_funcs,
               "at least one module:function when algorithm: opd_rl has no teacher (nothing to learn from)")
         training = self.training

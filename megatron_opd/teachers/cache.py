@@ -8,7 +8,8 @@ teacher would give with the same K (`teachers.outputs.TeacherTopK` either way).
     DIR/teacher_cache.json   format, K, teacher, vocab size, rows per split
     DIR/train/, DIR/val/     `datasets` save_to_disk directories (Arrow, memory-mapped),
                              one row per tokenized dataset row, in the dataset's order:
-        row             int64                 the row's index in the tokenized dataset
+        row             int64                 the row's index in the tokenized dataset (a cache
+                                              of one teacher of several holds its rows only)
         input_ids       [L] int32             the tokens the teacher read
         topk_ids        [n][K] int32          n = the row's response tokens (loss mask)
         topk_logprobs   [n][K] float32        full-vocab log-probs at temperature 1, descending
@@ -75,6 +76,8 @@ class TeacherCache:
         self.k, self.device, self.metadata = k, device, metadata
         self.splits = {split: load_from_disk(str(self.path / split)).with_format("numpy")
                        for split in metadata["splits"]}
+        # dataset row -> position in the cache, where the cache holds some rows only (None: all, in order)
+        self.positions = {split: _row_positions(np.asarray(data["row"])) for split, data in self.splits.items()}
 
     def forward(self, microbatches: list[Microbatch], examples: list[dict]) -> Optional[list[TeacherTopK]]:
         """Per microbatch on the last stage: the cached top-K of its rows' response tokens
@@ -94,7 +97,13 @@ class TeacherCache:
         if split not in self.splits:
             raise ConfigError(f"teacher_cache={str(self.path)!r} has no {split!r} split (it has "
                               f"{sorted(self.splits)}): rebuild it with this config's data")
-        cached = self.splits[split][row]
+        positions = self.positions[split]
+        position = row if positions is None else positions.get(row)
+        if position is None or position >= len(self.splits[split]):
+            raise ConfigError(f"teacher_cache={str(self.path)!r} has no {split} row {row} (it holds "
+                              f"{len(self.splits[split])} rows): it was built from other data or another routing "
+                              "of rows to teachers; rebuild it with this config")
+        cached = self.splits[split][position]
         if int(cached["row"]) != row or not np.array_equal(cached["input_ids"], np.asarray(example["input_ids"])):
             raise ConfigError(f"teacher_cache={str(self.path)!r} does not match the {split} data at row {row}: "
                               "it was built from other data, tokenizer or truncation; rebuild it")
@@ -105,5 +114,11 @@ class TeacherCache:
         return (torch.from_numpy(np.asarray(cached["topk_logprobs"], dtype=np.float32).reshape(shape)[:, :self.k]),
                 torch.from_numpy(np.asarray(cached["topk_ids"], dtype=np.int64).reshape(shape)[:, :self.k]),
                 torch.from_numpy(np.asarray(cached["token_logprobs"], dtype=np.float32)))
+
+def _row_positions(rows: np.ndarray) -> Optional[dict[int, int]]:
+    if np.array_equal(rows, np.arange(len(rows))):
+        return None
+    return {int(row): position for position, row in enumerate(rows.tolist())}
+
 
 __all__ = ["CACHE_FORMAT", "METADATA", "TeacherCache", "cache_features", "read_metadata"]

@@ -1,9 +1,11 @@
 """Writing the teacher cache: a teacher run over a dataset in order, its top-K kept per response token.
 
-`cache_split` runs a teacher source (in process or a server) over every row of one
-split, global batch by global batch, and keeps its top `gkd_logits_topk` ids and
+`cache_split` runs the run's teachers (`teachers.routing.TeacherSet`: in process or
+servers, each only on the rows routed to it) over every row of one split, global batch by
+global batch, and keeps each row's teacher's top-K ids (its `gkd_logits_topk`) and
 full-vocab log-probs at each response token (temperature 1, as a server returns them);
-`teachers.cache` has the layout and reads it back. The command is
+`teachers.cache` has the layout and reads it back. One teacher writes one cache; several
+write one cache per teacher (`DIR/<name>/`), each holding its own rows. The command is
 `megatron-opd cache-teacher` (`commands.cache_teacher`).
 
 Rows are written as Parquet shards while the teacher runs (memory stays bounded), then
@@ -23,15 +25,15 @@ from megatron_opd.config.job import JobConfig
 from megatron_opd.pipeline import make_microbatches
 from megatron_opd.teachers.cache import cache_features
 from megatron_opd.teachers.outputs import TeacherHidden, TeacherTopK
+from megatron_opd.teachers.routing import TeacherSet
 
 SHARD_ROWS = 4096  # rows per Parquet shard written while the teacher runs
 
 
-def _topk(output, batch, k: int, vocab_size: int) -> TeacherTopK:
-    """A microbatch's teacher answer as top-K (collective over TP for an in-process teacher)."""
+def _topk(output, labels, k: int, vocab_size: int) -> TeacherTopK:
+    """A teacher's answer at `labels` `[n]` as top-K (collective over TP for an in-process teacher)."""
     if isinstance(output, TeacherHidden):
-        labels = batch.labels[batch.loss_mask].to(output.hidden.device)
-        return output.topk(k, labels, vocab_size)
+        return output.topk(k, labels.to(output.hidden.device), vocab_size)
     return output
 
 
@@ -72,7 +74,10 @@ class _SplitWriter:
 
         self.flush()
         arrow_cache = self.directory / f".{self.split}-arrow"
-        dataset = Dataset.from_parquet(self.shards, features=cache_features(), cache_dir=str(arrow_cache))
+        if self.shards:
+            dataset = Dataset.from_parquet(self.shards, features=cache_features(), cache_dir=str(arrow_cache))
+        else:  # a teacher no row of this split is routed to
+            dataset = Dataset.from_dict({name: [] for name in cache_features()}, features=cache_features())
         dataset.save_to_disk(str(self.directory / self.split))
         del dataset
         shutil.rmtree(self.shards_dir)
@@ -80,35 +85,48 @@ class _SplitWriter:
         return self.rows
 
 
-def cache_split(teacher, dataset, split: str, config: JobConfig, vocab_size: int, pad_id: int,
-                staging: Path, writes: bool, device_type: str) -> int:
-    """Run the teacher over `dataset` in order, global batch by global batch; rows written.
-    `device_type`: the run's device ('cuda' or 'cpu'), which sets the microbatches' padding."""
-    k = config.gkd_logits_topk
-    batch_size, micro = config.training.global_batch_size, config.training.micro_batch_size
-    writer = _SplitWriter(staging, split) if writes else None
+def cache_split(teachers: TeacherSet, dataset, split: str, config: JobConfig, vocab_size: int, pad_id: int,
+                staging: Path, writes: bool, device_type: str, routes: list[int] | None = None) -> dict[str, int]:
+    """Run the teachers over `dataset` in order, global batch by global batch, each row by its
+    teacher (`routes`: each row's teacher index; None: one teacher); rows written per teacher.
+    `device_type`: the run's device ('cuda' or 'cpu'), which sets the microbatches' padding.
+    One teacher writes under `staging`, several under `staging/<name>`."""
+    batch_size = config.training.global_batch_size
+    micro = config.training.micro_batch_size
+    names = teachers.names
+    ks = {member.name: member.topk for member in teachers.members}
+    writers = None
+    if writes:
+        writers = {name: _SplitWriter(staging / name if len(names) > 1 else staging, split) for name in names}
     started, total = time.monotonic(), len(dataset)
     for start in range(0, total, batch_size):
-        examples = [{**dataset[row], "_row": row, "_split": split} for row in range(start, min(total, start + batch_size))]
+        examples = [{**dataset[row], "_row": row, "_split": split, "_teacher": routes[row] if routes else 0}
+                    for row in range(start, min(total, start + batch_size))]
         real = len(examples)
         # Megatron's schedule needs equal microbatches: fill the last one with empty rows.
-        examples += [{"input_ids": [pad_id, pad_id], "loss_mask": [0, 0], "prompt_length": 2}] * (-real % micro)
+        examples += [{"input_ids": [pad_id, pad_id], "loss_mask": [0, 0], "prompt_length": 2,
+                      "_teacher": 0}] * (-real % micro)
         microbatches = make_microbatches(examples, pad_id, config, device_type)
-        outputs = teacher.forward(microbatches, examples)
+        outputs = teachers.forward(microbatches, examples)
         if outputs is None:
             continue
-        spans: dict[int, tuple] = {}  # example -> its microbatch's answer, offset, count
-        for batch, output in zip(microbatches, outputs):
-            answer = _topk(output, batch, k, vocab_size)
-            offset = 0
-            for row, count in zip(batch.rows, batch.loss_mask.sum(dim=1).tolist()):
-                spans[row] = (answer, offset, int(count))
-                offset += int(count)
+        spans: dict[int, tuple] = {}  # example -> its teacher's answer for its microbatch, offset, count
+        for batch, mix in zip(microbatches, outputs):
+            labels = batch.labels[batch.loss_mask]
+            counts = dict(zip(batch.rows, (int(count) for count in batch.loss_mask.sum(dim=1).tolist())))
+            for part in mix.parts:
+                answer = _topk(part.answer, labels if part.index is None else labels[part.index], ks[part.name],
+                               vocab_size)
+                offset = 0
+                for row in batch.rows:  # the part's tokens: its rows' tokens, in batch order
+                    if names[teachers.route(examples[row])] == part.name:
+                        spans[row] = (answer, offset, counts[row])
+                        offset += counts[row]
         for row, example in enumerate(examples):  # in dataset order (a token budget regroups rows)
-            if writer is not None and "_row" in example:
-                writer.add(example["_row"], example["input_ids"], *spans[row])
+            if writers is not None and "_row" in example:
+                writers[names[teachers.route(example)]].add(example["_row"], example["input_ids"], *spans[row])
         if writes:
             done = min(total, start + batch_size)
             print(f"cache-teacher {split}: {done}/{total} rows, {done / max(time.monotonic() - started, 1e-9):.1f} "
                   "rows/s", file=sys.stderr, flush=True)
-    return writer.finish() if writer is not None else 0
+    return {name: writer.finish() for name, writer in writers.items()} if writers is not None else {}

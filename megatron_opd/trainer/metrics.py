@@ -28,12 +28,14 @@ _LINE_KEYS = ("loss", "divergence", "sft_loss", "grad_norm", "lr", "tokens_per_s
 def reduce_metrics(outputs: Optional[list[dict]], sums: dict[str, float], device: torch.device) -> dict[str, float]:
     """A step's metrics from the loss outputs of its microbatches (last stage; None elsewhere
     gives {}): every `<name>_sum` summed over microbatches and DP ranks and divided by the
-    global token count; every `<name>_max` the largest over microbatches and DP ranks;
-    `sums` (this rank's, e.g. sampled tokens) summed over DP ranks as they are."""
+    global token count; every `<name>_count` summed as it is; every `<name>_max` the largest
+    over microbatches and DP ranks; `sums` (this rank's, e.g. sampled tokens) summed over DP
+    ranks as they are. Per teacher (`<metric>/<teacher>_sum`, `tokens/<teacher>_count`), also
+    `<metric>_mean/<teacher>`: the metric per token of that teacher's rows."""
     if outputs is None:
         return {}
     group = parallel_state.get_data_parallel_group()
-    keys = sorted({key for out in outputs for key in out if key.endswith("_sum")})
+    keys = sorted({key for out in outputs for key in out if key.endswith(("_sum", "_count"))})
     totals = [sum((out[key].double() for out in outputs if key in out), torch.zeros((), dtype=torch.float64))
               for key in keys + ["tokens"]]
     totals += [torch.tensor(float(value), dtype=torch.float64) for value in sums.values()]
@@ -41,7 +43,12 @@ def reduce_metrics(outputs: Optional[list[dict]], sums: dict[str, float], device
     torch.distributed.all_reduce(reduced, group=group)
     reduced = reduced.tolist()
     tokens = reduced[len(keys)]
-    result = {key[:-len("_sum")]: total / max(tokens, 1) for key, total in zip(keys, reduced)}
+    result = {key[:-len("_sum")]: total / max(tokens, 1) for key, total in zip(keys, reduced) if key.endswith("_sum")}
+    result.update({key[:-len("_count")]: int(total) for key, total in zip(keys, reduced) if key.endswith("_count")})
+    for key, total in zip(keys, reduced):
+        metric, _, teacher = key[:-len("_sum")].rpartition("/")
+        if key.endswith("_sum") and metric and f"tokens/{teacher}" in result:
+            result[f"{metric}_mean/{teacher}"] = total / max(result[f"tokens/{teacher}"], 1)
     result["tokens"] = int(tokens)
     result.update(zip(sums, reduced[len(keys) + 1:]))
     # Every DP rank has the same keys (the same algorithm, the same kind of step).

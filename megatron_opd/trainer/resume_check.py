@@ -43,6 +43,7 @@ APPLIED = (
     "optimizer.weight_decay", "optimizer.adam_beta1", "optimizer.adam_beta2", "optimizer.adam_eps",
     "optimizer.clip_grad", "optimizer.use_distributed_optimizer", "training.global_batch_size",
     "parallel.tensor_model_parallel_size", "parallel.pipeline_model_parallel_size", "parallel.sequence_parallel",
+    "parallel.expert_model_parallel_size", "parallel.expert_tensor_parallel_size",  # experts reshard on load
     "compute", "rollout", "teacher_server", "teacher_model_server", "offload_teacher_model", "data.num_proc",
     "data.val_dataset",  # held-out data: evaluated, never trained on
 )
@@ -51,6 +52,7 @@ FINGERPRINTED = ("model", "teacher_model", "teacher_cache", "data.dataset", "dat
 # The run's tokenizer (data.tokenizer, else the student's) is compared by what it does:
 # its vocabulary, special tokens and chat template, whichever directory it is read from.
 TOKENIZER = "data.tokenizer"
+TEACHER_FILES = "teachers"
 
 
 def run_identity(config: JobConfig, tokenizer: Any) -> dict[str, Any]:
@@ -60,6 +62,11 @@ def run_identity(config: JobConfig, tokenizer: Any) -> dict[str, Any]:
         if name in FINGERPRINTED and value:
             identity[name] = ([path_fingerprint(path) for path in value] if isinstance(value, list)
                               else path_fingerprint(value))
+    # `teachers`: each in-process teacher's and cache's files, by name (servers: their address only)
+    files = {spec.name: path_fingerprint(spec.model or spec.cache) for spec in config.teachers
+             if (spec.model or spec.cache) is not None}
+    if files:
+        identity[TEACHER_FILES] = files
     return identity
 
 
@@ -92,6 +99,10 @@ def config_changes(saved_config: dict[str, Any], saved_identity: Optional[dict[s
                 changes.append(Change(name, before, after, why))
         elif before != after and name != "training.output_dir":
             changes.append(Change(name, before, after))
+    if (saved_identity is not None and saved_identity.get(TEACHER_FILES) != identity.get(TEACHER_FILES)
+            and not any(change.field == TEACHER_FILES for change in changes)):
+        changes.append(Change(TEACHER_FILES, saved.get(TEACHER_FILES), current.get(TEACHER_FILES),
+                              "the same paths, other contents"))
     return changes
 
 

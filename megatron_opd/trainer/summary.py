@@ -55,6 +55,13 @@ def start_summary(config: JobConfig, runtime: Runtime, dtype: torch.dtype, model
         lines.append(f"teacher: cache {config.teacher_cache}")
     elif config.teacher == "self":
         lines.append("teacher: the student itself, fed each row's teacher_prompt (OPSD)")
+    for spec in config.teachers:  # several: the remote ones (in-process ones have their model line)
+        if spec.model is None:
+            lines.append(f"teacher {spec.name}: {spec.source} {spec.server or spec.cache}")
+    if config.teachers:
+        default = f", default {config.default_teacher}" if config.default_teacher else ""
+        lines.append(f"teachers: {', '.join(spec.name for spec in config.teachers)}, each row's named by its "
+                     f"{config.teacher_column!r} column{default}")
     microbatches = (f"{training.num_microbatches(data_parallel)} microbatch(es) of {training.micro_batch_size} "
                     "per DP rank" if training.max_tokens_per_microbatch is None else
                     f"microbatches of at most {training.max_tokens_per_microbatch:,} padded tokens (rows by length)")

@@ -50,7 +50,8 @@ from megatron_opd.runtime.precision import resolve_dtype
 from megatron_opd.runtime.progress import byte_amount
 from megatron_opd.runtime.seeds import step_seed
 from megatron_opd.teachers import LocalTeacher
-from megatron_opd.teachers.build import remote_teacher
+from megatron_opd.teachers.build import remote_teachers, teacher_set
+from megatron_opd.teachers.routing import route_dataset
 from megatron_opd.trainer.checkpointing import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from megatron_opd.trainer.metrics import MetricsWriter, reduce_metrics
 from megatron_opd.trainer.optim import MIN_LOSS_SCALE, build_optimizer, resolve_distributed_optimizer, wrap_student
@@ -91,7 +92,7 @@ class Trainer:
         self.algorithm = build_algorithm(config, self.vocab_size)
         # A teacher that is not loaded here is checked before the student is: a server that
         # is down or a cache built for other data fails the run in seconds.
-        teacher = remote_teacher(config, models, self.runtime)
+        sources = remote_teachers(config, models, self.runtime)
 
         use_distributed_optimizer = resolve_distributed_optimizer(config.optimizer.use_distributed_optimizer,
                                                                   config.optimizer.optimizer,
@@ -101,16 +102,18 @@ class Trainer:
         model_lines = [model_line("student", models.student.path, models.student.family,
                                   count_parameters(student), self.dtype)]
         self.model = wrap_student(student, use_distributed_optimizer)
-        if models.teacher is not None:
-            teacher_model = load_pretrained(models.teacher, self.runtime, "teacher", self.dtype,
-                                            compute=config.compute,
-                                            progress=f"loading the teacher from {models.teacher.path}")
-            model_lines.append(model_line("teacher", models.teacher.path, models.teacher.family,
+        for name, pretrained in models.teachers.items():  # every in-process teacher, at the student's layout
+            label = "teacher" if len(config.teacher_list()) == 1 else f"teacher {name}"
+            teacher_model = load_pretrained(pretrained, self.runtime, "teacher", self.dtype, compute=config.compute,
+                                            progress=f"loading the {label} from {pretrained.path}")
+            model_lines.append(model_line(label, pretrained.path, pretrained.family,
                                           count_parameters(teacher_model), self.dtype))
-            teacher = LocalTeacher(teacher_model, offload=config.offload_teacher_model)
-        elif config.teacher == "self":
-            teacher = LocalTeacher(self.model, is_student=True)
-        self.teacher = teacher
+            sources[name] = LocalTeacher(teacher_model, offload=config.offload_teacher_model)
+        self_teacher = LocalTeacher(self.model, is_student=True) if config.teacher == "self" and not sources else None
+        # One code path for one teacher or several: the set routes each row to its teacher.
+        self.teachers = teacher_set(config, sources, self_teacher)
+        # The source of a one-teacher run (seq_kd's sampler, tests), else None
+        self.teacher = self.teachers.only() if self.teachers is not None and len(self.teachers) == 1 else None
         self.optimizer, self.scheduler = build_optimizer(
             self.model, dataclasses.replace(config.optimizer, use_distributed_optimizer=use_distributed_optimizer),
             config.training.train_iters)
@@ -120,6 +123,7 @@ class Trainer:
         self.model.config.grad_scale_func = self.optimizer.scale_loss
         self.skipped_steps = self.skipped_in_a_row = 0
 
+        self.routes: dict[str, list[int]] = {}  # with several teachers: per split, each row's teacher index
         self.train_data = self._dataset("train")
         self.eval_data = self._dataset("val") if config.data.val_dataset else None
         # OPD-RL: a step's global batch is global_batch_size / num_generations prompts, each sampled G times
@@ -127,9 +131,9 @@ class Trainer:
                                           config.training.global_batch_size // self.algorithm.group_size,
                                           seed=config.data.seed, shuffle=config.data.shuffle)
         self.teacher_source = models.teacher
-        self.context = StepContext(config, self.runtime, self.model, self.teacher, self.tokenizer, self.vocab_size,
+        self.context = StepContext(config, self.runtime, self.model, self.teachers, self.tokenizer, self.vocab_size,
                                    self.student_source.tokenizer_dir, self.train_data, self.data_iterator,
-                                   self._rollout_engine)
+                                   self._rollout_engine, routes=self.routes)
         if self.algorithm.samples:
             self.context.sampling  # a tokenizer without EOS fails now, not at the first sampled step
         self.iteration = 0
@@ -157,9 +161,24 @@ class Trainer:
                               f"{name} has only {len(dataset)} usable rows (a {split} batch needs that many)")
         if self.config.teacher == "self":
             check_teacher_prompts(dataset["teacher_prompt_ids"], split)
+        if self.teachers is not None and len(self.teachers) > 1:
+            dataset = self._route(dataset, split)
         if self.config.reward_funcs:
             return dataset  # reward functions read the rows' own columns
         return dataset.select_columns(list(OUTPUT_COLUMNS))
+
+    def _route(self, dataset, split: str):
+        """Each row's teacher (`teachers.routing.route_dataset`) into `self.routes[split]`."""
+        where = "data.dataset" if split == "train" else "data.val_dataset"
+        names = self.teachers.names
+        dataset, self.routes[split], skipped = route_dataset(dataset, names, self.config, f"{where} (tokenized)")
+        if self.runtime.rank == 0:
+            if skipped:
+                print(f"data ({split}): {skipped} row(s) skipped, their {self.config.teacher_column} names no "
+                      f"teacher of this run (known: {list(names)})", flush=True)
+            counts = {name: self.routes[split].count(index) for index, name in enumerate(names)}
+            print(f"data ({split}): rows per teacher {counts}", flush=True)
+        return dataset
 
     def _rollout_engine(self, source: str) -> RolloutEngine:
         """The engine that samples the student's (or the in-process teacher's) responses."""
@@ -235,7 +254,7 @@ class Trainer:
             metrics["grad_norm"] = float(grad_norm)
         if self.dtype == torch.float16:
             metrics.update(loss_scale=loss_scale, skipped=float(not updated), skipped_steps=self.skipped_steps)
-        if self.teacher is not None:
+        if self.teachers is not None:
             metrics["teacher_s"] = teacher_time
         if self.algorithm.samples:
             metrics["sampling_s"] = sampling_time
