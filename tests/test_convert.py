@@ -174,10 +174,11 @@ def test_unsupported_architecture(existing_out, capsys, tmp_path, qwen2):
     moe = tmp_path / "moe"
     moe.mkdir()
     config = json.loads((qwen2 / "config.json").read_text())
-    config.update(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], num_experts=4)
+    # Qwen2-MoE, Qwen3-MoE and Mixtral are supported (tests/test_moe_convert.py); OLMoE is not.
+    config.update(model_type="olmoe", architectures=["OlmoeForCausalLM"], num_experts=4)
     (moe / "config.json").write_text(json.dumps(config))
     code, err = run_bad(["hf-to-megatron", "--hf-path", moe, "--out", existing_out, "--force"], capsys)
-    assert code == 1 and "qwen2_moe" in err and "Qwen2ForCausalLM" in err
+    assert code == 1 and "olmoe" in err and "Qwen2ForCausalLM" in err
     assert_untouched(existing_out)
 
 

@@ -21,8 +21,8 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    OlmoeConfig,
     Qwen2Config,
-    Qwen2MoeConfig,
     Qwen3Config,
 )
 
@@ -218,8 +218,9 @@ REFUSALS = [
     ("llama_attention_bias", lambda: hf_dict(LlamaConfig(**SMALL, attention_bias=True)), ["attention_bias=True"]),
     ("qwen3_attention_bias", lambda: hf_dict(Qwen3Config(**SMALL, attention_bias=True)), ["attention_bias=True"]),
     ("mlp_bias", lambda: hf_dict(LlamaConfig(**SMALL, mlp_bias=True)), ["mlp_bias=True"]),
-    ("qwen2_moe", lambda: hf_dict(Qwen2MoeConfig()), ["model_type='qwen2_moe'", *SUPPORTED_ARCHITECTURES]),
-    ("mixtral", lambda: hf_dict(MixtralConfig()), ["model_type='mixtral'", *SUPPORTED_ARCHITECTURES]),
+    # Qwen2-MoE and Mixtral are supported (tests/test_moe_hf_config.py); OLMoE is not.
+    ("olmoe", lambda: hf_dict(OlmoeConfig()), ["model_type='olmoe'", *SUPPORTED_ARCHITECTURES]),
+    ("mixtral_jitter", lambda: hf_dict(MixtralConfig(router_jitter_noise=0.1)), ["router_jitter_noise=0.1"]),
     ("gemma", lambda: hf_dict(GemmaConfig()), ["model_type='gemma'", *SUPPORTED_ARCHITECTURES]),
     ("architecture_mismatch",
      lambda: hf_dict(LlamaConfig(**SMALL), architectures=["LlamaForSequenceClassification"]),

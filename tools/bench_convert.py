@@ -6,6 +6,9 @@ Steps, each the real CLI in its own subprocess with MEGATRON_OPD_DEVICE=cpu:
   megatron-to-hf  back to a new HF directory, tp=1
   megatron-to-hf  the same under `torchrun --standalone --nproc-per-node 2 ... --tp 2`  [--tp2]
   verify          `megatron-opd convert verify`, fp32 logits of both, --seq-length 32 --batch-size 1  [--verify]
+  megatron-to-hf  under `torchrun --standalone --nproc-per-node 2 ... --ep 2`  [--moe]
+`--moe`: the model is a Qwen3-MoE with Qwen3-30B-A3B's ratios at 0.5B scale (64 experts,
+top-8, experts of 256, one dense layer) instead of Qwen2.5-0.5B, and the EP=2 step runs.
 The random model (transformers' `from_config` in --dtype, weights redrawn by
 `tests.hf_models.randomize` so logits are O(1)) is made in this process first.
 Every HF directory written back is compared with the input tensor by tensor,
@@ -66,25 +69,34 @@ QWEN25_05B = dict(
     num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
     max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
     architectures=["Qwen2ForCausalLM"])
+# Qwen3-30B-A3B's ratios (top-8 of 128 experts, expert FFN 768 = 0.375 H, GQA 32/4 heads of
+# 128) scaled to ~0.55B parameters: top-8 of 64 experts, expert FFN 256 = 0.33 H, one dense layer.
+QWEN3_MOE_SMALL = dict(
+    vocab_size=151936, hidden_size=768, intermediate_size=2048, moe_intermediate_size=256, num_hidden_layers=8,
+    num_attention_heads=12, num_key_value_heads=4, head_dim=64, num_experts=64, num_experts_per_tok=8,
+    norm_topk_prob=True, mlp_only_layers=[0], tie_word_embeddings=False, max_position_embeddings=32768,
+    rope_theta=1000000.0, rms_norm_eps=1e-6, router_aux_loss_coef=0.001, architectures=["Qwen3MoeForCausalLM"])
 GIB = 2**30
 
 
 # ------------------------------------------------------------------------------ model
 
 
-def make_model(directory: Path, dtype: torch.dtype, seed: int) -> dict:
+def make_model(directory: Path, dtype: torch.dtype, seed: int, moe: bool = False) -> dict:
     """Write the random model to `directory`; its parameter count, bytes and build time."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen3MoeConfig
 
     sys.path.insert(0, str(REPO))  # the test suite's weight redraw, shared with the convert tests
     from tests.hf_models import randomize
 
     started = time.monotonic()
-    model = AutoModelForCausalLM.from_config(Qwen2Config(**QWEN25_05B), dtype=dtype)
+    config = Qwen3MoeConfig(**QWEN3_MOE_SMALL) if moe else Qwen2Config(**QWEN25_05B)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     randomize(model, seed)
     model.save_pretrained(directory)
     params = list(model.parameters())  # tied embedding counted once
-    info = {"params": sum(p.numel() for p in params),
+    info = {"shape": "Qwen3-MoE, 64 experts top-8 (Qwen3-30B-A3B ratios)" if moe else "Qwen2.5-0.5B dimensions",
+            "params": sum(p.numel() for p in params),
             "bytes": sum(p.numel() * p.element_size() for p in params),
             "seconds": time.monotonic() - started,
             "peak_rss_bytes": _self_peak_rss()}
@@ -251,6 +263,11 @@ def plan_steps(args, work: Path) -> list[dict]:
                       "argv": [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                                str(CONVERT), "megatron-to-hf", "--megatron-path", str(megatron),
                                "--out", str(work / "hf_tp2"), "--tp", "2"]})
+    if args.moe:
+        steps.append({"step": "megatron-to-hf ep2", "needs": "hf-to-megatron tp1", "out": work / "hf_ep2",
+                      "argv": [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               str(CONVERT), "megatron-to-hf", "--megatron-path", str(megatron),
+                               "--out", str(work / "hf_ep2"), "--ep", "2"]})
     if args.verify:
         steps.append({"step": "verify tp1", "needs": "hf-to-megatron tp1", "out": None,
                       "argv": [python, str(CONVERT), "verify", "--hf-path", str(hf), "--megatron-path",
@@ -296,7 +313,7 @@ def check_round_trips(results: list[dict], work: Path) -> None:
     for result in results:
         if result["step"].startswith("megatron-to-hf") and result["rc"] == 0:
             started = time.monotonic()
-            out = work / ("hf_tp2" if result["step"].endswith("tp2") else "hf_tp1")
+            out = work / ("hf_" + result["step"].rsplit(" ", 1)[-1])
             result["round_trip"] = compare_safetensors(work / "hf", out)
             result["round_trip"]["seconds"] = time.monotonic() - started
 
@@ -315,7 +332,7 @@ def _ratio(value: int, base: int, model_bytes: int) -> str:
 def print_report(model: dict, results: list[dict]) -> None:
     base = next((r for r in results if r["step"].startswith("baseline") and r["rc"] == 0), None)
     base_rss, base_anon = (base["peak_rss_bytes"], base["anon_peak_bytes"]) if base else (0, 0)
-    print(f"\nmodel: Qwen2.5-0.5B dimensions, {model['params']:,} params, {model['dtype']}, "
+    print(f"\nmodel: {model['shape']}, {model['params']:,} params, {model['dtype']}, "
           f"{model['bytes'] / GIB:.3f} GiB ({model['bytes']:,} bytes); built and saved in "
           f"{model['seconds']:.1f}s (in this process, peak RSS {_gib(model['peak_rss_bytes'])} GiB)")
     print(f"baseline (python + torch + megatron.core + converter imports): peak RSS {_gib(base_rss)} GiB, "
@@ -352,6 +369,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tp2", action="store_true", help="also megatron-to-hf under torchrun, 2 ranks, --tp 2")
     parser.add_argument("--verify", action="store_true", help="also `convert verify` (fp32 forward of both)")
+    parser.add_argument("--moe", action="store_true",
+                        help="a Qwen3-MoE model (Qwen3-30B-A3B ratios, ~0.55B), plus megatron-to-hf at --ep 2")
     parser.add_argument("--seq-length", type=int, default=32, help="for --verify (batch size 1)")
     parser.add_argument("--workdir", type=Path, help="where models go (must be empty); default a temp dir")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (models, per-step logs)")
@@ -369,7 +388,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     try:
         print(f"work dir {work}; making the random model", flush=True)
-        model = {"dtype": args.dtype, **make_model(work / "hf", DTYPES[args.dtype], args.seed)}
+        model = {"dtype": args.dtype, **make_model(work / "hf", DTYPES[args.dtype], args.seed, args.moe)}
         results = run_steps(plan_steps(args, work), work, args.timeout, args.malloc_mmap_threshold)
         check_round_trips(results, work)
         if args.malloc_mmap_threshold is not None:
@@ -381,7 +400,7 @@ def main() -> None:
         else:
             shutil.rmtree(work, ignore_errors=True)
     total = time.monotonic() - started
-    record = {"model": model, "config": QWEN25_05B, "steps": results, "total_seconds": total,
+    record = {"model": model, "config": QWEN3_MOE_SMALL if args.moe else QWEN25_05B, "steps": results, "total_seconds": total,
               "cpus": os.cpu_count(), "torch": torch.__version__, "argv": sys.argv[1:]}
     Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     print(f"total {total:.1f}s; wrote {args.json}")

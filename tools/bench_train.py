@@ -22,6 +22,10 @@ cache (the default) against kept to the end, alternated over --sampler-repeats (
 must give the same ids).
 The first --warmup steps of each mode are not counted.
 
+    # a mixture-of-experts student (Qwen3-MoE: 8 experts, top-2, experts of 256, layer 0 dense),
+    # its experts split over 2 ranks
+    torchrun --standalone --nproc-per-node 2 tools/bench_train.py --student-experts 8,2,256 --ep 2
+
     # a real-model pair: a Qwen2.5-0.5B-shaped student from a Qwen2.5-1.5B-shaped teacher
     torchrun --standalone --nproc-per-node 2 tools/bench_train.py --preset qwen2.5-0.5b-from-1.5b \
         --tp 2 --precision bf16
@@ -77,6 +81,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--student-experts", metavar="EXPERTS,TOPK,FFN",
+                        help="the student is a Qwen3-MoE of these experts (layer 0 dense, the others MoE)")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (with --student-experts)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                         help="training.precision (auto: bf16 on GPU, fp32 on CPU)")
     parser.add_argument("--family", choices=["llama", "qwen2"], default="llama",
@@ -112,7 +119,7 @@ def parse_args() -> argparse.Namespace:
 def write_inputs(args: argparse.Namespace) -> dict:
     """Tokenizer, student, teacher and data under --workdir (rewritten every run)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3MoeConfig
 
     from tests.hf_models import randomize
 
@@ -132,6 +139,14 @@ def write_inputs(args: argparse.Namespace) -> dict:
                               max_position_embeddings=4096, rms_norm_eps=1e-6,
                               tie_word_embeddings=args.family == "qwen2",
                               architectures=[config_class.__name__.replace("Config", "ForCausalLM")])
+        if name == "student" and args.student_experts:
+            experts, topk, expert_ffn = (int(value) for value in args.student_experts.split(","))
+            config = Qwen3MoeConfig(
+                vocab_size=args.vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, head_dim=hidden // heads, intermediate_size=ffn,
+                moe_intermediate_size=expert_ffn, num_experts=experts, num_experts_per_tok=topk,
+                norm_topk_prob=True, mlp_only_layers=[0], router_aux_loss_coef=0.001, max_position_embeddings=4096,
+                rms_norm_eps=1e-6, tie_word_embeddings=False, architectures=["Qwen3MoeForCausalLM"])
         model = AutoModelForCausalLM.from_config(config)
         randomize(model, seed)
         # Real checkpoints are stored in bf16 (half the disk of fp32 for the preset's 2 + 6 GB);
@@ -166,6 +181,7 @@ def bench_mode(args, paths: dict, runtime, lmbda: float) -> tuple[dict, object]:
         "data.tokenizer": paths["tokenizer"], "data.prompt_format": "raw",
         "data.max_length": args.prompt_len + args.completion_len + 1, "data.shuffle": False,
         "parallel.tensor_model_parallel_size": args.tp, "parallel.pipeline_model_parallel_size": args.pp,
+        "parallel.expert_model_parallel_size": args.ep,
         "training.train_iters": args.warmup + args.steps, "training.micro_batch_size": args.micro_batch,
         "training.global_batch_size": args.batch, "training.output_dir": args.workdir / f"run_lmbda{lmbda}",
         "training.resume": False, "training.export_hf": False, "training.tensorboard": False,
@@ -254,13 +270,15 @@ def main() -> None:
     from megatron_opd.runtime import initialize_runtime
 
     runtime = initialize_runtime(ParallelConfig(tensor_model_parallel_size=args.tp,
-                                                pipeline_model_parallel_size=args.pp))
+                                                pipeline_model_parallel_size=args.pp,
+                                                expert_model_parallel_size=args.ep))
     if runtime.rank == 0:
         paths = write_inputs(args)
     torch.distributed.barrier()
     paths = {name: args.workdir / name for name in ("tokenizer", "student", "teacher")}
     paths["data"] = args.workdir / "train.jsonl"
     results = {"device": str(runtime.device), "world_size": runtime.world_size, "tp": args.tp, "pp": args.pp,
+               "ep": args.ep, "student_experts": args.student_experts,
                "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()}}
     trainer = None
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]

@@ -42,15 +42,25 @@ from megatron_opd.runtime.progress import Progress, is_rank_zero, log
 CONVERSION_SPEC = ComputeConfig(transformer_impl="local")
 
 
-def conversion_layout(tp: int, pp: int, pretrained: Pretrained) -> ParallelConfig:
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+def conversion_layout(tp: int, pp: int, pretrained: Pretrained, ep: int = 1,
+                      etp: Optional[int] = None) -> ParallelConfig:
+    """The layout a conversion runs at: tp*pp ranks, experts split over `ep` of them (each
+    expert's weights over `etp`, default tp): `ep * etp` must divide `tp` x the data-parallel
+    ranks, so the world is the larger of tp*pp and ep*etp*pp."""
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
     pretrained.model.check_parallel(parallel)
+    if not pretrained.model.is_moe and (ep != 1 or etp is not None):
+        raise ConfigError(f"--ep {ep} --etp {etp}: {pretrained.path} is a dense model (no experts); "
+                          "leave --ep 1 and --etp unset")
+    needed = pp * max(tp, ep * parallel.expert_tensor_size)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != parallel.model_parallel_size:
-        hint = (f"launch with `torchrun --nproc-per-node {parallel.model_parallel_size} ...`"
-                if world == 1 else f"pass --tp/--pp whose product is {world}")
-        raise ConfigError(f"--tp {tp} --pp {pp} needs {parallel.model_parallel_size} process(es), "
-                          f"this run has {world}: {hint}")
+    flags = f"--tp {tp} --pp {pp}" + (f" --ep {ep}" if ep != 1 else "") + (f" --etp {etp}" if etp else "")
+    if world != needed:
+        hint = (f"launch with `torchrun --nproc-per-node {needed} ...`" if world == 1
+                else f"pass --tp/--pp/--ep for {world} processes")
+        raise ConfigError(f"{flags} needs {needed} process(es), this run has {world}: {hint}")
+    parallel.data_parallel_size(world)
     return parallel
 
 
@@ -61,18 +71,19 @@ def expect_kind(pretrained: Pretrained, kind: str, flag: str) -> None:
 
 
 def hf_to_megatron(hf_path: Path, out: Path, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
-                   force: bool = False, make_vocab_size_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY) -> None:
+                   force: bool = False, make_vocab_size_divisible_by: int = MAKE_VOCAB_SIZE_DIVISIBLE_BY,
+                   ep: int = 1, etp: Optional[int] = None) -> None:
     from megatron_opd.runtime import initialize_runtime
 
     source = inspect_pretrained(hf_path, make_vocab_size_divisible_by)
     expect_kind(source, "hf", "--hf-path")
-    parallel = conversion_layout(tp, pp, source)
+    parallel = conversion_layout(tp, pp, source, ep, etp)
     check_output_dir(out, force)
     torch_dtype = DTYPES[dtype] if dtype else (source.dtype if source.dtype in HF_DTYPE_NAMES else torch.float32)
 
     runtime = initialize_runtime(parallel)
     log(f"hf-to-megatron: {source.family} from {hf_path}, {source.model.num_layers} layers, "
-         f"{dtype_name(torch_dtype)}, tp={tp} pp={pp}")
+         f"{dtype_name(torch_dtype)}, tp={tp} pp={pp} ep={ep}")
     with atomic_output_dir(out, force) as staging:
         model = build_gpt_model(source.model, runtime, dtype=torch_dtype, initialize=False, compute=CONVERSION_SPEC)
         progress = Progress(sum(1 for _ in model.parameters()), "reading HF weights")
@@ -87,17 +98,19 @@ def hf_to_megatron(hf_path: Path, out: Path, tp: int = 1, pp: int = 1, dtype: Op
 
 
 def megatron_to_hf(megatron_path: Path, out: Path, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
-                   force: bool = False, max_shard_bytes: int = 5 * 2**30) -> None:
+                   force: bool = False, max_shard_bytes: int = 5 * 2**30, ep: int = 1,
+                   etp: Optional[int] = None) -> None:
     from megatron_opd.runtime import initialize_runtime
 
     source = inspect_pretrained(megatron_path)
     expect_kind(source, "megatron", "--megatron-path")
-    parallel = conversion_layout(tp, pp, source)
+    parallel = conversion_layout(tp, pp, source, ep, etp)
     check_output_dir(out, force)
     torch_dtype = DTYPES[dtype] if dtype else source.dtype
 
     runtime = initialize_runtime(parallel)
-    log(f"megatron-to-hf: {source.family} from {megatron_path}, {dtype_name(torch_dtype)}, tp={tp} pp={pp}")
+    log(f"megatron-to-hf: {source.family} from {megatron_path}, {dtype_name(torch_dtype)}, tp={tp} pp={pp} "
+        f"ep={ep}")
     model = load_pretrained(source, runtime, dtype=source.dtype, compute=CONVERSION_SPEC)
     with atomic_output_dir(out, force) as staging:
         if is_rank_zero():

@@ -14,6 +14,7 @@ keeps every block resident on some device; this needs only safetensors' mmap.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ class _BlockLoader:
         for owner, local_name, name in _parameter_slots(module, prefix):
             meta = owner._parameters[local_name]
             stored = self.tied_names.get(name, name)
-            tensor = self.reader.get(stored).to(torch.float32)
+            tensor = _stored_tensor(self.reader, stored).to(torch.float32)
             if tuple(tensor.shape) != tuple(meta.shape):
                 raise CheckpointMismatchError(f"{self.reader.directory}: {stored} has shape {tuple(tensor.shape)}, "
                                  f"the model's config expects {tuple(meta.shape)}")
@@ -53,6 +54,33 @@ class _BlockLoader:
             self.resident_params -= loaded.numel()
             owner._parameters[local_name] = torch.nn.Parameter(torch.empty_like(loaded, device="meta"),
                                                                requires_grad=False)
+
+
+_FUSED_EXPERTS = re.compile(r"^(model\.layers\.\d+)\.mlp\.(experts\.gate_up_proj|experts\.down_proj|gate\.weight)$")
+
+
+def _stored_tensor(reader: HFWeightReader, name: str) -> torch.Tensor:
+    """The tensor of in-memory parameter `name`. transformers 5 holds a MoE layer's experts
+    fused (`experts.gate_up_proj` `[E, 2*ffn, H]` = per expert [gate; up], `experts.down_proj`
+    `[E, H, ffn]`) and Mixtral's `block_sparse_moe` as `mlp`, while checkpoints store one
+    tensor per expert (Qwen: `mlp.experts.{e}.gate_proj/up_proj/down_proj`, Mixtral:
+    `block_sparse_moe.experts.{e}.w1/w3/w2`): stack those as transformers' loader does."""
+    match = _FUSED_EXPERTS.match(name)
+    if name in reader or match is None:
+        return reader.get(name)
+    layer, part = match.groups()
+    block = f"{layer}.mlp." if f"{layer}.mlp.gate.weight" in reader else f"{layer}.block_sparse_moe."
+    if part == "gate.weight":
+        return reader.get(block + "gate.weight")
+    mixtral = block.endswith("block_sparse_moe.")
+    gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    count = sum(1 for stored in reader.names() if stored.startswith(block + "experts.")
+                and stored.endswith(f".{down}.weight"))
+    expert = [f"{block}experts.{e}." for e in range(count)]
+    if part == "experts.down_proj":
+        return torch.stack([reader.get(prefix + f"{down}.weight") for prefix in expert])
+    return torch.stack([torch.cat([reader.get(prefix + f"{gate}.weight"), reader.get(prefix + f"{up}.weight")])
+                        for prefix in expert])
 
 
 def _parameter_slots(module: torch.nn.Module, prefix: str):

@@ -24,7 +24,14 @@ from megatron_opd.checkpoint.errors import CheckpointMismatchError
 from megatron_opd.checkpoint.hf_io import HFWeightReader, StreamingSafetensorsWriter, config_with_dtype
 from megatron_opd.checkpoint.weight_map import WeightRule, to_hf, to_megatron, weight_rules
 from megatron_opd.config.model import ModelConfig
-from megatron_opd.models.tp_layout import full_to_local, global_name, local_to_full, unwrap
+from megatron_opd.models.tp_layout import (
+    full_to_local,
+    global_name,
+    is_expert_param,
+    local_to_full,
+    tp_group_of,
+    unwrap,
+)
 from megatron_opd.runtime.progress import Progress
 
 ProgressCallback = Callable[[str], None]
@@ -84,7 +91,7 @@ def load_hf_weights(model: torch.nn.Module, config: ModelConfig, reader: HFWeigh
 def _full_shape(param: torch.nn.Parameter) -> tuple[int, ...]:
     shape = list(param.shape)
     if getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+        shape[param.partition_dim] *= torch.distributed.get_world_size(tp_group_of(param))
     return tuple(shape)
 
 
@@ -110,8 +117,27 @@ def hf_tensor_plan(config: ModelConfig, dtype: torch.dtype) -> list[tuple[str, t
     for rule in weight_rules(config):
         for name in rule.hf_names:
             key = name.split(".", 3)[-1] if name.startswith("model.layers.") else name
-            plan.append((name, shapes[name] if name in shapes else per_layer[key], dtype))
+            shape = shapes.get(name) or per_layer.get(key) or _moe_tensor_shape(config, key)
+            plan.append((name, shape, dtype))
     return plan
+
+
+def _moe_tensor_shape(config: ModelConfig, key: str) -> tuple[int, ...]:
+    """Shape of an expert-layer HF tensor, `key` without its `model.layers.{i}.` prefix."""
+    hidden = config.hidden_size
+    block, _, rest = key.partition(".")  # mlp / block_sparse_moe
+    if rest == "gate.weight":
+        return (config.num_experts, hidden)
+    if rest == "shared_expert_gate.weight":
+        return (1, hidden)
+    ffn = config.moe_shared_expert_ffn_hidden_size if rest.startswith("shared_expert.") else \
+        config.expert_ffn_hidden_size
+    projection = rest.rsplit(".", 2)[-2]
+    if projection in ("gate_proj", "up_proj", "w1", "w3"):
+        return (ffn, hidden)
+    if projection in ("down_proj", "w2"):
+        return (hidden, ffn)
+    raise KeyError(f"no shape known for HF tensor {key!r} ({block})")
 
 
 def export_hf_weights(
@@ -132,28 +158,35 @@ def export_hf_weights(
     rank = torch.distributed.get_rank()
     local = {global_name(gpt, name): (name, param) for name, param in gpt.named_parameters()}
     # Which rank holds which tensor: a few KB of names and shapes, once.
-    mine = {key: (_full_shape(param), param.dtype) for key, (_, param) in local.items()}
+    mine = {key: (_full_shape(param), param.dtype, is_expert_param(param)) for key, (_, param) in local.items()}
+    # (TP rank, PP rank, DP rank) for dense weights, (expert TP rank, -, expert DP rank) for experts
     position = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank(),
-                parallel_state.get_data_parallel_rank())
+                parallel_state.get_data_parallel_rank(), parallel_state.get_expert_tensor_parallel_rank(),
+                parallel_state.get_expert_data_parallel_rank())
     holdings: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(holdings, (rank, position, mine))
     replica = position[2] if dst_rank is None else 0
     if dst_rank is None:
-        dst_rank = next(holder for holder, (tp, pp, dp), _ in holdings if (tp, pp, dp) == (0, 0, replica))
-    source: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
-    for holder, (tp, _, dp), tensors in sorted(holdings, key=lambda item: item[0]):
-        for key, (shape, dtype) in tensors.items():
-            if tp == 0 and dp == replica and key not in source:
-                source[key] = (holder, shape, dtype)
+        dst_rank = next(holder for holder, (tp, pp, dp, _, _), _ in holdings if (tp, pp, dp) == (0, 0, replica))
+    expert_replicas = parallel_state.get_expert_data_parallel_world_size()
+    source: dict[str, tuple[int, tuple[int, ...], torch.dtype, bool]] = {}
+    for holder, (tp, _, dp, etp, edp), tensors in sorted(holdings, key=lambda item: item[0]):
+        for key, (shape, dtype, expert) in tensors.items():
+            first = (etp, edp) == (0, replica % expert_replicas) if expert else (tp, dp) == (0, replica)
+            if first and key not in source:
+                source[key] = (holder, shape, dtype, expert)
     tp_group_ranks = set(torch.distributed.get_process_group_ranks(
         parallel_state.get_tensor_model_parallel_group()))
+    expert_tp_group_ranks = set(torch.distributed.get_process_group_ranks(
+        parallel_state.get_expert_tensor_parallel_group()))
 
     for rule in weight_rules(config):
         if rule.megatron_name not in source:
             raise KeyError(f"no rank holds {rule.megatron_name}: the model does not match the config")
-        src, shape, dtype = source[rule.megatron_name]
+        src, shape, dtype, expert = source[rule.megatron_name]
         full = None
-        if src in tp_group_ranks:  # this rank's stage owns the tensor: gather it across TP
+        group_ranks = expert_tp_group_ranks if expert else tp_group_ranks
+        if src in group_ranks:  # this rank's stage (and EP rank) owns the tensor: gather it across TP
             name, param = local[rule.megatron_name]
             full = local_to_full(gpt, name, param, param.detach())
         if rank == dst_rank:

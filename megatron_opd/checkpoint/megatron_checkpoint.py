@@ -218,16 +218,23 @@ def load_model_checkpoint(model: torch.nn.Module, path: Path | str) -> Checkpoin
     return info
 
 
-# Fields of both ModelConfig and Megatron's TransformerConfig that set tensor shapes.
-_SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                 "kv_channels")
+# Fields of ModelConfig that set tensor shapes, and their names in Megatron's TransformerConfig.
+_SHAPE_FIELDS = {"num_layers": "num_layers", "hidden_size": "hidden_size", "ffn_hidden_size": "ffn_hidden_size",
+                 "num_attention_heads": "num_attention_heads", "num_query_groups": "num_query_groups",
+                 "kv_channels": "kv_channels", "num_experts": "num_moe_experts",
+                 "moe_ffn_hidden_size": "moe_ffn_hidden_size",
+                 "moe_shared_expert_ffn_hidden_size": "moe_shared_expert_intermediate_size"}
 
 
 def _another_model(info: CheckpointInfo, gpt: torch.nn.Module) -> str:
     """What to do about a checkpoint saved from another model, with the shape fields that differ."""
     saved, built = to_dict(info.model), getattr(gpt, "config", None)
-    differ = [f"{name} {saved[name]} vs {getattr(built, name)}" for name in _SHAPE_FIELDS
-              if saved.get(name) is not None and getattr(built, name, None) not in (None, saved[name])]
+    differ = [f"{name} {saved.get(name)} vs {getattr(built, megatron, None)}"
+              for name, megatron in _SHAPE_FIELDS.items()
+              if saved.get(name) != getattr(built, megatron, None)
+              # null means "none" for these two (a dense model, no shared expert), "unset" for the rest
+              and (name in ("num_experts", "moe_shared_expert_ffn_hidden_size")
+                   or None not in (saved.get(name), getattr(built, megatron, None)))]
     which = f" (checkpoint vs this model: {', '.join(differ)})" if differ else ""
     return (f"the checkpoint was saved from another model{which}; load it into the model it was saved "
             f"from (its {METADATA_FILE} describes it), or use a checkpoint of this model (to resume: a new "

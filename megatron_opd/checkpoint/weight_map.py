@@ -1,4 +1,5 @@
-"""HF <-> Megatron-Core weight map for the Llama-like families (Llama, Mistral, Qwen2, Qwen3).
+"""HF <-> Megatron-Core weight map for the Llama-like families (Llama, Mistral, Qwen2, Qwen3,
+and the mixture-of-experts Qwen3-MoE, Qwen2-MoE, Mixtral).
 
 Full (unsharded) tensors on both sides: TP/PP sharding is `models.tp_layout`'s job.
 Megatron names are those of the local layer spec (`tp_layout` also maps Transformer
@@ -13,6 +14,13 @@ Three layouts differ between the two sides:
 - `gate_up`: HF's gate and up projections are Megatron's `linear_fc1` = `[gate; up]`.
 - `vocab`: Megatron pads the embedding / LM head rows to the padded vocab size; the
   padding rows are zero on import and stripped on export.
+
+Mixture-of-experts layers: the router is HF's `gate` (Mixtral: `block_sparse_moe.gate`);
+expert e's gate/up/down projections (Mixtral: w1/w3/w2) are Megatron's
+`mlp.experts.local_experts.{e}.linear_fc1` (`[gate; up]`) and `linear_fc2`, numbered
+globally here (`tp_layout` maps them to the local experts of an expert-parallel rank);
+Qwen2-MoE's shared expert is `mlp.shared_experts.linear_fc1/2` and its sigmoid gate
+`mlp.shared_experts.gate_weight`.
 
 Why not mbridge (PyPI, used by verl): it builds its models with Transformer Engine
 only (its README: `use_te=False` is unsupported), so it cannot run on the CPU path
@@ -59,12 +67,37 @@ def weight_rules(config: ModelConfig) -> list[WeightRule]:
             rules.append(WeightRule(megatron + "self_attention.k_layernorm.weight", (attention + "k_norm.weight",)))
         rules.append(WeightRule(megatron + "self_attention.linear_proj.weight", (attention + "o_proj.weight",)))
         rules.append(WeightRule(megatron + "pre_mlp_layernorm.weight", (hf + "post_attention_layernorm.weight",)))
-        rules.append(WeightRule(megatron + "mlp.linear_fc1.weight",
-                                (hf + "mlp.gate_proj.weight", hf + "mlp.up_proj.weight"), "gate_up"))
-        rules.append(WeightRule(megatron + "mlp.linear_fc2.weight", (hf + "mlp.down_proj.weight",)))
+        if config.is_moe_layer(layer):
+            rules += _moe_rules(config, megatron + "mlp.", hf)
+        else:
+            rules += _mlp_rules(megatron + "mlp.", hf + "mlp.")
     rules.append(WeightRule("decoder.final_layernorm.weight", ("model.norm.weight",)))
     if not config.tie_word_embeddings:
         rules.append(WeightRule("output_layer.weight", ("lm_head.weight",), "vocab"))
+    return rules
+
+
+def _mlp_rules(megatron: str, hf: str, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+               ) -> list[WeightRule]:
+    """A SwiGLU MLP: `megatron` + linear_fc1 = [gate; up], linear_fc2 = down."""
+    gate, up, down = names
+    return [WeightRule(megatron + "linear_fc1.weight", (hf + f"{gate}.weight", hf + f"{up}.weight"), "gate_up"),
+            WeightRule(megatron + "linear_fc2.weight", (hf + f"{down}.weight",))]
+
+
+def _moe_rules(config: ModelConfig, megatron: str, hf_layer: str) -> list[WeightRule]:
+    """Router, every expert (global index) and the shared expert of one MoE layer."""
+    if config.moe_hf_layout == "mixtral":
+        hf, expert_names = hf_layer + "block_sparse_moe.", ("w1", "w3", "w2")
+    else:
+        hf, expert_names = hf_layer + "mlp.", ("gate_proj", "up_proj", "down_proj")
+    rules = [WeightRule(megatron + "router.weight", (hf + "gate.weight",))]
+    for expert in range(config.num_experts):
+        rules += _mlp_rules(megatron + f"experts.local_experts.{expert}.", hf + f"experts.{expert}.", expert_names)
+    if config.moe_shared_expert_ffn_hidden_size is not None:
+        rules += _mlp_rules(megatron + "shared_experts.", hf + "shared_expert.")
+        if config.moe_shared_expert_gate:
+            rules.append(WeightRule(megatron + "shared_experts.gate_weight", (hf + "shared_expert_gate.weight",)))
     return rules
 
 

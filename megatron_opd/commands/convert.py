@@ -1,11 +1,11 @@
 """`megatron-opd convert`: hf-to-megatron, megatron-to-hf and verify.
 
-    megatron-opd convert hf-to-megatron --hf-path DIR --out DIR [--tp N --pp M] [--dtype bf16|fp16|fp32]
-    megatron-opd convert megatron-to-hf --megatron-path DIR --out DIR [--tp N --pp M] [--dtype ...]
-    megatron-opd convert verify --hf-path DIR --megatron-path DIR [--tp N --pp M]
+    megatron-opd convert hf-to-megatron --hf-path DIR --out DIR [--tp N --pp M --ep E] [--dtype bf16|fp16|fp32]
+    megatron-opd convert megatron-to-hf --megatron-path DIR --out DIR [--tp N --pp M --ep E] [--dtype ...]
+    megatron-opd convert verify --hf-path DIR --megatron-path DIR [--tp N --pp M --ep E]
 
 Single process by default (CPU mode when there is no GPU); for TP/PP > 1 launch
-with `torchrun --nproc-per-node TP*PP`. Every input is checked before a process
+with `torchrun --nproc-per-node TP*PP` (mixture-of-experts models: PP*max(TP, EP*ETP)). Every input is checked before a process
 group, a model or an output directory is created, so a bad input leaves the output
 untouched and exits non-zero with one line naming the problem (`--debug`: the
 traceback). Outputs are written under a temporary name and renamed when complete.
@@ -44,7 +44,7 @@ class VerifyResult:
 
 
 def verify(hf_path: Path, megatron_path: Path, tp: int = 1, pp: int = 1, seq_length: int = 128,
-           batch_size: int = 2, seed: int = 0) -> VerifyResult:
+           batch_size: int = 2, seed: int = 0, ep: int = 1, etp: Optional[int] = None) -> VerifyResult:
     """Logits of the Megatron checkpoint (at tp/pp) against HF transformers on random ids, fp32.
 
     The HF model runs on the last stage's first rank with one block's weights loaded at a
@@ -58,7 +58,7 @@ def verify(hf_path: Path, megatron_path: Path, tp: int = 1, pp: int = 1, seq_len
     expect_kind(source, "megatron", "--megatron-path")
     if hf_source.model.vocab_size != source.model.vocab_size:
         raise ConfigError(f"vocab sizes differ: HF {hf_source.model.vocab_size}, Megatron {source.model.vocab_size}")
-    runtime = initialize_runtime(conversion_layout(tp, pp, source))
+    runtime = initialize_runtime(conversion_layout(tp, pp, source, ep, etp))
     model = load_pretrained(source, runtime, role="teacher", dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, source.model.vocab_size, (1, batch_size, seq_length + 1), generator=generator)
@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     def layout(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--tp", type=int, default=1, help="tensor-parallel size (torchrun ranks = tp*pp)")
         sub.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+        sub.add_argument("--ep", type=int, default=1,
+                         help="expert-parallel size (mixture-of-experts models; must divide the expert count)")
+        sub.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
         add_debug_flag(sub)
 
     to_megatron = commands.add_parser("hf-to-megatron", help="HF directory -> Megatron dist-checkpoint")
@@ -129,12 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.command == "hf-to-megatron":
         hf_to_megatron(args.hf_path, args.out, args.tp, args.pp, args.dtype, args.force,
-                       args.make_vocab_size_divisible_by)
+                       args.make_vocab_size_divisible_by, args.ep, args.etp)
     elif args.command == "megatron-to-hf":
         megatron_to_hf(args.megatron_path, args.out, args.tp, args.pp, args.dtype, args.force,
-                       args.max_shard_size)
+                       args.max_shard_size, args.ep, args.etp)
     else:
-        result = verify(args.hf_path, args.megatron_path, args.tp, args.pp, args.seq_length, args.batch_size)
+        result = verify(args.hf_path, args.megatron_path, args.tp, args.pp, args.seq_length, args.batch_size,
+                        ep=args.ep, etp=args.etp)
         ok = result.passed(args.tolerance)
         log(f"verify: {result.tokens} tokens, max |logit diff| {result.max_abs_diff:.3e} "
             f"(scaled {result.scaled_diff:.3e}, tolerance {args.tolerance:g}), "

@@ -1,10 +1,11 @@
-"""Architecture of a decoder-only transformer (Llama / Qwen / Mistral family)."""
+"""Architecture of a decoder-only transformer (Llama / Qwen / Mistral family, and their
+mixture-of-experts variants: Qwen3-MoE, Qwen2-MoE, Mixtral)."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 from megatron_opd.config.parallel import ParallelConfig
 from megatron_opd.config.schema import check
@@ -47,6 +48,25 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     init_method_std: float = 0.02
+    # Mixture of experts (None: a dense model). Layers not in `moe_dense_layers` replace
+    # their MLP with `num_experts` SwiGLU experts of `moe_ffn_hidden_size`, of which a
+    # router picks `moe_router_topk` per token.
+    num_experts: Optional[int] = None
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None  # None: ffn_hidden_size
+    # True: the top-k probabilities are renormalised to sum to 1 (softmax over the top-k
+    # logits; Mixtral, Qwen3-30B-A3B); False: the full softmax's top-k values (Qwen2-MoE).
+    moe_norm_topk_prob: bool = True
+    # One shared expert that every token goes through (Qwen2-MoE); None: none.
+    moe_shared_expert_ffn_hidden_size: Optional[int] = None
+    moe_shared_expert_gate: bool = False  # the shared expert's output times sigmoid(w . x)
+    moe_dense_layers: list[int] = dataclasses.field(default_factory=list)  # 0-based layers with a dense MLP
+    # Load-balancing (switch) loss coefficient, added to the student's loss; 0: off.
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: Optional[float] = None  # router z-loss coefficient (ST-MoE); None: off
+    # How the HF checkpoint names the expert tensors: "qwen" (mlp.gate, mlp.experts.{e}.
+    # gate_proj/up_proj/down_proj) or "mixtral" (block_sparse_moe.gate, ...experts.{e}.w1/w3/w2).
+    moe_hf_layout: Literal["qwen", "mixtral"] = "qwen"
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
@@ -72,6 +92,35 @@ class ModelConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             check(0.0 <= getattr(self, name) < 1.0, f"model.{name}", getattr(self, name), "in [0, 1)")
         check(self.init_method_std > 0, "model.init_method_std", self.init_method_std, "a number > 0")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.num_experts is None:
+            for name in ("moe_ffn_hidden_size", "moe_shared_expert_ffn_hidden_size", "moe_z_loss_coeff"):
+                check(getattr(self, name) is None, f"model.{name}", getattr(self, name),
+                      "null for a dense model (num_experts null)")
+            check(not self.moe_dense_layers, "model.moe_dense_layers", self.moe_dense_layers,
+                  "empty for a dense model (num_experts null)")
+            check(not self.moe_shared_expert_gate, "model.moe_shared_expert_gate", self.moe_shared_expert_gate,
+                  "false for a dense model (num_experts null)")
+            return
+        check(self.num_experts >= 2, "model.num_experts", self.num_experts, "an integer >= 2, or null")
+        check(1 <= self.moe_router_topk <= self.num_experts, "model.moe_router_topk", self.moe_router_topk,
+              f"an integer in [1, num_experts={self.num_experts}]")
+        for name in ("moe_ffn_hidden_size", "moe_shared_expert_ffn_hidden_size"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, f"model.{name}", value, "an integer >= 1, or null")
+        check(not self.moe_shared_expert_gate or self.moe_shared_expert_ffn_hidden_size is not None,
+              "model.moe_shared_expert_gate", self.moe_shared_expert_gate,
+              "true only with moe_shared_expert_ffn_hidden_size set")
+        check(all(0 <= layer < self.num_layers for layer in self.moe_dense_layers)
+              and len(set(self.moe_dense_layers)) == len(self.moe_dense_layers)
+              and len(self.moe_dense_layers) < self.num_layers,
+              "model.moe_dense_layers", self.moe_dense_layers,
+              f"distinct layer indices in [0, num_layers={self.num_layers}), at least one layer left MoE")
+        check(self.moe_aux_loss_coeff >= 0, "model.moe_aux_loss_coeff", self.moe_aux_loss_coeff, "a number >= 0")
+        check(self.moe_z_loss_coeff is None or self.moe_z_loss_coeff > 0, "model.moe_z_loss_coeff",
+              self.moe_z_loss_coeff, "a number > 0, or null")
 
     @property
     def query_groups(self) -> int:
@@ -80,6 +129,18 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether 0-based `layer` has experts (else a dense MLP of ffn_hidden_size)."""
+        return self.is_moe and layer not in self.moe_dense_layers
 
     def padded_vocab_size(self, tensor_model_parallel_size: int) -> int:
         """`pad_vocab_size_to` when set, else the vocab rounded up to a multiple of
@@ -102,6 +163,17 @@ class ModelConfig:
                   f"a multiple of parallel.tensor_model_parallel_size={tp}")
         check(self.num_layers % pp == 0, "model.num_layers", self.num_layers,
               f"a multiple of parallel.pipeline_model_parallel_size={pp}")
+        ep, etp = parallel.expert_model_parallel_size, parallel.expert_tensor_size
+        if not self.is_moe:
+            return  # a dense model ignores the expert layout (its teacher or student may have experts)
+        check(self.num_experts % ep == 0, "parallel.expert_model_parallel_size", ep,
+              f"a divisor of model.num_experts={self.num_experts}")
+        check(self.expert_ffn_hidden_size % etp == 0, "model.moe_ffn_hidden_size", self.expert_ffn_hidden_size,
+              f"a multiple of the expert tensor-parallel size {etp}")
+        if self.moe_shared_expert_ffn_hidden_size is not None:
+            check(self.moe_shared_expert_ffn_hidden_size % tp == 0, "model.moe_shared_expert_ffn_hidden_size",
+                  self.moe_shared_expert_ffn_hidden_size,
+                  f"a multiple of parallel.tensor_model_parallel_size={tp}")
 
 
 def with_common_padded_vocab(

@@ -44,6 +44,7 @@ def transformer_config(
     """
     parallel = runtime.parallel
     return TransformerConfig(
+        **moe_fields(model, runtime, resolve_transformer_impl(compute.transformer_impl, runtime.device.type)),
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -77,6 +78,57 @@ def transformer_config(
         **({} if initialize else {"init_method": _leave_uninitialized,
                                    "output_layer_init_method": _leave_uninitialized}),
     )
+
+
+# Token dispatchers: in CPU mode (gloo) "allgather" (tested); "alltoall" cannot even be built
+# there: Megatron-Core 0.16's MoEAlltoAllTokenDispatcher creates a `torch.cuda.Stream` in its
+# constructor (RuntimeError without CUDA). On CUDA "alltoall", Megatron-LM's dispatcher for
+# expert parallelism (written, not run here: no GPU).
+CPU_TOKEN_DISPATCHER = "allgather"
+CUDA_TOKEN_DISPATCHER = "alltoall"
+
+
+def moe_fields(model: ModelConfig, runtime: Runtime, impl: str) -> dict:
+    """TransformerConfig's mixture-of-experts fields for `model` ({} for a dense model).
+
+    Routing as HF's Qwen-MoE / Mixtral: a linear router, softmax in fp32, top-k. With
+    `moe_norm_topk_prob` Megatron's default order (top-k of the logits, then softmax over
+    them) gives the renormalised top-k probabilities; without it `moe_router_pre_softmax`
+    (softmax over all experts, then top-k) keeps the raw ones. No capacity factor: every
+    token reaches its experts (no dropping), as in HF.
+    """
+    if not model.is_moe:
+        return {}
+    _define_te_general_gemm()
+    cuda = runtime.device.type == "cuda"
+    return dict(
+        num_moe_experts=model.num_experts,
+        moe_router_topk=model.moe_router_topk,
+        moe_ffn_hidden_size=model.expert_ffn_hidden_size,
+        moe_router_pre_softmax=not model.moe_norm_topk_prob,
+        moe_router_score_function="softmax",
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+        moe_z_loss_coeff=model.moe_z_loss_coeff,
+        moe_shared_expert_intermediate_size=model.moe_shared_expert_ffn_hidden_size,
+        moe_shared_expert_gate=model.moe_shared_expert_gate,
+        moe_layer_freq=[0 if layer in model.moe_dense_layers else 1 for layer in range(model.num_layers)],
+        moe_token_dispatcher_type=CUDA_TOKEN_DISPATCHER if cuda else CPU_TOKEN_DISPATCHER,
+        moe_grouped_gemm=impl == "transformer_engine",  # TEGroupedMLP; SequentialMLP in the local spec
+        expert_model_parallel_size=runtime.parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=runtime.parallel.expert_tensor_size,
+    )
+
+
+def _define_te_general_gemm() -> None:
+    """Megatron-Core 0.16's router linear tests `te_general_gemm is not None`, a name its
+    `moe_utils` defines only when Transformer Engine imports: without TE every MoE forward
+    raised NameError. None is what the test means by "no TE" (then torch.mm)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def _leave_uninitialized(weight: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,10 @@
-"""`ModelConfig` from a Hugging Face `config.json`, for the dense Llama-like families.
+"""`ModelConfig` from a Hugging Face `config.json`, for the Llama-like families.
 
 Supported: Llama (2, 3, 3.1/3.2 with llama3 RoPE scaling), Mistral, Qwen2 / Qwen2.5
-(QKV bias) and Qwen3 (QK-norm). They share one decoder (pre-norm RMSNorm, RoPE with
-rotate-half, GQA, SwiGLU), so one `ModelConfig` describes each and one weight map
+(QKV bias) and Qwen3 (QK-norm), and the mixture-of-experts Qwen3-MoE (QK-norm),
+Qwen2-MoE (QKV bias, a shared expert with its sigmoid gate) and Mixtral. They share one
+decoder (pre-norm RMSNorm, RoPE with rotate-half, GQA, SwiGLU MLPs or SwiGLU experts
+behind a softmax top-k router), so one `ModelConfig` describes each and one weight map
 (`megatron_opd.checkpoint.weight_map`) converts them.
 
 Any field that would make the HF model compute something our Megatron model does not
@@ -34,6 +36,7 @@ class Family:
     architecture: str
     qkv_bias: bool  # q/k/v projections always carry a bias (Qwen2), no config field
     qk_norm: bool  # RMSNorm on each query and key head (Qwen3)
+    moe: bool = False  # experts (router + SwiGLU experts) in place of some MLPs
 
 
 FAMILIES = {
@@ -43,6 +46,9 @@ FAMILIES = {
         Family("mistral", "MistralForCausalLM", qkv_bias=False, qk_norm=False),
         Family("qwen2", "Qwen2ForCausalLM", qkv_bias=True, qk_norm=False),
         Family("qwen3", "Qwen3ForCausalLM", qkv_bias=False, qk_norm=True),
+        Family("qwen3_moe", "Qwen3MoeForCausalLM", qkv_bias=False, qk_norm=True, moe=True),
+        Family("qwen2_moe", "Qwen2MoeForCausalLM", qkv_bias=True, qk_norm=False, moe=True),
+        Family("mixtral", "MixtralForCausalLM", qkv_bias=False, qk_norm=False, moe=True),
     )
 }
 
@@ -50,10 +56,17 @@ FAMILIES = {
 _LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 8192}
 # Keys that mean a feature we do not build, when set to anything but a neutral value.
-_SUSPICIOUS_WORDS = ("expert", "moe", "router", "softcap", "window", "sliding", "rope", "rotary")
+_SUSPICIOUS_WORDS = ("expert", "moe", "router", "softcap", "window", "sliding", "rope", "rotary", "capacity",
+                     "sparse", "mlp_only", "topk", "drop_token", "token_drop")
 # Keys handled explicitly below, so the scan for suspicious words skips them.
 _HANDLED = {"rope_theta", "rope_scaling", "rope_parameters", "sliding_window", "use_sliding_window",
             "max_window_layers", "layer_types", "partial_rotary_factor"}
+# Mixture-of-experts keys `_moe_fields` reads (each checked there); for a dense family they
+# stay suspicious and are refused.
+_MOE_HANDLED = {"num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+                "norm_topk_prob", "shared_expert_intermediate_size", "decoder_sparse_step", "mlp_only_layers",
+                "router_aux_loss_coef", "output_router_logits", "router_jitter_noise", "qkv_bias",
+                "router_z_loss_coef"}
 
 
 def read_hf_config(path: Union[str, Path]) -> dict[str, Any]:
@@ -119,7 +132,7 @@ def _check_attention_window(family: Family, hf_config: Mapping[str, Any]) -> Non
     if any(kind != "full_attention" for kind in layer_types):
         _refuse("layer_types", sorted(set(layer_types)), "only 'full_attention' layers are built")
     window = hf_config.get("sliding_window")
-    if family.model_type in ("qwen2", "qwen3"):
+    if family.model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         # Qwen windows only the layers from max_window_layers on, and only when asked to.
         first_windowed = hf_config.get("max_window_layers") or 0
         uses_window = (hf_config.get("use_sliding_window", False)
@@ -132,11 +145,79 @@ def _check_attention_window(family: Family, hf_config: Mapping[str, Any]) -> Non
                 f"sequences longer than {window} tokens")
 
 
-def _scan_unhandled(hf_config: Mapping[str, Any]) -> None:
+def _scan_unhandled(family: Family, hf_config: Mapping[str, Any]) -> None:
+    handled = _HANDLED | (_MOE_HANDLED if family.moe else set())
     for key, value in hf_config.items():
-        if key in _HANDLED or not value or not any(word in key.lower() for word in _SUSPICIOUS_WORDS):
+        if key in handled or not value or not any(word in key.lower() for word in _SUSPICIOUS_WORDS):
             continue
         _refuse(key, value, "this feature is not built (a field that changes the math is never ignored)")
+
+
+def _positive_int(field: str, value: Any) -> int:
+    if value is None:
+        raise ConfigError(f"HF config lacks {field!r}, which a mixture-of-experts model needs")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _refuse(field, value, "a positive integer is needed")
+    return value
+
+
+def _moe_fields(family: Family, hf_config: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """ModelConfig's expert fields, each HF field checked; {} for a dense family.
+
+    Qwen-MoE puts experts in layer i unless i is in `mlp_only_layers` or (i+1) is not a
+    multiple of `decoder_sparse_step`; Mixtral in every layer, its experts of
+    `intermediate_size`, the top-k probabilities always renormalised.
+    """
+    if not family.moe:
+        return {}
+    key = "num_experts" if "num_experts" in hf_config else "num_local_experts"
+    if "num_local_experts" in hf_config and hf_config.get("num_experts", hf_config["num_local_experts"]) != \
+            hf_config["num_local_experts"]:
+        _refuse("num_experts", hf_config["num_experts"],
+                f"one expert count: num_local_experts={hf_config['num_local_experts']} says otherwise")
+    num_experts = _positive_int(key, hf_config.get(key))
+    if num_experts < 2:
+        _refuse(key, num_experts, "a mixture of at least 2 experts is needed")
+    topk = _positive_int("num_experts_per_tok", hf_config.get("num_experts_per_tok"))
+    if topk > num_experts:
+        _refuse("num_experts_per_tok", topk, f"at most {key}={num_experts}")
+    if float(hf_config.get("router_jitter_noise") or 0.0) != 0.0:
+        _refuse("router_jitter_noise", hf_config["router_jitter_noise"], "only 0.0 (no router input jitter) is built")
+    aux = float(hf_config.get("router_aux_loss_coef") or 0.0)
+    if aux < 0:
+        _refuse("router_aux_loss_coef", aux, "a number >= 0")
+    # The router z-loss (ST-MoE) is a training choice these families' configs do not name;
+    # `router_z_loss_coef` (OLMoE's and Switch's key) in config.json turns it on.
+    z_loss = float(hf_config.get("router_z_loss_coef") or 0.0)
+    if z_loss < 0:
+        _refuse("router_z_loss_coef", z_loss, "a number >= 0")
+    losses = dict(moe_aux_loss_coeff=aux, moe_z_loss_coeff=z_loss or None)
+    if family.model_type == "mixtral":
+        return dict(num_experts=num_experts, moe_router_topk=topk, moe_norm_topk_prob=True,
+                    moe_ffn_hidden_size=_positive_int("intermediate_size", hf_config.get("intermediate_size")),
+                    moe_hf_layout="mixtral", **losses)
+    norm = hf_config.get("norm_topk_prob", False)
+    if not isinstance(norm, bool):
+        _refuse("norm_topk_prob", norm, "true or false")
+    step = _positive_int("decoder_sparse_step", hf_config.get("decoder_sparse_step", 1))
+    dense_only = hf_config.get("mlp_only_layers") or []
+    if not isinstance(dense_only, list) or not all(isinstance(i, int) and 0 <= i < num_layers for i in dense_only):
+        _refuse("mlp_only_layers", dense_only, f"a list of layer indices in [0, num_hidden_layers={num_layers})")
+    dense = [i for i in range(num_layers) if i in dense_only or (i + 1) % step != 0]
+    if len(dense) == num_layers:
+        _refuse("mlp_only_layers", dense_only, f"with decoder_sparse_step={step} no layer has experts: "
+                "use the dense family's config for a dense model")
+    fields = dict(num_experts=num_experts, moe_router_topk=topk, moe_norm_topk_prob=norm,
+                  moe_ffn_hidden_size=_positive_int("moe_intermediate_size", hf_config.get("moe_intermediate_size")),
+                  moe_dense_layers=dense, **losses)
+    shared = hf_config.get("shared_expert_intermediate_size")
+    if family.model_type == "qwen2_moe":
+        # Qwen2-MoE always builds the shared expert and its gate.
+        fields.update(moe_shared_expert_ffn_hidden_size=_positive_int("shared_expert_intermediate_size", shared),
+                      moe_shared_expert_gate=True)
+    elif shared:
+        _refuse("shared_expert_intermediate_size", shared, f"{family.architecture} has no shared expert")
+    return fields
 
 
 def model_config_from_hf(
@@ -161,7 +242,7 @@ def model_config_from_hf(
     if float(hf_config.get("partial_rotary_factor") or 1.0) != 1.0:
         _refuse("partial_rotary_factor", hf_config["partial_rotary_factor"], "only 1.0 is built")
     _check_attention_window(family, hf_config)
-    _scan_unhandled(hf_config)
+    _scan_unhandled(family, hf_config)
     rotary_base, rope_scaling_factor = _rope(hf_config)
 
     def required(field: str) -> Any:
@@ -171,8 +252,12 @@ def model_config_from_hf(
 
     heads = required("num_attention_heads")
     hidden = required("hidden_size")
+    num_layers = required("num_hidden_layers")
+    qkv_bias = family.qkv_bias
+    if family.model_type == "qwen2_moe":  # transformers 5 made Qwen2-MoE's QKV bias a field
+        qkv_bias = bool(hf_config.get("qkv_bias", True))
     return ModelConfig(
-        num_layers=required("num_hidden_layers"),
+        num_layers=num_layers,
         hidden_size=hidden,
         num_attention_heads=heads,
         num_query_groups=hf_config.get("num_key_value_heads") or heads,
@@ -184,11 +269,12 @@ def model_config_from_hf(
         rotary_base=rotary_base,
         rope_scaling_factor=rope_scaling_factor,
         swiglu=True,
-        add_qkv_bias=family.qkv_bias,
+        add_qkv_bias=qkv_bias,
         qk_layernorm=family.qk_norm,
         tie_word_embeddings=bool(hf_config.get("tie_word_embeddings", False)),
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         pad_vocab_size_to=pad_vocab_size_to,
         attention_dropout=float(hf_config.get("attention_dropout", 0.0)),
         init_method_std=float(hf_config.get("initializer_range", 0.02)),
+        **_moe_fields(family, hf_config, num_layers),
     )

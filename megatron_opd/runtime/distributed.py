@@ -156,14 +156,19 @@ def initialize_runtime(
     parallel.data_parallel_size(world_size)
 
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    ep, etp = parallel.expert_model_parallel_size, parallel.expert_tensor_size
     if parallel_state.model_parallel_is_initialized():
         existing = (parallel_state.get_tensor_model_parallel_world_size(),
-                    parallel_state.get_pipeline_model_parallel_world_size())
-        if existing != (tp, pp):
-            raise RuntimeError(f"Megatron parallel state already initialized with (tp, pp)={existing}")
+                    parallel_state.get_pipeline_model_parallel_world_size(),
+                    parallel_state.get_expert_model_parallel_world_size(),
+                    parallel_state.get_expert_tensor_parallel_world_size())
+        if existing != (tp, pp, ep, etp):
+            raise RuntimeError(f"Megatron parallel state already initialized with (tp, pp, ep, etp)={existing}")
     else:
+        # Experts: ep x etp ranks per expert layer, the rest of the world their data parallel.
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
         )
     seed_everything(parallel.seed)
     host_wait_group = dist.new_group(backend="gloo", timeout=HOST_WAIT_TIMEOUT)
