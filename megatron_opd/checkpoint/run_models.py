@@ -55,6 +55,7 @@ def resolve_models(config: JobConfig) -> RunModels:
             source.model.check_parallel(config.parallel)
         except ConfigError as error:
             raise ConfigError(f"{name} {source.path}: {error}") from error
+    check_expert_layout(config, student, teachers, fields)
     sources = [student, *teachers.values()]
     padded = with_common_padded_vocab([source.model for source in sources],
                                       config.parallel.tensor_model_parallel_size)
@@ -67,6 +68,34 @@ def resolve_models(config: JobConfig) -> RunModels:
     for name, teacher in teachers.items():
         check_teacher_tokenizer(tokenizer, tokenizer_path, tokenizer_field, teacher, fields[name][0])
     return RunModels(sources[0], teachers, vocab_size, tokenizer)
+
+
+def check_expert_layout(config: JobConfig, student: Pretrained, teachers: dict[str, Pretrained],
+                        fields: dict[str, tuple[str, str]]) -> None:
+    """Expert parallelism that the run's models can use, checked at start rather than at the
+    first step: some model must be a mixture of experts, and a MoE model that the Megatron
+    sampler decodes (on-policy student, seq_kd teacher) must keep its experts within TP (an
+    expert group holding other data-parallel ranks cannot gather their different sequences)."""
+    parallel = config.parallel
+    models = {"model": student, **{fields[name][0]: source for name, source in teachers.items()}}
+    if parallel.expert_model_parallel_size > 1 and not any(source.model.is_moe for source in models.values()):
+        raise ConfigError(f"parallel.expert_model_parallel_size={parallel.expert_model_parallel_size} is invalid: "
+                          f"no model of this run is a mixture of experts ({', '.join(models)}); set it to 1")
+    expert_ranks = parallel.expert_model_parallel_size * parallel.expert_tensor_size
+    if expert_ranks <= parallel.tensor_model_parallel_size or config.rollout.engine != "megatron":
+        return
+    sampled = []
+    if student.model.is_moe and (config.algorithm == "opd_rl" or (config.algorithm == "gkd" and config.lmbda > 0)):
+        sampled.append("model (on-policy samples)")
+    sampled += [f"{field} (seq_kd samples)" for field, source in models.items()
+                if field != "model" and config.seq_kd and source.model.is_moe]
+    if sampled:
+        raise ConfigError(
+            f"parallel.expert_model_parallel_size={parallel.expert_model_parallel_size} x expert_tensor_parallel_size="
+            f"{parallel.expert_tensor_size} = {expert_ranks} ranks is invalid with tensor_model_parallel_size="
+            f"{parallel.tensor_model_parallel_size} when the Megatron sampler decodes a mixture-of-experts model "
+            f"({', '.join(sampled)}): keep the experts within TP (expert_tensor_parallel_size 1, "
+            "expert_model_parallel_size <= tensor_model_parallel_size) or train off-policy (lmbda 0, no seq_kd)")
 
 
 def teacher_model_fields(config: JobConfig) -> dict[str, tuple[str, str]]:

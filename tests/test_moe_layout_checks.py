@@ -1,0 +1,63 @@
+"""Expert parallelism checked against the run's models at start (`resolve_models`), before any
+process group exists: EP > 1 needs a mixture-of-experts model, and a MoE model that the Megatron
+sampler decodes must keep its experts within TP."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from megatron_opd.checkpoint.run_models import resolve_models
+from megatron_opd.config.job import load_job_config
+from megatron_opd.config.schema import ConfigError
+from tests.hf_models import make_hf_model, make_tokenizer
+from tests.moe_models import make_moe_hf_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe_layout")
+    dense = make_hf_model("qwen2", root / "dense")
+    moe = make_moe_hf_model("qwen3_moe", root / "moe")
+    make_tokenizer(moe)
+    return {"dense": str(dense), "moe": str(moe)}
+
+
+def config(student: str, teacher: str, **overrides):
+    """The run's config; every model reads the MoE directory's tokenizer (the dense one ships none)."""
+    tokenizer = str(Path(student).parent / "moe")
+    argv = [f"model={student}", f"teacher_model={teacher}", "data.dataset=[unused.jsonl]", f"data.tokenizer={tokenizer}"]
+    return load_job_config(None, argv + [f"{key}={value}" for key, value in overrides.items()])
+
+
+def test_expert_parallelism_without_a_moe_model_is_refused(models):
+    with pytest.raises(ConfigError, match=r"parallel.expert_model_parallel_size=2 is invalid: no model of this run "
+                                          r"is a mixture of experts \(model, teacher_model\)"):
+        resolve_models(config(models["dense"], models["dense"], **{"parallel.expert_model_parallel_size": 2}))
+
+
+@pytest.mark.parametrize("overrides, sampled", [
+    ({"lmbda": 0.5}, "model (on-policy samples)"),
+    ({"lmbda": 0.0, "seq_kd": True}, "teacher_model (seq_kd samples)"),
+])
+def test_sampling_a_moe_model_with_experts_beyond_tp_is_refused(models, overrides, sampled):
+    student, teacher = (models["moe"], models["dense"]) if "seq_kd" not in overrides else (models["dense"],
+                                                                                           models["moe"])
+    layout = {"parallel.expert_model_parallel_size": 2, "parallel.tensor_model_parallel_size": 1}
+    with pytest.raises(ConfigError, match=re.escape("= 2 ranks is invalid with tensor_model_parallel_size=1 when the "
+                                                    f"Megatron sampler decodes a mixture-of-experts model ({sampled})")):
+        resolve_models(config(student, teacher, **layout, **overrides))
+
+
+@pytest.mark.parametrize("overrides", [
+    {"lmbda": 0.0},  # off-policy: nothing is sampled
+    {"lmbda": 0.5, "parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": True,
+     "parallel.expert_tensor_parallel_size": 1},  # the 2 expert ranks are the TP group
+    {"lmbda": 0.5, "rollout.engine": "vllm"},  # vLLM samples, not the Megatron sampler
+])
+def test_expert_layouts_that_work_are_accepted(models, overrides):
+    run = resolve_models(config(models["moe"], models["dense"], **{"parallel.expert_model_parallel_size": 2},
+                                **overrides))
+    assert run.student.model.is_moe
