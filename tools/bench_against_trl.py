@@ -8,7 +8,9 @@ Both sides get the same random Llama teacher and student (HF directories written
 `bench_train.write_inputs`), the same rows (a prompt and a completion of random words; TRL
 reads them as two chat messages through a template that reproduces our raw format exactly:
 prompt ids, completion ids, EOS), the same global batch, lr, Adam betas, gradient clipping,
-beta, temperature and completion length, fp32, one process, one intra-op thread.
+beta, temperature and completion length, fp32, one process, one intra-op thread, and the same
+activation recomputation (`--gradient-checkpointing`: TRL's `gradient_checkpointing`, on by
+default in TRL's configs, against our `compute.recompute_granularity: full` of every layer).
 
 Each (side, lmbda) pair runs in its own fresh subprocess; the pairs are alternated within a
 round and the order of the sides flips every round, so slow phases of a loaded machine hit
@@ -59,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lmbdas", default="0,0.5", help="comma-separated GKD lmbda values to compare at")
     parser.add_argument("--rounds", type=int, default=3, help="alternated rounds (medians over them)")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="off",
+                        help="recompute every layer's activations in the backward, on both sides (TRL's default: on)")
 
 
 def run_comparison(args: argparse.Namespace, write_inputs) -> dict:
@@ -140,6 +144,7 @@ def run_child(side: str, lmbda: float, args: argparse.Namespace, paths: dict) ->
     spec = {"side": side, "lmbda": lmbda, "paths": {key: str(value) for key, value in paths.items()},
             "batch": args.batch, "micro_batch": args.micro_batch, "steps": args.steps, "warmup": args.warmup,
             "prompt_len": args.prompt_len, "completion_len": args.completion_len, "lr": args.lr,
+            "recompute": args.gradient_checkpointing == "on",
             "workdir": str(args.workdir / f"{side}_lmbda{lmbda}")}
     with tempfile.TemporaryDirectory() as scratch:
         result_path = Path(scratch) / "result.json"
@@ -212,6 +217,9 @@ def ours_steps(spec: dict, memory: StepMemory) -> list:
         "optimizer.lr_warmup_iters": 0, "optimizer.clip_grad": 1.0, "optimizer.weight_decay": 0.0,
         "optimizer.adam_beta1": 0.9, "optimizer.adam_beta2": 0.999,
     }
+    if spec["recompute"]:
+        overrides.update({"compute.recompute_granularity": "full", "compute.recompute_method": "uniform",
+                          "compute.recompute_num_layers": 1})
     config = load_job_config(None, [f"{key}={value}" for key, value in overrides.items()])
     trainer = Trainer(config, initialize_runtime(ParallelConfig()))
     steps = []
@@ -264,7 +272,7 @@ def trl_steps(spec: dict, memory: StepMemory) -> list:
         lmbda=spec["lmbda"], beta=0.5, temperature=1.0, max_new_tokens=spec["completion_len"],
         max_length=spec["prompt_len"] + spec["completion_len"] + 1, use_cpu=True, bf16=False, fp16=False,
         report_to="none", save_strategy="no", logging_steps=10**6, dataloader_num_workers=0, seed=0,
-        disable_tqdm=True)
+        disable_tqdm=True, gradient_checkpointing=spec["recompute"])
     dataset = load_dataset("json", data_files=paths["trl_data"], split="train")
     trainer = CountingGKDTrainer(model=model, teacher_model=teacher, args=config, train_dataset=dataset,
                                  processing_class=tokenizer, callbacks=[StepClock()])
