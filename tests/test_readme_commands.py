@@ -62,6 +62,9 @@ SKIPPED = {
     "python -m megatron_opd.train --config run.yaml data.dataset=[more.jsonl] "
     "training.resume_allow_changes=[data.dataset]": "a resume of a user's run: tests/test_resume_changes.py "
         "resumes with changes refused, then allowed",
+    "torchrun --standalone --nproc-per-node 2 tools/convert_checkpoint.py hf-to-megatron --hf-path Qwen3-30B-A3B "
+    "--out ckpt/qwen3-30b-a3b --ep 2": "a 30B model: tests/test_moe_convert.py converts tiny Qwen3-MoE, Qwen2-MoE "
+        "and Mixtral models across EP layouts",
     "python -m venv .venv && . .venv/bin/activate": "creates an environment",
     "pip install torch": "installs packages",
     'pip install -e ".[gpu,vllm]"': "installs packages",
