@@ -52,18 +52,22 @@ def make_hf_model(family: str, directory: Path, seed: int = 0, dtype: torch.dtyp
                   with_tokenizer: bool = False, **config_fields) -> Path:
     """Write a random `family` model (and optionally a tokenizer) to `directory`;
     `config_fields` override the family's config (e.g. head counts)."""
+    write_random_model(family_configs()[family], directory, seed, dtype, **config_fields)
+    if with_tokenizer:
+        make_tokenizer(directory)
+    return Path(directory)
+
+
+def write_random_model(config, directory: Path, seed: int, dtype: torch.dtype, **config_fields) -> None:
+    """An HF model of `config` (`config_fields` overriding it) with `randomize`'s weights, saved in `dtype`."""
     from transformers import AutoModelForCausalLM
 
-    config = family_configs()[family]
     for name, value in config_fields.items():
         setattr(config, name, value)
     config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize(model, seed)
     model.to(dtype).save_pretrained(directory)
-    if with_tokenizer:
-        make_tokenizer(directory)
-    return Path(directory)
 
 
 def make_tokenizer(directory: Path) -> None:

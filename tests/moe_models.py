@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tests.hf_models import VOCAB, randomize
+from tests.hf_models import VOCAB, write_random_model
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2, rms_norm_eps=1e-6, num_experts_per_tok=2, router_aux_loss_coef=0.01)
@@ -36,13 +36,5 @@ def moe_family_configs() -> dict:
 def make_moe_hf_model(family: str, directory: Path, seed: int = 0, dtype: torch.dtype = torch.float32,
                       **config_fields) -> Path:
     """Write a random `family` MoE model to `directory`; `config_fields` override its config."""
-    from transformers import AutoModelForCausalLM
-
-    config = moe_family_configs()[family]
-    for name, value in config_fields.items():
-        setattr(config, name, value)
-    config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    randomize(model, seed)
-    model.to(dtype).save_pretrained(directory)
+    write_random_model(moe_family_configs()[family], directory, seed, dtype, **config_fields)
     return Path(directory)
