@@ -72,6 +72,9 @@ SKIPPED = {
     "pip install trl accelerate --no-deps": "installs packages (TRL: a benchmark dependency, not a test one)",
     "python tools/bench_train.py --against trl --steps 15 --rounds 3 --lmbdas 0,0.5": "needs TRL; its inputs "
         "(the same token ids on both sides) and report arithmetic are tests/test_bench_against_trl.py",
+    "python tools/bench_train.py --against trl --preset qwen2.5-0.5b-from-1.5b --lmbdas 0 --batch 2 --micro-batch 1 "
+    "--steps 2 --rounds 1 --gradient-checkpointing on": "needs TRL and about 20 GiB (2 B parameters in fp32 with "
+        "Adam on each side) for half an hour on 2 CPU cores, run by hand: its numbers are above",
     "torchrun --standalone --nproc-per-node 2 tools/bench_train.py --preset qwen2.5-0.5b-from-1.5b --tp 2 "
     "--precision bf16 --batch 2 --micro-batch 1 --steps 1 --no-sampler": "a benchmark at real shapes (2 x 10 GiB, "
         "about 10 minutes on 2 CPU cores), run by hand: its numbers are in the README",
