@@ -56,6 +56,21 @@ def test_moe_student_ep2_equals_ep1(moe_student, tmp_path):
     assert_same_update(other, reference, PARITY_RTOL)
 
 
+@pytest.mark.parametrize("layout", [
+    {"parallel.pipeline_model_parallel_size": 2},  # the dense layer and one MoE layer per stage
+    {"parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": True},
+])
+def test_moe_student_across_pipeline_and_tensor_layouts_equals_one_rank(moe_student, tmp_path, layout):
+    """The routers' padding mask and aux loss on every stage and TP rank: the step equals one rank's."""
+    fields = {"training.micro_batch_size": 2}
+    reference = merged(run(moe_student, tmp_path / "one", **fields))
+    other = merged(run(moe_student, tmp_path / "split", world=2, **fields, **layout))
+    step, expected = other["steps"][0], reference["steps"][0]
+    assert abs(step["loss"] - expected["loss"]) < 1e-5
+    assert abs(step["moe_aux_loss"] - expected["moe_aux_loss"]) < 1e-5 * max(1.0, expected["moe_aux_loss"])
+    assert_same_update(other, reference, PARITY_RTOL)
+
+
 def test_dense_student_of_moe_teacher_ep2_equals_ep1(moe_teacher, tmp_path):
     fields = {"training.micro_batch_size": 2}
     reference = merged(run(moe_teacher, tmp_path / "ep1", **fields))
@@ -169,8 +184,9 @@ def test_on_policy_moe_student_with_experts_inside_tp(moe_student, tmp_path):
     other = merged(run(moe_student, tmp_path / "tp2ep2", world=2, **ON_POLICY, **layout))
     assert reference["examples"][0] == other["examples"][0]  # the sampled responses
     assert abs(other["steps"][0]["loss"] - reference["steps"][0]["loss"]) < 1e-5
-    # Experts spread over data-parallel ranks: refused when sampling starts, naming the fields.
-    with pytest.raises(DistributedTestError, match="expert_model_parallel_size=2 .*not supported by the Megatron"):
+    # Experts spread over data-parallel ranks: refused at start, naming the fields.
+    with pytest.raises(DistributedTestError, match=r"expert_model_parallel_size=2 x expert_tensor_parallel_size=1 = "
+                                                   r"2 ranks is invalid with tensor_model_parallel_size=1"):
         run(moe_student, tmp_path / "dp_ep2", world=2, **ON_POLICY, **{"parallel.expert_model_parallel_size": 2})
     # Training with TP but without sequence parallelism: refused by name.
     with pytest.raises(DistributedTestError, match="parallel.sequence_parallel=False is invalid"):

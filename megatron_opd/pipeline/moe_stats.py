@@ -7,7 +7,11 @@ microbatch and `n` its valid tokens. We pass the routers `padding_mask = ~loss_m
 `finalize_model_grads` then divides every gradient once by the global batch's token
 count N, as it does for the distillation loss. The aux term in the objective is thus
 `coeff * sum_layers sum_mb n_mb L_mb / N`, a per-token loss like the divergence, and it
-is what `moe_aux_loss` reports (same normalisation as every other `*_sum` metric).
+is what `moe_aux_loss` reports (same normalisation as every other `*_sum` metric). Under
+sequence parallelism each TP rank routes its share of a microbatch's tokens and its tracker
+holds a part of `L_mb` (Megatron's global-batch form: the parts sum to `L_mb`) while `n_mb` is
+the microbatch's count over the TP group: both are summed over TP per router call before the
+product (a sum of the ranks' own `L_r n_r` would report 0.74x of the loss at TP=2).
 
 Expert load, per MoE layer: the global batch's counted tokens routed to each expert
 (top-k picks, so they sum to k * N). `moe_expert_tokens_max`: the most any expert got in one layer;
@@ -38,7 +42,8 @@ class RouterStats:
         num_layers, experts = self.config.num_layers, self.config.num_moe_experts
         self.device = next(gpt.parameters()).device
         self.tokens_per_expert = torch.zeros(num_layers, experts, dtype=torch.float64, device=self.device)
-        self.weighted = {name: torch.zeros((), dtype=torch.float64, device=self.device) for name in _TRACKED}
+        self.losses: list[list[float]] = []  # per router call: this rank's L (part) of each _TRACKED
+        self.valid: list[float] = []  # per router call: this rank's counted tokens
         self._before: dict[tuple[int, str], float] = {}
         self._handles = []
 
@@ -59,10 +64,10 @@ class RouterStats:
         counted = routing_map.sum(dim=0).double()
         valid = counted.sum() / self.config.moe_router_topk
         self.tokens_per_expert[router.layer_number - 1] += counted
-        for name in _TRACKED:
-            # The tracker adds this microbatch's unscaled loss L_mb; weigh it by its n_mb.
-            delta = self._tracked(name, router.layer_number - 1) - self._before[(router.layer_number, name)]
-            self.weighted[name] += delta * valid
+        # The tracker adds this microbatch's unscaled loss L_mb (under SP this rank's part).
+        self.losses.append([self._tracked(name, router.layer_number - 1) - self._before[(router.layer_number, name)]
+                            for name in _TRACKED])
+        self.valid.append(float(valid))
 
     @contextmanager
     def recording(self) -> Iterator["RouterStats"]:
@@ -82,9 +87,15 @@ class RouterStats:
         coeffs = {"load_balancing_loss": self.config.moe_aux_loss_coeff, "z_loss": self.config.moe_z_loss_coeff}
         counts = self.tokens_per_expert.clone()
         torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
-        stacked = torch.cat([counts.flatten(), torch.stack(list(self.weighted.values()))])
+        # [calls, 1 + len(_TRACKED)]: each router call's counted tokens and losses
+        calls = torch.tensor([[valid, *losses] for valid, losses in zip(self.valid, self.losses)],
+                             dtype=torch.float64, device=self.device).reshape(-1, 1 + len(_TRACKED))
         if self.config.sequence_parallel:
-            torch.distributed.all_reduce(stacked, group=parallel_state.get_tensor_model_parallel_group())
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+            torch.distributed.all_reduce(counts, group=tp_group)
+            torch.distributed.all_reduce(calls, group=tp_group)
+        weighted = (calls[:, 1:] * calls[:, :1]).sum(dim=0)  # [len(_TRACKED)]: sum over calls of n L
+        stacked = torch.cat([counts.flatten(), weighted])
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             torch.distributed.all_reduce(stacked, group=parallel_state.get_pipeline_model_parallel_group())
         if not parallel_state.is_pipeline_last_stage():
