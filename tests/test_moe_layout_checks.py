@@ -61,3 +61,30 @@ def test_expert_layouts_that_work_are_accepted(models, overrides):
     run = resolve_models(config(models["moe"], models["dense"], **{"parallel.expert_model_parallel_size": 2},
                                 **overrides))
     assert run.student.model.is_moe
+
+
+def count_on_rank(directory: str, ep: int) -> int:
+    from megatron_opd.checkpoint import load_pretrained
+    from megatron_opd.config import ParallelConfig
+    from megatron_opd.runtime import initialize_runtime
+    from megatron_opd.trainer.summary import count_parameters
+
+    runtime = initialize_runtime(ParallelConfig(expert_model_parallel_size=ep))
+    return count_parameters(load_pretrained(directory, runtime, role="teacher"))
+
+
+def test_parameter_count_is_the_whole_model_at_any_expert_layout(models):
+    """The start line's count: HF's parameters plus the vocab padding rows, at EP=1 and EP=2
+    (where each rank holds half the experts)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from megatron_opd.models.hf_config import model_config_from_hf
+    from megatron_opd.testing import run_distributed
+
+    hf = AutoModelForCausalLM.from_pretrained(models["moe"])
+    config = AutoConfig.from_pretrained(models["moe"])
+    heads = 1 if config.tie_word_embeddings else 2
+    padding = model_config_from_hf(config.to_dict()).padded_vocab_size(1) - config.vocab_size
+    expected = sum(param.numel() for param in hf.parameters()) + heads * padding * config.hidden_size
+    assert run_distributed(count_on_rank, 1, models["moe"], 1) == [expected]
+    assert run_distributed(count_on_rank, 2, models["moe"], 2) == [expected, expected]

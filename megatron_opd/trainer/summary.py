@@ -21,13 +21,21 @@ from megatron_opd.runtime import Runtime
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    """The whole model's parameters (collective over its TP and PP ranks): an embedding tied to
-    the output layer is counted once, on the first stage."""
-    local = sum(param.numel() for param in model.parameters()
-                if parallel_state.is_pipeline_first_stage() or not getattr(param, "shared_embedding", False))
-    total = torch.tensor([local], dtype=torch.float64, device=next(model.parameters()).device)
-    torch.distributed.all_reduce(total, group=parallel_state.get_model_parallel_group())
-    return int(total.item())
+    """The whole model's parameters (collective over the world's model-parallel and expert
+    groups): an embedding tied to the output layer is counted once, on the first stage;
+    experts split by expert parallelism (Megatron marks them `allreduce=False`) are summed over
+    the expert group (ETP x EP x PP ranks hold one copy of them), the rest over TP x PP."""
+    counted = [param for param in model.parameters()
+               if parallel_state.is_pipeline_first_stage() or not getattr(param, "shared_embedding", False)]
+    device = next(model.parameters()).device
+    dense = torch.tensor([sum(p.numel() for p in counted if getattr(p, "allreduce", True))], dtype=torch.float64,
+                         device=device)
+    torch.distributed.all_reduce(dense, group=parallel_state.get_model_parallel_group())
+    experts = torch.tensor([sum(p.numel() for p in counted if not getattr(p, "allreduce", True))],
+                           dtype=torch.float64, device=device)
+    if parallel_state.get_expert_model_parallel_world_size() > 1:
+        torch.distributed.all_reduce(experts, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
+    return int(dense.item() + experts.item())
 
 
 def _amount(count: float) -> str:
@@ -46,8 +54,10 @@ def start_summary(config: JobConfig, runtime: Runtime, dtype: torch.dtype, model
     """The start lines (rank 0 prints them); `models`: each model's `model_line`."""
     parallel, training, optimizer = config.parallel, config.training, config.optimizer
     data_parallel = runtime.data_parallel_size
+    experts = (f", experts EP {parallel.expert_model_parallel_size} x ETP {parallel.expert_tensor_size}"
+               if parallel.expert_model_parallel_size > 1 else "")
     lines = [f"run: {runtime.world_size} rank(s) = TP {parallel.tensor_model_parallel_size} x "
-             f"PP {parallel.pipeline_model_parallel_size} x DP {data_parallel} on {runtime.device.type} "
+             f"PP {parallel.pipeline_model_parallel_size} x DP {data_parallel}{experts} on {runtime.device.type} "
              f"({runtime.backend}), {str(dtype).removeprefix('torch.')}", *models]
     if config.teacher_model_server:
         lines.append(f"teacher: server {config.teacher_model_server}")
