@@ -88,3 +88,13 @@ def test_parameter_count_is_the_whole_model_at_any_expert_layout(models):
     expected = sum(param.numel() for param in hf.parameters()) + heads * padding * config.hidden_size
     assert run_distributed(count_on_rank, 1, models["moe"], 1) == [expected]
     assert run_distributed(count_on_rank, 2, models["moe"], 2) == [expected, expected]
+
+
+def test_token_budget_with_experts_across_data_parallel_ranks_is_refused_at_load():
+    argv = ["model=/m", "teacher_model=/t", "data.dataset=[unused.jsonl]", "training.max_tokens_per_microbatch=64"]
+    with pytest.raises(ConfigError, match=r"training.max_tokens_per_microbatch=64 is invalid: null when the experts "
+                                          r"span data-parallel ranks .* = 2 > tensor_model_parallel_size 1"):
+        load_job_config(None, argv + ["parallel.expert_model_parallel_size=2"])
+    within_tp = ["parallel.expert_model_parallel_size=2", "parallel.tensor_model_parallel_size=2",
+                 "parallel.sequence_parallel=true", "parallel.expert_tensor_parallel_size=1"]
+    assert load_job_config(None, argv + within_tp).training.max_tokens_per_microbatch == 64

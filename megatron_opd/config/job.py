@@ -261,6 +261,14 @@ class JobConfig:
             check(budget >= multiple, "training.max_tokens_per_microbatch", budget,
                   f"an integer >= {multiple} with parallel.sequence_parallel (rows are padded to a multiple of "
                   f"8 x parallel.tensor_model_parallel_size = {multiple} tokens)")
+        expert_ranks = parallel.expert_model_parallel_size * parallel.expert_tensor_size
+        # MoE layers gather tokens over the expert group: its data-parallel ranks must run
+        # microbatches of one shape, which per-rank token budgets do not give.
+        check(budget is None or expert_ranks <= parallel.tensor_model_parallel_size,
+              "training.max_tokens_per_microbatch", budget,
+              f"null when the experts span data-parallel ranks (parallel.expert_model_parallel_size x "
+              f"expert_tensor_parallel_size = {expert_ranks} > tensor_model_parallel_size "
+              f"{parallel.tensor_model_parallel_size}); or keep the experts within TP")
         if self.opsd_clip is not None:
             check(self.teacher == "self", "opsd_clip", self.opsd_clip, "null unless teacher: self")
             check(self.opsd_clip > 0, "opsd_clip", self.opsd_clip, "a number > 0, or null (off)")
