@@ -29,7 +29,8 @@ def test_trl_side_reads_the_same_ids_as_our_raw_format(tmp_path):
     from megatron_opd.data.encode import encode_row
 
     bench, bench_train = load("bench_against_trl"), load("bench_train")
-    args = argparse.Namespace(workdir=tmp_path, family="llama", preset=None, **bench.QUICKSTART_SHAPES)
+    args = argparse.Namespace(workdir=tmp_path, family="llama", preset=None, student_experts=None,
+                              **bench.QUICKSTART_SHAPES)
     args.tokenizer_vocab = args.vocab
     paths = bench_train.write_inputs(args)
     bench.write_trl_dataset(paths)

@@ -44,7 +44,7 @@ def test_tp2_pp2_on_four_ranks():
         assert info["dp"] == 1 and info["same"]
         # Megatron orders ranks tp-fastest: rank = pp_rank * tp + tp_rank.
         assert (info["tp_rank"], info["pp_rank"]) == (rank % 2, rank // 2)
-        assert "already initialized with (tp, pp)=(2, 2)" in info["relayout_error"]
+        assert "already initialized with (tp, pp, ep, etp)=(2, 2, 1, 2)" in info["relayout_error"]
 
 
 def test_data_parallel_remainder():
