@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.megatron_opd-installed
 
-.PHONY: setup vllm-setup latest-setup test test-slow test-vllm test-latest test-all quickstart demo-opd-rl demo-opsd clean
+.PHONY: setup vllm-setup latest-setup test test-slow test-vllm test-latest test-all quickstart demo-opd-rl demo-opsd demo-multi-teacher clean
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -93,6 +93,11 @@ demo-opd-rl: setup
 
 demo-opsd: setup
 	PYTHON=$(VPY) bash examples/megatron/demo_cpu.sh opsd
+
+# Several teachers in one run: a student distills a permutation specialist and an addition
+# specialist at once, each row routed to its task's teacher, against one run per specialist.
+demo-multi-teacher: setup
+	PYTHON=$(VPY) bash examples/megatron/demo_cpu.sh multi_teacher
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) .pytest_cache build *.egg-info

@@ -46,6 +46,7 @@ SKIPPED = {
     "python -m vllm.entrypoints.launchers.api_server.entry --model /models/teacher --dtype float32 --enforce-eager "
     "--max-logprobs 20 --port 8000": "needs vLLM's CPU build (`make vllm-setup`): tests/test_vllm_teacher.py runs "
         "this module as the teacher (`make test-vllm`)",
+    "make demo-multi-teacher": "installs; the demo itself is tests/test_demo_multi_teacher.py (slow)",
     "NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 MASTER_PORT=29500 NPROC=8 OUTPUT_DIR=/shared/runs/gkd "
     "bash examples/megatron/train.sh configs/gkd_qwen2.5_0.5b_from_7b.yaml": "needs 2 nodes: tests/test_launchers.py "
         "checks the torchrun flags the launcher builds from these variables",
