@@ -9,7 +9,10 @@
 #   2. the CPU-safe tests that have CUDA branches (device choice, layer spec choice, CPU
 #      mode's refusal on a CUDA machine), run on this machine where CUDA is real;
 #   3. tools/gpu_train_check.py, the training side on CUDA: TE-spec logits of a random
-#      Qwen2.5-0.5B-shaped model vs HF transformers (bf16), HF -> Megatron -> HF conversion
+#      Qwen2.5-0.5B-shaped model vs HF transformers (bf16), the same for a random Qwen3-MoE
+#      with Qwen3-30B-A3B's layer shapes at 3 layers (TEGroupedMLP experts, alltoall
+#      dispatcher: 128 experts, top-8; control: two experts swapped) and its fp32 logits at
+#      EP=2 (NCCL) vs EP=1 (2+ GPUs, else SKIP), HF -> Megatron -> HF conversion
 #      round trip (bit-exact, TE names), the fused divergence kernel vs eager math at 4096 x
 #      151,936 (time, peak memory), one fp32 GKD step at TP=2 (NCCL) vs TP=1 (2+ GPUs, else
 #      SKIP), 20 bf16 GKD steps at TP=2 (1 GPU: TP=1) finite and decreasing;
@@ -28,7 +31,8 @@
 # Extra arguments for the vLLM check: GPU_CHECK_ARGS="--variants fp32_llama2 --eager"; for the
 # training check: GPU_TRAIN_CHECK_ARGS="--checks kernel_vs_eager".
 # Time, on one H100/H200, under 10 minutes: steps 1-2 about 1 minute (each pytest run killed at
-# 240 s); step 3 about 3 minutes (estimated; killed at 270 s, no new check after 200 s); steps 4
+# 240 s); step 3 about 4.5 minutes (estimated, ~2 of them the MoE checks; killed at 330 s, no new
+# check after 260 s); steps 4
 # and 5 fit in what is left of GPU_ACCEPTANCE_SECONDS (default 570) from the start: step 4 gets the time left less 120 s for step 5, SKIPped under 90 s (each
 # variant at most 200 s, no new one once its budget is spent: typically fp32_llama2 alone, the
 # greedy and weight-sync checks; run tools/gpu_vllm_check.py alone for every variant); step 5 at
@@ -191,7 +195,7 @@ run_check() {  # run_check NAME KILL_AFTER_SECONDS ARGS...: tools/NAME.py, recor
 
 section "tools/gpu_train_check.py"
 # shellcheck disable=SC2086 # GPU_TRAIN_CHECK_ARGS is a list of arguments
-run_check gpu_train_check 270 --device cuda --budget 200 --timeout 150 ${GPU_TRAIN_CHECK_ARGS:-}
+run_check gpu_train_check 330 --device cuda --budget 260 --timeout 150 ${GPU_TRAIN_CHECK_ARGS:-}
 
 # ------------------------------------------------------------------ 4. vLLM GPU paths
 section "tools/gpu_vllm_check.py"

@@ -1,4 +1,5 @@
-"""GPU acceptance check of the training side: TE-spec logits, conversion, the divergence kernel, TP parity, bf16 GKD.
+"""GPU acceptance check of the training side: TE-spec logits (dense, MoE), MoE EP parity, conversion,
+the divergence kernel, TP parity, bf16 GKD.
 
     python tools/gpu_train_check.py                          # every check, CUDA (TE spec when installed)
     python tools/gpu_train_check.py --checks kernel_vs_eager,trainer_tp2_parity
@@ -21,7 +22,24 @@ compare against fp32 math.
                       same directory (eager attention, TF32 off), relative to the reference's
                       std: max <= LOGITS_TOL["max"], mean <= LOGITS_TOL["mean"]. HF's own bf16
                       forward against the same reference is printed beside it (INFO). Control:
-                      layer 12's QKV bias zeroed must exceed the tolerance (the check can fail).
+                      every layer's QKV bias zeroed must exceed the tolerance (the check can fail).
+  te_moe_logits_vs_hf The same for a random Qwen3-MoE model with Qwen3-30B-A3B's layer shapes
+                      at 3 layers (QWEN3_MOE_FULL: hidden 2048, 32 / 4 heads of 128, layer 0
+                      dense (FFN 6144, `mlp_only_layers`), layers 1-2 with 128 experts of FFN
+                      768, top-8 renormalised; vocab 151,936, untied head rescaled for logits of
+                      std ~3; bf16 on disk): on CUDA with TE the TE spec's grouped-GEMM experts
+                      (TEGroupedMLP, `linear_fc1.weight{e}`) and the alltoall token dispatcher,
+                      the first time they run (the setup line lists layer 1's names). Routing is
+                      discontinuous: a token whose k-th and (k+1)-th router scores nearly tie
+                      picks another expert under bf16 rounding (HF's own bf16 forward does too),
+                      so a few tokens differ by far more than the rest; the tolerance (MOE_TOL)
+                      is on the mean and on the 90th percentile over tokens of each token's max
+                      |diff|, and the max and the count of tokens above LOGITS_TOL["max"] are
+                      printed beside HF bf16's. Control: experts 0 and 1 of layer 1 swapped (fc1
+                      and fc2: a converter numbering experts wrongly) must exceed the q90 one.
+  moe_ep2_parity      (2+ GPUs; CPU: 2 gloo ranks) that MoE model's fp32 logits (TF32 off) at
+                      EP=2 (64 experts per GPU, the alltoall dispatcher over NCCL, TE grouped
+                      GEMM) against EP=1 on one GPU: max |diff| / std <= MOE_EP_TOL. 1 GPU: SKIP.
   convert_round_trip  `convert.hf_to_megatron` then `convert.megatron_to_hf` (TP=2 with 2+ GPUs,
                       else 1; CPU: TP=2 on gloo) of that model: every tensor of the written
                       safetensors bit-equal (and of the same dtype) to the source's, the same
@@ -53,15 +71,18 @@ compare against fp32 math.
                       the CPU measurement of the margin applies.
 
 Tolerances and the measurements behind them (see the constants below). --break-on-purpose
-breaks each check's candidate in a known way (a zeroed QKV bias; one weight nudged before the
-Megatron checkpoint is written; the kernel run at beta 0.45; the TP=2 loss scaled by 1.001;
-bf16 lr 1e-9): every check must then FAIL, which is how its discrimination was verified.
+breaks each check's candidate in a known way (a zeroed QKV bias; two experts swapped, in both
+MoE checks; one weight nudged before the Megatron checkpoint is written; the kernel run at beta
+0.45; the TP=2 loss scaled by 1.001; bf16 lr 1e-9): every check must then FAIL, which is how its
+discrimination was verified.
 
 Sizes (--size tiny, the default with --device cpu, shrinks te_logits_vs_hf / convert_round_trip to a
-2-layer model of the same head layout and vocab 1000, and the kernel to 512 x 8192): on one
-H200, about 3 minutes for all five, most of it process start-up, model writing and conversion
-of the 0.5B model (~1 GB bf16): logits ~50 s, convert ~60 s, kernel ~20 s, parity ~40 s, bf16
-~30 s (estimates from the CPU runs: not yet measured on a GPU). CPU, tiny: ~30 s on 2 cores.
+2-layer model of the same head layout and vocab 1000, te_moe_logits_vs_hf to 2 layers (dense,
+MoE) of hidden 64, 8 experts top-2, vocab 1000, and the kernel to 512 x 8192): on one H200,
+about 4.5 minutes for all seven, most of it process start-up, model writing and conversion of the
+0.5B model (~1 GB bf16) and writing the MoE one (1.9B parameters, 3.8 GB bf16): logits ~50 s,
+MoE logits ~70 s, MoE EP=2 ~40 s, convert ~60 s, kernel ~20 s, parity ~40 s, bf16 ~30 s (estimates from the
+CPU runs: not yet measured on a GPU). CPU, tiny: ~40 s on 2 cores.
 
 Needs (MISSING lines before anything runs): torch, megatron-core, transformers, safetensors, and
 with --device cuda a CUDA device; Transformer Engine is optional (without it the auto spec on
@@ -87,7 +108,8 @@ if str(ROOT) not in sys.path:
 
 from tools.gpu_check_report import COMMON_MODULES, Report, add_run_arguments, preflight, selected  # noqa: E402 - after the repository is on sys.path
 
-CHECKS = ("te_logits_vs_hf", "convert_round_trip", "kernel_vs_eager", "trainer_tp2_parity", "bf16_gkd_steps")
+CHECKS = ("te_logits_vs_hf", "te_moe_logits_vs_hf", "moe_ep2_parity", "convert_round_trip", "kernel_vs_eager",
+          "trainer_tp2_parity", "bf16_gkd_steps")
 
 # Qwen2.5-0.5B's shape; --size tiny: 2 layers of the same head layout (head dim 8) and vocab 1000.
 QWEN_05B = dict(num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
@@ -106,6 +128,41 @@ LOGITS_SHAPE = {"full": (2, 512), "tiny": (2, 64)}
 # layer's QKV bias zeroed, max 3.7 mean 0.45 (0.5B shape); one layer's of 24, max 0.23 mean
 # 0.035 (just caught by the mean).
 LOGITS_TOL = {"max": 0.3, "mean": 0.03}
+
+# Qwen3-30B-A3B's layer shapes at 3 layers (layer 0 dense, as `mlp_only_layers=[0]` makes it;
+# 1-2 with 128 experts, top-8, renormalised): 1.9B parameters, 3.8 GB in bf16 (all 48 layers
+# would be 30B). --size tiny: 2 layers (dense, MoE) of the same head layout (head dim 8), 8
+# experts top-2, vocab 1000.
+QWEN3_MOE_FULL = dict(num_hidden_layers=3, hidden_size=2048, num_attention_heads=32, num_key_value_heads=4,
+                      head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+                      num_experts_per_tok=8, norm_topk_prob=True, mlp_only_layers=[0], vocab_size=151936,
+                      max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False, router_aux_loss_coef=0.001)
+QWEN3_MOE_TINY = dict(QWEN3_MOE_FULL, num_hidden_layers=2, hidden_size=64, head_dim=8, intermediate_size=192,
+                      moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, vocab_size=1000)
+# Logits |Megatron bf16 - HF fp32| / std(HF fp32 logits), like LOGITS_TOL, but on the mean and
+# on the 90th percentile over tokens of each token's max over the vocab ("token_q90"): routing
+# flips (near-tied k-th / (k+1)-th router scores resolved otherwise under bf16) give a few
+# percent of the tokens errors of 0.3-1, so the max measures the flips, not the rounding.
+# Measured on CPU (local spec bf16, 2 x 512 tokens, reference std 3.0):
+#   full shape, vocab 32,000 (3 layers, 128 experts top-8): Megatron mean 0.0087 q90 0.035 (max
+#     0.57, 21 of 1024 tokens above 0.3); HF bf16 mean 0.012 q90 0.21 (max 0.57, 34 tokens:
+#     HF's router GEMM is bf16, Megatron's fp32 (moe_router_dtype), so HF flips more)
+#   tiny (2 layers, 8 experts top-2): Megatron mean 0.0053 q90 0.027 (max 0.98: one flip, 2
+#     tokens above 0.3); HF bf16 mean 0.0052 q90 0.028 (max 0.67, 1 token)
+# Tolerance: 2.5x and 2.3x the full shape's. Control, experts 0 and 1 of layer 1 swapped: full
+# shape q90 0.33 mean 0.018 (121 tokens above 0.3; the 16 of 128 expert slots it changes are
+# too few to move the mean past the tolerance, so the control must exceed the q90 one: 3.7x);
+# tiny q90 1.55 mean 0.13.
+MOE_TOL = {"token_q90": 0.09, "mean": 0.02}
+
+# moe_ep2_parity: max |EP=2 - EP=1| / std(EP=1), fp32 logits of the MoE model above. Measured
+# on CPU (gloo, allgather dispatcher, local spec, tiny): 0 (bit-equal); broken on purpose, two
+# experts swapped at EP=2: 2.9. On CUDA the alltoall dispatcher and TE's grouped GEMM change
+# only which GEMM (of how many rows) a token's expert product is in, and the order of the
+# permutation: fp32 rounding, far below the 1e-4 at which tests/test_moe_hf_logits.py holds
+# EP=2 against HF fp32 (a near-tied routing flip in fp32 would be a ~1e-6 event per token).
+MOE_EP_TOL = 1e-4
 
 KERNEL_SHAPE = {"full": dict(tokens=4096, vocab=151936, student_hidden=896, teacher_hidden=1536),
                 "tiny": dict(tokens=512, vocab=8192, student_hidden=112, teacher_hidden=192)}
@@ -165,14 +222,73 @@ def _sync(device) -> None:
 
 
 def _logit_diffs(actual, expected) -> dict:
+    """|actual - expected| / std(expected) over [batch, tokens, vocab]: max, mean; per token (its
+    max over the vocab): the 99th percentile and the count above LOGITS_TOL["max"]; argmax agreement."""
+    import torch
+
     scale = float(expected.std())
-    diff = (actual.float() - expected.float()).abs()
-    return {"max": float(diff.max()) / scale, "mean": float(diff.mean()) / scale,
+    diff = (actual.float() - expected.float()).abs() / scale
+    per_token = diff.amax(-1).flatten()
+    return {"max": float(diff.max()), "mean": float(diff.mean()),
+            "token_q90": float(torch.quantile(per_token, 0.9)), "token_q99": float(torch.quantile(per_token, 0.99)),
+            "tokens_over": int((per_token > LOGITS_TOL["max"]).sum()), "tokens": per_token.numel(),
             "argmax_agree": float((actual.argmax(-1) == expected.argmax(-1)).float().mean())}
 
 
-def logits_on_rank(model_dir: str, shape: tuple[int, int], transformer_impl: str, sabotage: bool) -> dict:
-    """Megatron bf16 logits (load_pretrained) and HF's bf16 against HF's fp32; stats only."""
+def qkv_bias_control(model, config: dict) -> tuple[str, list]:
+    """A converter that drops Qwen2's QKV biases: every layer's zeroed. (what, [(parameter, its value)])"""
+    import torch
+
+    biases = [p for n, p in model.named_parameters() if n.endswith("self_attention.linear_qkv.bias")]
+    assert len(biases) == config["num_hidden_layers"], [n for n, _ in model.named_parameters() if "bias" in n][:8]
+    return "every layer's QKV bias zeroed", [(bias, torch.zeros_like(bias)) for bias in biases]
+
+
+def expert_swap_control(model, config: dict) -> tuple[str, list]:
+    """A converter that swaps two experts of one MoE layer (0 <-> 1 of the first one, fc1 and fc2):
+    local_experts.{e}.linear_fc1.weight (SequentialMLP) or linear_fc1.weight{e} (TE grouped)."""
+    layer = _first_moe_layer(config)
+    params = list(model.named_parameters())
+
+    def expert(fc: str, e: int):
+        suffixes = (f".layers.{layer}.mlp.experts.local_experts.{e}.linear_{fc}.weight",
+                    f".layers.{layer}.mlp.experts.linear_{fc}.weight{e}")
+        found = [p for n, p in params if n.endswith(suffixes)]
+        assert len(found) == 1, (fc, e, [n for n, _ in params if f".layers.{layer}.mlp.experts." in n][:6])
+        return found[0]
+
+    pairs = []
+    for fc in ("fc1", "fc2"):
+        first, second = expert(fc, 0), expert(fc, 1)
+        pairs += [(first, second.detach().clone()), (second, first.detach().clone())]
+    return f"experts 0 and 1 of layer {layer} swapped (fc1, fc2)", pairs
+
+
+def _first_moe_layer(config: dict) -> int:
+    return next(i for i in range(config["num_hidden_layers"]) if i not in config.get("mlp_only_layers", []))
+
+
+CONTROLS = {"qkv_bias": qkv_bias_control, "expert_swap": expert_swap_control}
+
+
+def _layer_names(model, layer: int) -> list[str]:
+    """Parameter names of one layer, after `.layers.{layer}.`, experts' numbers shown as *."""
+    import re
+
+    names = []
+    for name, _ in model.named_parameters():
+        if f".layers.{layer}." in name:
+            short = re.sub(r"local_experts\.\d+\.", "local_experts.*.", name.split(f".layers.{layer}.", 1)[1])
+            short = re.sub(r"\.weight\d+$", ".weight*", short)
+            if short not in names:
+                names.append(short)
+    return names
+
+
+def logits_on_rank(model_dir: str, shape: tuple[int, int], transformer_impl: str, sabotage: bool,
+                   control: str = "qkv_bias") -> dict:
+    """Megatron bf16 logits (load_pretrained) and HF's bf16 against HF's fp32; stats only.
+    `control` (CONTROLS) names the converter bug whose logits must be caught."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -188,9 +304,10 @@ def logits_on_rank(model_dir: str, shape: tuple[int, int], transformer_impl: str
     started = time.monotonic()
     model = load_pretrained(model_dir, runtime, role="teacher", dtype=torch.bfloat16,
                             compute=ComputeConfig(transformer_impl=impl))
-    out = {"device": str(device), "spec": how, "load_s": time.monotonic() - started,
-           "names": [n for n, _ in model.named_parameters() if ".layers.0." in n]}
     config = json.loads((Path(model_dir) / "config.json").read_text())
+    shown = _first_moe_layer(config) if control == "expert_swap" else 0  # the layer the control changes
+    out = {"device": str(device), "spec": how, "load_s": time.monotonic() - started, "layer": shown,
+           "names": _layer_names(model, shown)}
     vocab = config["vocab_size"]
     ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(11)).to(device)
     positions = torch.arange(shape[1], device=device).expand(*shape)
@@ -200,29 +317,59 @@ def logits_on_rank(model_dir: str, shape: tuple[int, int], transformer_impl: str
             return model(ids, positions, None)[..., :vocab].float()
 
     mine = megatron_logits()
-    # The control: a converter that drops Qwen2's QKV biases (every layer's zeroed)
-    biases = [p for n, p in model.named_parameters() if n.endswith("self_attention.linear_qkv.bias")]
-    assert len(biases) == config["num_hidden_layers"], [n for n, _ in model.named_parameters() if "bias" in n][:8]
-    saved = [bias.detach().clone() for bias in biases]
+    out["control_what"], changes = CONTROLS[control](model, config)
+    saved = [param.detach().clone() for param, _ in changes]
     with torch.no_grad():
-        for bias in biases:
-            bias.zero_()
-    control = megatron_logits()
+        for param, value in changes:
+            param.copy_(value)
+    control_logits = megatron_logits()
     with torch.no_grad():
-        for bias, value in zip(biases, saved):
-            bias.copy_(value)
+        for (param, _), value in zip(changes, saved):
+            param.copy_(value)
     if sabotage:
-        mine = control
-    model = None  # free it before HF loads (the closure above is done with it)
+        mine = control_logits
+    model = changes = saved = None  # free it before HF loads (the closure above is done with it)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").to(device)
     with torch.no_grad():
         reference = hf(ids).logits.float()
         hf.to(torch.bfloat16)
         hf_bf16 = hf(ids).logits.float()
     out.update(megatron=_logit_diffs(mine, reference), hf_bf16=_logit_diffs(hf_bf16, reference),
-               control=_logit_diffs(control, reference), ref_std=float(reference.std()),
+               control=_logit_diffs(control_logits, reference), ref_std=float(reference.std()),
                ref_absmax=float(reference.abs().max()), tokens=shape)
     return out
+
+
+def moe_ep_logits_on_rank(model_dir: str, shape: tuple[int, int], transformer_impl: str, ep: int,
+                          sabotage: bool) -> dict:
+    """fp32 logits [batch, tokens, vocab] of the MoE model at EP=`ep` (TP=1: every rank feeds the
+    same ids, rank 0's are returned); `sabotage` swaps two experts (expert_swap_control)."""
+    import torch
+    import torch.distributed as dist
+
+    from megatron_opd.checkpoint import load_pretrained
+    from megatron_opd.config import ParallelConfig
+    from megatron_opd.config.compute import ComputeConfig
+    from megatron_opd.runtime import initialize_runtime
+
+    _no_tf32()
+    runtime = initialize_runtime(ParallelConfig(expert_model_parallel_size=ep))
+    device = runtime.device
+    impl, how = _impl(transformer_impl, device.type)
+    model = load_pretrained(model_dir, runtime, role="teacher", dtype=torch.float32,
+                            compute=ComputeConfig(transformer_impl=impl))
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if sabotage:
+        with torch.no_grad():
+            for param, value in expert_swap_control(model, config)[1]:
+                param.copy_(value)
+    vocab = config["vocab_size"]
+    ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(11)).to(device)
+    positions = torch.arange(shape[1], device=device).expand(*shape)
+    with torch.no_grad():
+        logits = model(ids, positions, None)[..., :vocab].float()
+    dispatcher = getattr(getattr(model, "config", None), "moe_token_dispatcher_type", "?")
+    return {"spec": how, "dispatcher": dispatcher, "logits": logits.cpu() if dist.get_rank() == 0 else None}
 
 
 def convert_on_rank(hf_dir: str, work: str, tp: int, transformer_impl: str, sabotage: bool) -> dict:
@@ -382,6 +529,14 @@ def train_on_rank(argv: list[str], steps: int, weights: bool, loss_scale: float)
 
 # ============================================================================ in the parent
 
+def check_moe_ep(ep1: list[dict], ep2: list[dict], report: Report) -> None:
+    reference, other = ep1[0]["logits"], ep2[0]["logits"]
+    diff = float((other - reference).abs().max() / reference.std())
+    report.check(diff <= MOE_EP_TOL, "moe_ep2_parity", f"{ep2[0]['spec']}, {ep2[0]['dispatcher']} dispatcher, fp32: "
+                 f"EP=2 vs EP=1 logits max |diff| / std {diff:.3g} (tolerance {MOE_EP_TOL:g}), "
+                 f"{tuple(reference.shape)}")
+
+
 
 def make_qwen_model(directory: Path, fields: dict, seed: int = 0) -> Path:
     """A random Qwen2 model (tests.hf_models.randomize, embedding rescaled) saved in bf16."""
@@ -401,22 +556,46 @@ def make_qwen_model(directory: Path, fields: dict, seed: int = 0) -> Path:
     return Path(directory)
 
 
+def make_qwen3_moe_model(directory: Path, fields: dict, seed: int = 0) -> Path:
+    """A random Qwen3-MoE model (tests.hf_models.randomize, untied head rescaled) saved in bf16."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from tests.hf_models import randomize
+
+    config = Qwen3MoeConfig(**fields)
+    config.architectures = ["Qwen3MoeForCausalLM"]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize(model, seed)
+    with torch.no_grad():  # logits ~ RMS-normed hidden (|h| ~ sqrt(H)) . head row (randomize's std 1/sqrt(H))
+        head = model.get_output_embeddings().weight
+        head.mul_(LOGIT_STD / (float(head.std()) * math.sqrt(fields["hidden_size"])))
+    model.to(torch.bfloat16).save_pretrained(directory)
+    return Path(directory)
+
+
 def _fmt(d: dict) -> str:
-    return f"max {d['max']:.3g} mean {d['mean']:.3g} argmax-agree {d['argmax_agree']:.3f}"
+    return (f"max {d['max']:.3g} mean {d['mean']:.3g} token-q90 {d['token_q90']:.3g} q99 {d['token_q99']:.3g} "
+            f"argmax-agree {d['argmax_agree']:.3f}; {d['tokens_over']} of {d['tokens']} tokens above {LOGITS_TOL['max']:g}")
 
 
-def check_logits(r: dict, report: Report) -> None:
-    report.add("INFO", "te_logits_vs_hf setup", f"{r['device']}, {r['spec']}, load {r['load_s']:.1f}s, tokens "
+def _tol(tol: dict) -> str:
+    return " ".join(f"{key.replace('_', '-')} {value:g}" for key, value in tol.items())
+
+
+def check_logits(r: dict, report: Report, name: str = "te_logits_vs_hf", tol: dict = LOGITS_TOL,
+                 caught_by: tuple[str, ...] = ("max", "mean")) -> None:
+    """PASS within every `tol`; the control must exceed the tolerances named in `caught_by`."""
+    report.add("INFO", f"{name} setup", f"{r['device']}, {r['spec']}, load {r['load_s']:.1f}s, tokens "
                f"{r['tokens'][0]}x{r['tokens'][1]}, reference logits std {r['ref_std']:.2f} max |.| "
-               f"{r['ref_absmax']:.1f}; layer-0 names: {', '.join(n.split('.layers.0.')[1] for n in r['names'])}")
-    report.add("INFO", "te_logits_vs_hf hf_bf16", f"HF bf16 vs HF fp32, / std: {_fmt(r['hf_bf16'])}; Megatron's "
+               f"{r['ref_absmax']:.1f}; layer-{r['layer']} names: {', '.join(r['names'])}")
+    report.add("INFO", f"{name} hf_bf16", f"HF bf16 vs HF fp32, / std: {_fmt(r['hf_bf16'])}; Megatron's "
                f"mean error is {r['megatron']['mean'] / max(r['hf_bf16']['mean'], 1e-30):.2f}x HF bf16's")
     m, c = r["megatron"], r["control"]
-    ok = m["max"] <= LOGITS_TOL["max"] and m["mean"] <= LOGITS_TOL["mean"]
-    report.check(ok, "te_logits_vs_hf", f"Megatron bf16 vs HF fp32, / std: {_fmt(m)} (tolerance max "
-                 f"{LOGITS_TOL['max']:g} mean {LOGITS_TOL['mean']:g})")
-    report.check(c["max"] > LOGITS_TOL["max"] and c["mean"] > LOGITS_TOL["mean"], "te_logits_vs_hf control",
-                 f"every layer's QKV bias zeroed: {_fmt(c)} (must exceed the tolerance)")
+    report.check(all(m[key] <= value for key, value in tol.items()), name,
+                 f"Megatron bf16 vs HF fp32, / std: {_fmt(m)} (tolerance {_tol(tol)})")
+    report.check(all(c[key] > tol[key] for key in caught_by), f"{name} control",
+                 f"{r['control_what']}: {_fmt(c)} (must exceed the {', '.join(caught_by)} tolerance)")
 
 
 def _safetensors(directory: Path) -> dict:
@@ -554,6 +733,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                        f"{time.monotonic() - started:.1f}s to {cache['qwen']}")
         return cache["qwen"]
 
+    def qwen3_moe_model() -> Path:
+        if "moe" not in cache:
+            started = time.monotonic()
+            cache["moe"] = make_qwen3_moe_model(root / "qwen3_moe", QWEN3_MOE_TINY if tiny else QWEN3_MOE_FULL)
+            report.add("INFO", "moe model", f"random Qwen3-MoE {'tiny' if tiny else '30B-A3B-layer-shaped'} "
+                       f"written in {time.monotonic() - started:.1f}s to {cache['moe']}")
+        return cache["moe"]
+
     def gkd_setup() -> dict:
         if "gkd" not in cache:
             cache["gkd"] = make_gkd_setup(root / "gkd", student_family="qwen2", teacher_family="llama2",
@@ -569,6 +756,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         reason = None
         if name == "trainer_tp2_parity" and not two:
             reason = f"needs 2 GPUs for TP=2 over NCCL, {gpus} here"
+        elif name == "moe_ep2_parity" and not two:
+            reason = f"needs 2 GPUs for EP=2 (alltoall dispatcher) over NCCL, {gpus} here"
         elif time.monotonic() > deadline:
             reason = f"--budget {args.budget:.0f}s spent"
         if reason:
@@ -582,6 +771,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                 (result,) = ranks(logits_on_rank, 1, str(qwen_model()), LOGITS_SHAPE[size], args.transformer_impl,
                                   sabotage)
                 check_logits(result, report)
+            elif name == "te_moe_logits_vs_hf":
+                (result,) = ranks(logits_on_rank, 1, str(qwen3_moe_model()), LOGITS_SHAPE[size],
+                                  args.transformer_impl, sabotage, "expert_swap")
+                check_logits(result, report, name, MOE_TOL, caught_by=("token_q90",))
+            elif name == "moe_ep2_parity":
+                shape = LOGITS_SHAPE[size]
+                ep1 = ranks(moe_ep_logits_on_rank, 1, str(qwen3_moe_model()), shape, args.transformer_impl, 1, False)
+                ep2 = ranks(moe_ep_logits_on_rank, 2, str(qwen3_moe_model()), shape, args.transformer_impl, 2,
+                            sabotage)
+                check_moe_ep(ep1, ep2, report)
             elif name == "convert_round_trip":
                 tp = 2 if two else 1
                 work = root / "convert"
