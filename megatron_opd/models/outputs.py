@@ -18,6 +18,7 @@ from megatron.core.tensor_parallel import (
     gather_from_sequence_parallel_region,
 )
 
+from megatron_opd.config.errors import ConfigError
 from megatron_opd.models.tp_layout import unwrap
 
 
@@ -33,7 +34,7 @@ def _check_moe_generation(gpt: torch.nn.Module) -> None:
     size = torch.distributed.get_world_size(group) if group is not None else 1
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if size > tp:
-        raise NotImplementedError(
+        raise ConfigError(
             f"sampling from a mixture-of-experts model with parallel.expert_model_parallel_size="
             f"{parallel_state.get_expert_model_parallel_world_size()} x expert tensor-parallel "
             f"{parallel_state.get_expert_tensor_parallel_world_size()} = {size} ranks, more than "
