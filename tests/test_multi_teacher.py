@@ -47,7 +47,9 @@ LAYOUTS = {"tp1": {"world": 1}, "tp2": {"world": 2, "parallel.tensor_model_paral
            # DP ranks with their own teachers' rows; microbatches of several shapes by a token
            # budget, split by teacher into sub-microbatches of yet other shapes, under PP
            "dp2": {"world": 2}, "pp2_budget": {"world": 2, "parallel.pipeline_model_parallel_size": 2,
-                                               "training.max_tokens_per_microbatch": 48}}
+                                               "training.max_tokens_per_microbatch": 48},
+           # packed rows holding both teachers' examples: each teacher runs on its examples re-packed
+           "packed": {"world": 1, "training.max_tokens_per_microbatch": 48, "training.pack_sequences": True}}
 CORE = ["tp1", "tp2", "pp2"]
 B_TEMPERATURE, RUN_TEMPERATURE = 0.7, 1.0
 GRAD_RTOL = 5e-5  # float32 trainer vs float64 reference, per tensor relative to its largest entry

@@ -13,6 +13,7 @@ CASES = {
     "layer_scaling": dict(heads=4, groups=2, sq=12, sk=12, apply_query_key_layer_scaling=True, layer_number=3),
     "decode_one_query": dict(heads=4, groups=2, sq=1, sk=7),
     "explicit_mask": dict(heads=4, groups=2, sq=8, sk=8, explicit_mask=True),
+    "packed_mask": dict(heads=4, groups=2, sq=10, sk=10, packed_mask=True),
     "dropout_training": dict(heads=4, groups=2, sq=8, sk=8, attention_dropout=0.5, training=True),
 }
 
@@ -60,6 +61,12 @@ def compare_with_megatron(case: dict) -> dict:
         mask = torch.triu(torch.ones(case["sq"], case["sk"], dtype=torch.bool), diagonal=1)
         mask = mask.expand(batch, 1, -1, -1).clone()
         mask[0, :, 3:, 2] = True
+    if case.get("packed_mask"):  # packed rows: examples of 4, 3, 2 tokens and one of padding, per row shifted
+        from megatron_opd.pipeline.segments import packed_inputs
+
+        segments = torch.tensor([[1] * 4 + [2] * 3 + [3] * 2 + [0], [1] * 2 + [2] * 5 + [3] * 3,
+                                 [1] * 10])
+        mask = packed_inputs(segments)[1]
     grad_output = torch.randn(case["sq"], batch, heads * head_dim, generator=generator, dtype=torch.float64)
     results = {}
     for name, module in modules.items():
@@ -89,10 +96,11 @@ def test_matches_megatron_dot_product_attention(name):
     case = CASES[name]
     (result,) = run_distributed(compare_with_megatron, 1, case)
     assert result["max_error"] <= 1e-12 * result["scale"], result
-    takes_over = not (case.get("explicit_mask") or case.get("training"))
+    takes_over = not case.get("training")
     assert len(result["fused_calls"]) == (1 if takes_over else 0), result
-    if takes_over:  # causal needs the mask unless one query row attends to its whole KV cache
-        assert result["fused_calls"] == [case["sq"] > 1]
+    if takes_over:  # causal needs the mask unless one query row attends to its whole KV cache or a mask is given
+        explicit = case.get("explicit_mask") or case.get("packed_mask")
+        assert result["fused_calls"] == [case["sq"] > 1 and not explicit]
 
 
 def test_matches_under_tensor_parallelism():

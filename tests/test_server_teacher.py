@@ -23,8 +23,8 @@ from megatron_opd.serve.launch import launch, start_server
 from megatron_opd.testing import DistributedTestError, run_distributed
 from tests.gkd_setup import overrides
 from tests.helpers.teacher_runs import (
-    K,
     SERVER_ENV,
+    K,
     assert_same_cache,
     cache_argv,
     cache_on_rank,
@@ -50,7 +50,9 @@ def server(setup):
 
 
 LAYOUTS = {"tp1": {"world": 1}, "tp2": {"world": 2, "parallel.tensor_model_parallel_size": 2},
-           "dp2": {"world": 2}}
+           "dp2": {"world": 2},
+           # several examples per row: each is sent to the server as its own sequence
+           "packed": {"world": 1, "training.max_tokens_per_microbatch": 64, "training.pack_sequences": True}}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

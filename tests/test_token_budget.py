@@ -18,6 +18,7 @@ from megatron_opd.algorithms.opd_rl import group_advantages
 from megatron_opd.config.job import load_job_config
 from megatron_opd.config.schema import ConfigError
 from megatron_opd.pipeline.batching import padded_length, plan_microbatches
+from megatron_opd.pipeline.packing import pack_rows
 from tests.gkd_setup import make_gkd_setup, overrides, write_dataset
 from tests.helpers.trainer_runs import PARITY_RTOL, assert_same_update, merged, run
 from tests.reward_functions import completion_length, first_id_parity
@@ -100,13 +101,16 @@ def test_budget_step_equals_fixed_rows_step(setup, fixed, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2", "tp2_sp-packed", "pp2-packed", "dp2-packed"])
 def test_budget_step_equals_fixed_rows_step_parallel(setup, fixed, tmp_path, layout):
-    """GKD at TP=2, PP=2 (activations of several shapes between stages) and DP=2 (the ranks
-    get different microbatch counts) against the fixed-row step on one process."""
+    """GKD at TP=2 (packed: with sequence parallelism, rows padded to a multiple of 2), PP=2
+    (activations of several shapes between stages) and DP=2 (the ranks get different
+    microbatch counts), by a token budget or packed, against the fixed-row step on one process."""
     fields = {"tp2": {"parallel.tensor_model_parallel_size": 2},
-              "pp2": {"parallel.pipeline_model_parallel_size": 2}, "dp2": {}}[layout]
-    other = merged(run(setup, tmp_path, world=2, **LONG_AND_SHORT, **fields,
+              "tp2_sp": {"parallel.tensor_model_parallel_size": 2, "parallel.sequence_parallel": True},
+              "pp2": {"parallel.pipeline_model_parallel_size": 2}, "dp2": {}}[layout.split("-")[0]]
+    packing = {"training.pack_sequences": True} if layout.endswith("-packed") else {}
+    other = merged(run(setup, tmp_path, world=2, **LONG_AND_SHORT, **fields, **packing,
                        **{"training.max_tokens_per_microbatch": BUDGET}))
     if layout == "dp2":  # rank 0's half of the batch: its microbatch count differs from rank 1's
         first = other["examples"][0]
@@ -126,8 +130,9 @@ BUDGET_RL = 64  # rows of 9 to 17 tokens: 4 of 16 per microbatch, by length (not
 
 
 @pytest.mark.slow
-def test_opd_rl_budget_step_equals_fixed_rows_step(setup, tmp_path):
-    """OPD-RL: per-sample advantages, teacher log-probs and samples follow the regrouped rows."""
+@pytest.mark.parametrize("packing", [False, True], ids=["budget", "packed"])
+def test_opd_rl_budget_step_equals_fixed_rows_step(setup, tmp_path, packing):
+    """OPD-RL: per-sample advantages, teacher log-probs and samples follow the regrouped (or packed) rows."""
     setup = {**setup, "train": setup["short"]}
     reference = merged(run(setup, tmp_path / "fixed", **LONG_AND_SHORT, **OPD_RL))
     examples = reference["examples"][0]
@@ -138,8 +143,11 @@ def test_opd_rl_budget_step_equals_fixed_rows_step(setup, tmp_path):
     groups = plan_microbatches([len(example["input_ids"]) for example in examples], 8, 2, BUDGET_RL)
     assert any(list(group) != sorted(group) and len({advantages[row] for row in group}) > 1 for group in groups), \
         (groups, advantages)
+    if packing:  # packed rows reorder the samples too: several advantages share a row
+        packed = pack_rows([len(example["input_ids"]) for example in examples], BUDGET_RL + 1)
+        assert any(len({advantages[row] for row in group}) > 1 for group in packed), (packed, advantages)
     budget = merged(run(setup, tmp_path / "budget", **LONG_AND_SHORT, **OPD_RL,
-                        **{"training.max_tokens_per_microbatch": BUDGET_RL}))
+                        **{"training.max_tokens_per_microbatch": BUDGET_RL, "training.pack_sequences": packing}))
     assert budget["examples"] == reference["examples"]
     assert budget["steps"][0]["tokens"] == reference["steps"][0]["tokens"]
     assert budget["steps"][0]["loss"] == pytest.approx(reference["steps"][0]["loss"], rel=1e-5, abs=1e-7)
@@ -147,7 +155,8 @@ def test_opd_rl_budget_step_equals_fixed_rows_step(setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_opsd_budget_step_equals_fixed_rows_step(setup, tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["budget", "packed"])
+def test_opsd_budget_step_equals_fixed_rows_step(setup, tmp_path, packing):
     """OPSD (teacher: self, on-policy): the teacher's view has other prompt lengths; it is grouped
     as the student's microbatches (the same rows), each padded to its own longest row."""
     from tests.test_opd_rl_trainer import write_opsd_dataset
@@ -162,7 +171,8 @@ def test_opsd_budget_step_equals_fixed_rows_step(setup, tmp_path):
     teacher_lengths = [len(example["teacher_prompt_ids"]) + len(example["input_ids"]) - example["prompt_length"]
                        for example in examples]
     assert plan_microbatches(teacher_lengths, 8, 2, 24) != groups != plan_microbatches([0] * 8, 8, 2, None), groups
-    budget = merged(run(setup, tmp_path / "budget", **fields, **{"training.max_tokens_per_microbatch": 24}))
+    budget = merged(run(setup, tmp_path / "budget", **fields, **{"training.max_tokens_per_microbatch": 24,
+                                                                 "training.pack_sequences": packing}))
     assert budget["examples"] == reference["examples"]
     assert budget["steps"][0]["tokens"] == reference["steps"][0]["tokens"]
     assert budget["steps"][0]["loss"] == pytest.approx(reference["steps"][0]["loss"], rel=1e-5)
@@ -170,22 +180,69 @@ def test_opsd_budget_step_equals_fixed_rows_step(setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_teacher_cache_with_a_budget(setup, fixed, tmp_path):
-    """The cache written with a token budget (rows regrouped) equals the fixed-row cache, and a
-    step read from it with a budget equals the fixed-row step read from it."""
+@pytest.mark.parametrize("packing", [False, True], ids=["budget", "packed"])
+def test_teacher_cache_with_a_budget(setup, fixed, tmp_path, packing):
+    """The cache written with a token budget (rows regrouped, or packed) equals the fixed-row
+    cache, and a step read from it with a budget equals the fixed-row step read from it."""
+    budget_fields = {"training.max_tokens_per_microbatch": BUDGET, "training.pack_sequences": packing}
     from megatron_opd.testing import run_distributed
     from tests.helpers.teacher_runs import K, assert_same_cache, cache_argv, cache_on_rank
 
     caches = {}
-    for name, fields in (("fixed", LONG_AND_SHORT), ("budget", {**LONG_AND_SHORT,
-                                                               "training.max_tokens_per_microbatch": BUDGET})):
+    for name, fields in (("fixed", LONG_AND_SHORT), ("budget", {**LONG_AND_SHORT, **budget_fields})):
         caches[name] = tmp_path / f"{name}_cache"
         assert run_distributed(cache_on_rank, 1, cache_argv(setup, caches[name], tmp_path, **fields),
                                timeout=300) == [0]
     assert_same_cache(caches["budget"], caches["fixed"], atol=1e-5)
     cached = {"teacher_model": "null", "teacher_cache": str(caches["fixed"]), "gkd_logits_topk": K}
     reference = merged(run(setup, tmp_path / "fixed", **LONG_AND_SHORT, **cached))
-    budget = merged(run(setup, tmp_path / "budget", **LONG_AND_SHORT, **cached,
-                        **{"training.max_tokens_per_microbatch": BUDGET}))
+    budget = merged(run(setup, tmp_path / "budget", **LONG_AND_SHORT, **cached, **budget_fields))
     assert budget["steps"][0]["loss"] == pytest.approx(reference["steps"][0]["loss"], rel=1e-6)
     assert_same_update(budget, reference, PARITY_RTOL)
+
+
+# ------------------------------------------------------------------ packed rows
+
+PACKED = {"training.max_tokens_per_microbatch": BUDGET, "training.pack_sequences": True}
+
+
+def test_pack_sequences_needs_a_budget(setup, tmp_path):
+    with pytest.raises(ConfigError, match="training.pack_sequences"):
+        load_job_config(None, overrides(setup, tmp_path, **{"training.pack_sequences": True}), world_size=1)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_packed_microbatches_hold_every_example_at_its_span(seed):
+    """Each example once, in one row of <= budget input positions; its ids at its span, its
+    shifted loss mask there, nothing counted across its boundary (checked against the examples)."""
+    from megatron_opd.pipeline.batching import make_microbatches
+
+    generator = random.Random(seed)
+    examples = []
+    for _ in range(23):
+        length = generator.randint(2, 40)
+        prompt = generator.randint(1, length - 1)
+        examples.append({"input_ids": [generator.randint(1, 99) for _ in range(length)],
+                         "loss_mask": [0] * prompt + [1] * (length - prompt)})
+    config = load_job_config(None, ["algorithm=sft", "model=m", "data.dataset=[d]", "training.global_batch_size=23",
+                                    "training.max_tokens_per_microbatch=64", "training.pack_sequences=true"],
+                             world_size=1)
+    microbatches = make_microbatches(examples, 0, config, "cpu")
+    assert sorted(row for batch in microbatches for row in batch.rows) == list(range(len(examples)))
+    assert len(microbatches) < len(examples)  # several examples share rows
+    for batch in microbatches:
+        assert batch.tokens.shape[0] == 1 and batch.tokens.shape[1] - 1 <= 64 or len(batch.rows) == 1
+        counted = []
+        for row, (ids, mask) in zip(batch.rows, batch.example_sequences()):
+            assert ids == examples[row]["input_ids"]
+            assert mask == [bool(value) for value in examples[row]["loss_mask"][1:]]
+            counted.append(sum(examples[row]["loss_mask"][1:]))
+        assert batch.example_token_counts() == counted and batch.num_tokens == sum(counted)
+
+
+def test_packed_step_equals_fixed_rows_step(setup, fixed, tmp_path):
+    """GKD, one process: packed rows (block-diagonal masks, restarted positions) give the fixed-row step."""
+    packed = merged(run(setup, tmp_path, **LONG_AND_SHORT, **PACKED))
+    assert packed["steps"][0]["tokens"] == fixed["steps"][0]["tokens"]
+    assert packed["steps"][0]["loss"] == pytest.approx(fixed["steps"][0]["loss"], rel=1e-6)
+    assert_same_update(packed, fixed, PARITY_RTOL)

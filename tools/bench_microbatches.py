@@ -1,19 +1,20 @@
-"""Microbatches by fixed rows against a token budget: padding, and tokens/s of a training step.
+"""Microbatches by fixed rows, a token budget and packed rows: padding, and tokens/s of a training step.
 
     python tools/bench_microbatches.py                        # padding tables + a step benchmark
     python tools/bench_microbatches.py --no-step --json out.json
 
 1. Padding fraction (padded positions / all positions rows x (s + 1) of a step's microbatches)
-   with `training.micro_batch_size` rows padded to the step's longest row (before) and with
-   `training.max_tokens_per_microbatch` (after, several budgets), planned by the trainer's own
-   `pipeline.batching` over many steps of:
+   with `training.micro_batch_size` rows padded to the step's longest row (before), with
+   `training.max_tokens_per_microbatch` (several budgets) and with `training.pack_sequences`
+   (rows of the budget's length), planned by the trainer's own `pipeline.batching` /
+   `pipeline.packing` over many steps of:
    - the quickstart's data (outputs/quickstart/data/train.jsonl if present, else generated
      with `megatron_opd.quickstart.task`), tokenized by its character tokenizer;
    - a realistic distribution: lognormal lengths clipped to 50..2048 tokens (median ~300).
 2. A GKD step (off-policy, random Llama student and teacher, word tokenizer) through the
-   real `Trainer` on rows of the lognormal distribution, fixed rows and a token budget run
-   alternately in one process: medians of the step's response tokens/s and of its student
-   forward-backward and teacher forward seconds, and their ratio.
+   real `Trainer` on rows of the lognormal distribution, fixed rows, a token budget and packed
+   rows run in turn in one process: medians of the step's response tokens/s and of its student
+   forward-backward and teacher forward seconds, and their ratios to fixed rows.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megatron_opd.pipeline.batching import padded_length, plan_microbatches  # noqa: E402
+from megatron_opd.pipeline.packing import pack_rows  # noqa: E402
 
 
 def lognormal_lengths(count: int, seed: int, low: int = 50, high: int = 2048, median: float = 300.0,
@@ -61,11 +63,20 @@ def quickstart_lengths(rows: int) -> list[int]:
             for row in rows_read]
 
 
-def padding(lengths: list[int], batch: int, micro_batch_size: int, budget, multiple: int) -> dict:
+def padding(lengths: list[int], batch: int, micro_batch_size: int, budget, multiple: int,
+            packed: bool = False) -> dict:
     """Padding fraction and microbatches per step over consecutive steps of `batch` rows."""
     total = real = microbatches = 0
     for start in range(0, len(lengths) - batch + 1, batch):
         step = lengths[start:start + batch]
+        if packed:  # one row per microbatch, padded at its end (`batching.make_microbatches`)
+            groups = pack_rows(step, budget + 1)
+            for group in groups:
+                row_tokens = sum(step[row] for row in group)
+                total += padded_length(row_tokens, multiple) + 1
+                real += row_tokens
+            microbatches += len(groups)
+            continue
         groups = plan_microbatches(step, multiple, micro_batch_size, budget)
         longest = max(padded_length(length, multiple) for length in step)
         for group in groups:
@@ -87,6 +98,8 @@ def padding_tables(args) -> dict:
         rows = {f"fixed {micro} rows": padding(lengths, batch, micro, None, args.pad_multiple)}
         for budget in budgets:
             rows[f"budget {budget}"] = padding(lengths, batch, micro, budget, args.pad_multiple)
+        for budget in budgets:
+            rows[f"packed {budget}"] = padding(lengths, batch, micro, budget, args.pad_multiple, packed=True)
         tables[name] = {"batch": batch, "mean_length": statistics.mean(lengths),
                         "median_length": statistics.median(lengths), "rows": rows}
     return tables
@@ -135,14 +148,15 @@ def step_benchmark(args) -> dict:
     paths = write_step_inputs(work, 4 * args.batch * (args.rounds + 1), args.vocab)
     runtime = initialize_runtime(ParallelConfig())
     trainers, padded = {}, {}
-    modes = {"fixed": "null", "budget": args.step_budget}
-    for mode, budget in modes.items():
+    modes = {"fixed": ("null", False), "budget": (args.step_budget, False), "packed": (args.step_budget, True)}
+    for mode, (budget, packed) in modes.items():
         overrides = {
             "model": paths["student"], "teacher_model": paths["teacher"], "lmbda": 0, "beta": 0.5,
             "data.dataset": f"[{paths['data']}]", "data.tokenizer": paths["tokenizer"], "data.prompt_format": "raw",
             "data.max_length": 2048, "data.shuffle": False, "training.train_iters": 10_000,
             "training.micro_batch_size": args.micro_batch, "training.global_batch_size": args.batch,
-            "training.max_tokens_per_microbatch": budget, "training.output_dir": work / mode,
+            "training.max_tokens_per_microbatch": budget, "training.pack_sequences": packed,
+            "training.output_dir": work / mode,
             "training.resume": False, "training.export_hf": False, "training.tensorboard": False,
             "training.precision": "fp32", "optimizer.lr": 1e-5,
         }
@@ -158,8 +172,8 @@ def step_benchmark(args) -> dict:
         trainer.context.microbatches = recording
         trainers[mode] = trainer
     steps = {mode: [] for mode in modes}
-    for round_ in range(args.rounds + 1):  # both see the same batches, in turn; round 0 is warm-up
-        for mode in (modes if round_ % 2 == 0 else reversed(list(modes))):
+    for round_ in range(args.rounds + 1):  # all see the same batches, in turn; round 0 is warm-up
+        for mode in (list(modes) if round_ % 2 == 0 else list(reversed(modes))):
             metrics = trainers[mode].train_step()
             if round_:
                 steps[mode].append(metrics)
@@ -168,8 +182,9 @@ def step_benchmark(args) -> dict:
         result[mode] = {key: statistics.median(step[key] for step in metrics)
                         for key in ("tokens_per_s", "student_s", "teacher_s", "tokens")}
         result[mode]["padding_fraction"] = statistics.mean(padded[mode][1:])
-    result["tokens_per_s_ratio"] = result["budget"]["tokens_per_s"] / result["fixed"]["tokens_per_s"]
-    result["student_s_ratio"] = result["fixed"]["student_s"] / result["budget"]["student_s"]
+    for mode in ("budget", "packed"):
+        result[f"{mode}_tokens_per_s_ratio"] = result[mode]["tokens_per_s"] / result["fixed"]["tokens_per_s"]
+        result[f"{mode}_student_s_ratio"] = result["fixed"]["student_s"] / result[mode]["student_s"]
     return result
 
 
@@ -197,12 +212,14 @@ def main() -> None:
                   f"microbatches/step   {row['positions_per_step']:9.0f} positions/step")
     if not args.no_step:
         step = results["step"] = step_benchmark(args)
-        for mode in ("fixed", "budget"):
+        for mode in ("fixed", "budget", "packed"):
             row = step[mode]
             print(f"step {mode:<6}: {row['tokens_per_s']:8.1f} tokens/s (median), student {row['student_s']:.3f}s, "
                   f"teacher {row['teacher_s']:.3f}s, padding {row['padding_fraction']:.1%}")
-        print(f"token budget {step['max_tokens_per_microbatch']} vs {step['micro_batch_size']} fixed rows: "
-              f"{step['tokens_per_s_ratio']:.2f}x tokens/s, student forward-backward {step['student_s_ratio']:.2f}x faster")
+        for mode in ("budget", "packed"):
+            print(f"{mode} {step['max_tokens_per_microbatch']} vs {step['micro_batch_size']} fixed rows: "
+                  f"{step[f'{mode}_tokens_per_s_ratio']:.2f}x tokens/s, student forward-backward "
+                  f"{step[f'{mode}_student_s_ratio']:.2f}x faster")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

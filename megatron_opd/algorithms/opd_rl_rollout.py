@@ -99,14 +99,15 @@ class OPDRL(Algorithm):
         tokens = []
         for index, microbatch in enumerate(microbatches):
             mask = microbatch.loss_mask.to(device)
-            rows = local_base[list(microbatch.rows)]
+            rows = local_base[list(microbatch.rows)]  # per example; its tokens follow in mask order
             teacher_logprobs, groups = None, []
             if teacher_outputs is not None:  # each row's log-ratio against its own teacher
                 mix = as_mix(teacher_outputs[index], self.config.temperature, None)
                 teacher_logprobs = mix.token_logprobs(microbatch.labels.to(device)[mask],
                                                       vocab_size=context.vocab_size)
                 groups = mix.groups()
-            tokens.append(RolloutTokens(rows.unsqueeze(1).expand(mask.shape)[mask], teacher_logprobs,
+            counts = torch.tensor(microbatch.example_token_counts(), device=device)
+            tokens.append(RolloutTokens(rows.repeat_interleave(counts), teacher_logprobs,
                                         old_logprobs[index] if old_logprobs is not None else None,
                                         batch.rollout_logprobs[index] if batch.rollout_logprobs is not None else None,
                                         groups))

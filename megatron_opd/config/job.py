@@ -92,6 +92,9 @@ class TrainingConfig:
     # that rows x padded length <= this (a longer row alone), each padded to its own longest row;
     # micro_batch_size is then unused for splitting (null: micro_batch_size rows, one shape per step)
     max_tokens_per_microbatch: Optional[int] = None
+    # pack several examples into each row (own positions and causal mask: no padding between
+    # them), one row of <= max_tokens_per_microbatch input positions per microbatch
+    pack_sequences: bool = False
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     output_dir: str = "outputs/run"
     save_interval: int = 0  # dist-checkpoint every N steps (0: only at the end)
@@ -117,6 +120,8 @@ class TrainingConfig:
                   "an integer >= 1, or null to keep every checkpoint")
         check(self.global_batch_size % self.micro_batch_size == 0, "training.global_batch_size",
               self.global_batch_size, f"a multiple of training.micro_batch_size={self.micro_batch_size}")
+        check(not self.pack_sequences or self.max_tokens_per_microbatch is not None, "training.pack_sequences",
+              self.pack_sequences, "false unless training.max_tokens_per_microbatch is set (a packed row's length)")
         if self.max_tokens_per_microbatch is not None:
             check(self.max_tokens_per_microbatch >= 8, "training.max_tokens_per_microbatch",
                   self.max_tokens_per_microbatch, "an integer >= 8 (a row is padded to a multiple of 8 tokens), "

@@ -46,14 +46,15 @@ def _check_moe_generation(gpt: torch.nn.Module) -> None:
 
 def forward_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
                           inference_context=None, attention_mask=None,
-                          padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          padding_mask: Optional[torch.Tensor] = None, packed_seq_params=None) -> torch.Tensor:
     """Run this stage; on the last stage return the final hidden states instead of logits.
 
     `input_ids`, `position_ids` `[b, s]`. Returns `[s, b, H]` (`[s/tp, b, H]` under
     sequence parallelism), the tensor any stage sends to the next one.
     `inference_context`: Megatron's KV cache (`StaticInferenceContext`), for generation.
     `attention_mask` `[b, 1, s, s]` (True: masked): e.g. packed sequences' block-diagonal mask;
-    None is causal. `padding_mask` `[b, s]` (True: not counted): a mixture-of-experts model's
+    None is causal. `packed_seq_params`: Megatron's `PackedSeqParams`, packed rows as THD under
+    Transformer Engine (`pipeline.segments`). `padding_mask` `[b, s]` (True: not counted): a mixture-of-experts model's
     routers leave those tokens out of their load-balancing statistics (`pipeline.moe_stats`).
     """
     gpt = unwrap(model)
@@ -64,6 +65,8 @@ def forward_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, posit
                                                    "runtime_gather_output": True}
     if padding_mask is not None:
         kwargs["padding_mask"] = padding_mask
+    if packed_seq_params is not None:
+        kwargs["packed_seq_params"] = packed_seq_params
     if not gpt.post_process:
         return model(input_ids, position_ids, attention_mask, **kwargs)
     gpt.post_process = False

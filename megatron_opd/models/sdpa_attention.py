@@ -9,9 +9,11 @@ Measured (fp32, one thread, forward + backward): 2.5x faster at the quickstart's
 ([10, 64, 4 heads / 2 groups, 32]) and 2.9x at [512, 4, 14 / 2, 64], a Qwen2.5-0.5B layer.
 
 Only the case torch's kernel computes exactly as Megatron's does takes this path: causal
-self-attention without an explicit mask (or one query row against its KV cache), vanilla
-softmax, no sliding window, no attention bias or packed sequences, no dropout while
-training. Everything else is `DotProductAttention`'s own forward, unchanged; the weights,
+self-attention without an explicit mask (or one query row against its KV cache), or
+self-attention with a boolean mask `[b, 1, s, s]` that leaves every query a key (packed rows'
+block-diagonal causal mask, `pipeline.segments`; Megatron fills masked scores with -10000,
+whose exponential is 0 as -inf's), vanilla softmax, no sliding window, no attention bias or
+THD packed sequences, no dropout while training. Everything else is `DotProductAttention`'s own forward, unchanged; the weights,
 checkpoints and sharded state dict are its own.
 """
 
@@ -40,17 +42,20 @@ class SDPAttention(DotProductAttention):
         sq, batch = query.shape[:2]
         # As DotProductAttention's softmax: the default causal mask when sq > 1; a single query
         # row (decoding against the KV cache) attends to every cached position.
-        causal = self.attn_mask_type == AttnMaskType.causal and sq > 1
+        causal = self.attn_mask_type == AttnMaskType.causal and sq > 1 and attention_mask is None
+        allowed = ~attention_mask if attention_mask is not None else None  # torch's boolean mask: True attends
         scale = self.softmax_scale * (self.layer_number if self.config.apply_query_key_layer_scaling else 1)
         context = F.scaled_dot_product_attention(
             query.permute(1, 2, 0, 3), key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3),
-            is_causal=causal, scale=scale,
+            attn_mask=allowed, is_causal=causal, scale=scale,
             enable_gqa=self.num_attention_heads_per_partition != self.num_query_groups_per_partition)
         return context.permute(2, 0, 1, 3).reshape(sq, batch, self.hidden_size_per_partition)
 
     def _fused_applies(self, query, key, attention_mask, attention_bias, packed_seq_params) -> bool:
         scale_mask_softmax = self.scale_mask_softmax
-        return (attention_mask is None and attention_bias is None and packed_seq_params is None
+        explicit = attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.dim() == 4
+                                              and query.size(0) == key.size(0))
+        return (explicit and attention_bias is None and packed_seq_params is None
                 and self.softmax_offset is None and scale_mask_softmax.window_size is None
                 and self.attn_mask_type in (AttnMaskType.causal, AttnMaskType.no_mask)
                 and (query.size(0) == key.size(0) or query.size(0) == 1)

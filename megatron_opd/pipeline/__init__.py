@@ -6,7 +6,8 @@ that keep a tensor per microbatch, the plain LM step); microbatches by fixed row
 from megatron_opd.pipeline.batching import make_microbatches, padding_fraction, plan_microbatches
 from megatron_opd.pipeline.forward import collect_forward_only, eval_mode
 from megatron_opd.pipeline.lm_step import lm_forward_backward
-from megatron_opd.pipeline.schedule import LossFunction, Microbatch, run_microbatches
+from megatron_opd.pipeline.microbatch import Microbatch
+from megatron_opd.pipeline.schedule import LossFunction, run_microbatches
 
 __all__ = ["LossFunction", "Microbatch", "collect_forward_only", "eval_mode", "lm_forward_backward",
            "make_microbatches", "padding_fraction", "plan_microbatches", "run_microbatches"]

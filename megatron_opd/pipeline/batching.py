@@ -1,6 +1,6 @@
-"""A step's examples -> microbatches for Megatron's schedule: a fixed count of rows, or a token budget.
+"""A step's examples -> microbatches for Megatron's schedule: a fixed count of rows, a token budget, or packed rows.
 
-Two ways to split the examples of a step on one data-parallel rank:
+Three ways to split the examples of a step on one data-parallel rank:
 
 - fixed rows (`training.max_tokens_per_microbatch` null, the default): in order, every
   microbatch `training.micro_batch_size` rows, all padded to the step's longest example
@@ -8,7 +8,10 @@ Two ways to split the examples of a step on one data-parallel rank:
 - token budget (`training.max_tokens_per_microbatch` = T): the examples sorted by length,
   longest first, and cut greedily into groups whose padded size rows x s stays <= T, each
   group padded only to its own longest row. A single example longer than T gets a
-  microbatch of its own (it is never cut). Short rows no longer pay for the longest one.
+  microbatch of its own (it is never cut). Short rows no longer pay for the longest one;
+- packed (`training.pack_sequences` with the budget T): the examples packed first fit, longest
+  first, into rows of at most T input positions, one row per microbatch, each example with its
+  own positions and causal mask (`packing`): no padding between examples, only at a row's end.
 
 Either way the loss is a sum over tokens normalized once by the global batch's token count
 (`calculate_per_token_loss`), so how the examples are grouped does not change the step.
@@ -22,7 +25,8 @@ from typing import Optional, Sequence
 
 from megatron_opd.config.job import JobConfig
 from megatron_opd.data import collate
-from megatron_opd.pipeline.schedule import Microbatch
+from megatron_opd.pipeline.microbatch import Microbatch
+from megatron_opd.pipeline.packing import pack_examples, pack_rows
 
 
 def pad_multiple(config: JobConfig, device_type: str) -> int:
@@ -68,15 +72,20 @@ def plan_microbatches(lengths: Sequence[int], multiple: int, micro_batch_size: i
 def make_microbatches(examples: list[dict], pad_id: int, config: JobConfig, device_type: str,
                       rows: Optional[Sequence[Sequence[int]]] = None) -> list[Microbatch]:
     """`examples` as microbatches (`plan_microbatches` with `training.micro_batch_size` and
-    `training.max_tokens_per_microbatch`), or grouped as `rows` (the grouping of another view
-    of the same examples, e.g. the teacher's prompts under OPSD).
+    `training.max_tokens_per_microbatch`, or `packing.pack_rows` with `training.pack_sequences`),
+    or grouped as `rows` (the grouping of another view of the same examples, e.g. the teacher's
+    prompts under OPSD; packed, each group one row).
 
     Fixed rows pad every microbatch to the step's longest example (today's one shape per step);
-    a token budget pads each to its own longest row. Lengths are multiples of
-    `pad_multiple(config, device_type)`.
+    a token budget pads each to its own longest row; packing pads each packed row at its end.
+    Lengths are multiples of `pad_multiple(config, device_type)`.
     """
     training, multiple = config.training, pad_multiple(config, device_type)
     budget = training.max_tokens_per_microbatch
+    if training.pack_sequences:
+        if rows is None:  # rows of <= budget input positions: budget + 1 tokens with the last label
+            rows = pack_rows([len(example["input_ids"]) for example in examples], budget + 1)
+        return [pack_examples(examples, [group], pad_id, pad_to_multiple_of=multiple) for group in rows]
     if rows is None:
         rows = plan_microbatches([len(example["input_ids"]) for example in examples], multiple,
                                  training.micro_batch_size, budget)

@@ -13,7 +13,8 @@ from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 
-from megatron_opd.pipeline.schedule import Microbatch, run_microbatches
+from megatron_opd.pipeline.microbatch import Microbatch
+from megatron_opd.pipeline.schedule import run_microbatches
 
 T = TypeVar("T")
 

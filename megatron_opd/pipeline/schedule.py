@@ -9,7 +9,6 @@ backward are Megatron's own. The last stage stops before the LM head
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -19,41 +18,9 @@ from megatron.core.utils import get_model_config
 
 from megatron_opd.config.errors import ConfigError
 from megatron_opd.models.outputs import forward_hidden_states
+from megatron_opd.pipeline.microbatch import Microbatch
 from megatron_opd.pipeline.moe_stats import RouterStats, is_moe, sync_router_normalization
-from megatron_opd.pipeline.segments import packed_inputs
-
-
-@dataclass
-class Microbatch:
-    """One microbatch on this data-parallel rank.
-
-    tokens `[b, s + 1]`: inputs followed by their next-token labels; loss_mask `[b, s]`:
-    True where predicting `tokens[:, t + 1]` counts; rows `(b,)`: the index of each row in the
-    step's example list (microbatches built by a token budget hold the examples sorted by length;
-    packed ones several per row, in packing order).
-    """
-
-    tokens: torch.Tensor
-    loss_mask: torch.Tensor
-    rows: tuple[int, ...] = ()
-    # packed rows (`pipeline.packing`): the example of each input position `[b, s]`, 0 for padding
-    segments: Optional[torch.Tensor] = None
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return self.tokens[:, :-1]
-
-    @property
-    def labels(self) -> torch.Tensor:
-        return self.tokens[:, 1:]
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.loss_mask.sum())
-
-    def to(self, device: torch.device) -> "Microbatch":
-        segments = self.segments.to(device) if self.segments is not None else None
-        return Microbatch(self.tokens.to(device), self.loss_mask.to(device), self.rows, segments)
+from megatron_opd.pipeline.segments import packed_inputs, thd_packed_seq_params
 
 
 def _same_shapes_across_experts(microbatches: list[Microbatch], device: torch.device) -> list[Microbatch]:
@@ -85,8 +52,15 @@ def _same_shapes_across_experts(microbatches: list[Microbatch], device: torch.de
         pad = torch.nn.functional.pad
         segments = pad(batch.segments, (0, extra)) if batch.segments is not None else None
         padded.append(Microbatch(pad(batch.tokens, (0, extra)), pad(batch.loss_mask, (0, extra)), batch.rows,
-                                 segments))
+                                 segments, batch.spans))
     return padded
+
+
+def uses_transformer_engine(model: torch.nn.Module) -> bool:
+    """Whether `model`'s layers are Transformer Engine's (the GPU spec), whose attention takes
+    packed rows as THD with `PackedSeqParams` rather than as a mask."""
+    return any(type(module).__module__.startswith("megatron.core.extensions.transformer_engine")
+               for module in model.modules())
 
 
 # loss(index of the microbatch, the microbatch, last-stage hidden states [s(/tp), b, H])
@@ -105,6 +79,9 @@ def run_microbatches(model: torch.nn.Module, microbatches: list[Microbatch], los
     Microbatches may differ in shape `[b, s + 1]` (token-budget batching): without pipeline
     parallelism Megatron's schedule takes each as it comes; with it the stages exchange each
     activation's shape before the activation (`variable_seq_lengths`, switched on for the call).
+    Packed microbatches (`segments`) run with each example's own positions and a block-diagonal
+    causal mask (local spec), or as THD with `PackedSeqParams` under Transformer Engine
+    (UNTESTED: no Transformer Engine on CPU).
 
     Mixture-of-experts models: the routers get `~loss_mask` as padding mask (the
     load-balancing loss over counted tokens, normalised like the loss: `pipeline.moe_stats`)
@@ -126,17 +103,21 @@ def run_microbatches(model: torch.nn.Module, microbatches: list[Microbatch], los
         microbatches = _same_shapes_across_experts(microbatches, device)
     shapes = {tuple(batch.tokens.shape) for batch in microbatches}
     micro_batch_size, seq_plus_one = max(shapes)
+    thd = any(batch.segments is not None for batch in microbatches) and uses_transformer_engine(model)
 
     def forward_step(iterator, model):
         index, batch = next(iterator)
         batch = batch.to(device)
         b, s = batch.input_ids.shape
         position_ids, attention_mask = torch.arange(s, device=device).expand(b, s), None
+        packed_seq_params = None
         if batch.segments is not None:  # several examples per row: their own positions and causal masks
             position_ids, attention_mask = packed_inputs(batch.segments)
+            if thd:  # Transformer Engine takes the examples' boundaries instead of a [b, 1, s, s] mask
+                packed_seq_params, attention_mask = thd_packed_seq_params(batch.segments), None
         padding_mask = ~batch.loss_mask if moe else None
         hidden = forward_hidden_states(model, batch.input_ids, position_ids, attention_mask=attention_mask,
-                                       padding_mask=padding_mask)
+                                       padding_mask=padding_mask, packed_seq_params=packed_seq_params)
         return hidden, lambda output: loss(index, batch, output)
 
     variable = config.variable_seq_lengths

@@ -1,4 +1,5 @@
-"""Packed rows' attention inputs: each example's own positions and causal mask (`pipeline.packing`)."""
+"""Packed rows' attention inputs (`pipeline.packing`): each example's own positions and causal mask
+for Megatron's local spec, or its boundaries as THD `PackedSeqParams` for Transformer Engine."""
 
 from __future__ import annotations
 
@@ -10,10 +11,30 @@ def packed_inputs(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block-diagonal causal mask `[b, 1, s, s]` (True: masked), as Megatron's local attention takes it."""
     b, s = segments.shape
     index = torch.arange(s, device=segments.device).expand(b, s)
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    first = torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
-    position_ids = index - first
+    position_ids = index - torch.cummax(torch.where(_starts(segments), index, torch.zeros_like(index)), dim=1).values
     same = segments.unsqueeze(2) == segments.unsqueeze(1)  # [b, s(query), s(key)]
     causal = torch.ones(s, s, dtype=torch.bool, device=segments.device).tril()
     return position_ids, ~(same & causal).unsqueeze(1)
+
+
+def thd_packed_seq_params(segments: torch.Tensor):
+    """segments `[1, s]` (one packed row) -> Megatron's `PackedSeqParams` for THD attention under
+    Transformer Engine: each run of one segment (the padding tail too) its own sequence.
+    UNTESTED here (needs Transformer Engine on GPU): written against Megatron-Core's documented
+    fields; `tools/gpu_train_check.py packed_thd_vs_unpacked` checks it on a GPU."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    if segments.shape[0] != 1:
+        raise ValueError(f"THD packing takes one packed row per microbatch, got {segments.shape[0]} rows")
+    starts = torch.nonzero(_starts(segments)[0]).flatten()
+    cumulative = torch.cat([starts, starts.new_tensor([segments.shape[1]])]).to(torch.int32)
+    longest = int(cumulative.diff().max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cumulative, cu_seqlens_kv=cumulative,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def _starts(segments: torch.Tensor) -> torch.Tensor:
+    """`[b, s]` True where a new segment begins (each row's first position included)."""
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return starts

@@ -87,7 +87,7 @@ class TeacherCache:
         outputs = []
         for batch in microbatches:
             rows = [examples[row] for row in batch.rows]
-            counts = batch.loss_mask.sum(dim=1).tolist()
+            counts = batch.example_token_counts()
             parts = [self._row(example, int(count)) for example, count in zip(rows, counts)]
             outputs.append(TeacherTopK(*(torch.cat(column).to(self.device) for column in zip(*parts))))
         return outputs

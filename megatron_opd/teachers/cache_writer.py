@@ -113,7 +113,7 @@ def cache_split(teachers: TeacherSet, dataset, split: str, config: JobConfig, vo
         spans: dict[int, tuple] = {}  # example -> its teacher's answer for its microbatch, offset, count
         for batch, mix in zip(microbatches, outputs):
             labels = batch.labels[batch.loss_mask]
-            counts = dict(zip(batch.rows, (int(count) for count in batch.loss_mask.sum(dim=1).tolist())))
+            counts = dict(zip(batch.rows, batch.example_token_counts()))
             for part in mix.parts:
                 answer = _topk(part.answer, labels if part.index is None else labels[part.index], ks[part.name],
                                vocab_size)

@@ -6,8 +6,9 @@ its teacher (`route_rows` reads it from the data's routing column once, at start
 `TeacherSet.forward(microbatches, examples)`:
 
   1. splits each microbatch by teacher: a microbatch whose rows all have one teacher goes
-     whole, else each teacher gets a microbatch of its rows only (`select_rows`: same padded
-     length, the rows' `rows` indices kept), so no teacher runs on another's rows;
+     whole, else each teacher gets a microbatch of its rows only (`pipeline.packing.select_examples`:
+     same padded length, the rows' `rows` indices kept; packed rows re-packed with its examples
+     only), so no teacher runs on another's rows;
   2. runs each teacher once over its microbatches of the step (in-process teachers forward
      through Megatron's schedule at the student's TP/PP layout; a teacher with no rows on this
      rank is not run, and with `offload_teacher_model` not loaded; a server teacher is always
@@ -30,6 +31,7 @@ from megatron.core import parallel_state
 
 from megatron_opd.config.schema import ConfigError
 from megatron_opd.pipeline import Microbatch
+from megatron_opd.pipeline.packing import select_examples
 from megatron_opd.teachers.outputs import TeacherMix, TeacherPart
 from megatron_opd.teachers.server import ServerTeacher
 
@@ -48,13 +50,6 @@ class Member:
     def called_everywhere(self) -> bool:
         """Whether every rank must call its forward each step (a server's agreement is a world collective)."""
         return isinstance(self.source, ServerTeacher)
-
-
-def select_rows(batch: Microbatch, local_rows: Sequence[int]) -> Microbatch:
-    """The microbatch of `batch`'s rows at `local_rows` (positions in the batch), same padded length."""
-    index = torch.as_tensor(list(local_rows), dtype=torch.long)
-    segments = batch.segments[index] if batch.segments is not None else None
-    return Microbatch(batch.tokens[index], batch.loss_mask[index], tuple(batch.rows[i] for i in local_rows), segments)
 
 
 def route_rows(values: Sequence[Any], names: Sequence[str], default: Optional[str], column: str, where: str
@@ -140,13 +135,13 @@ class TeacherSet:
         plans = []  # per microbatch: (teacher, its rows' positions in the batch, its slot in queued)
         for batch in microbatches:
             by_teacher: dict[int, list[int]] = {}
-            for local, row in enumerate(batch.rows):
+            for local, row in enumerate(batch.rows):  # local: the example's position in the microbatch
                 by_teacher.setdefault(routes[row], []).append(local)
             plan = []
             for teacher, local_rows in sorted(by_teacher.items()):
                 whole = len(local_rows) == len(batch.rows)
                 plan.append((teacher, None if whole else local_rows, len(queued[teacher])))
-                queued[teacher].append(batch if whole else select_rows(batch, local_rows))
+                queued[teacher].append(batch if whole else select_examples(batch, local_rows))
             plans.append(plan)
         answers = []
         for member, batches in zip(self.members, queued):
@@ -159,7 +154,7 @@ class TeacherSet:
         return [self._mix(batch, plan, answers) for batch, plan in zip(microbatches, plans)]
 
     def _mix(self, batch: Microbatch, plan: list, answers: list) -> TeacherMix:
-        counts = batch.loss_mask.sum(dim=1).tolist()
+        counts = batch.example_token_counts()
         offsets = [0]
         for count in counts:
             offsets.append(offsets[-1] + int(count))
@@ -179,4 +174,4 @@ class TeacherSet:
                 close()
 
 
-__all__ = ["Member", "TeacherSet", "route_dataset", "route_rows", "select_rows", "unknown_teacher_error"]
+__all__ = ["Member", "TeacherSet", "route_dataset", "route_rows", "unknown_teacher_error"]

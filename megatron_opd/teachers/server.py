@@ -56,13 +56,14 @@ def asks_the_server() -> bool:
 
 
 def response_spans(batch: Microbatch) -> list[Optional[tuple[list[int], list[int]]]]:
-    """Per row of `batch`: the ids to send (through the last response token) and the
-    prompt_logprobs positions of its response tokens in mask order; None for a row with none.
+    """Per example of `batch` (one per row, or several in packed rows): the ids to send (through
+    its last response token) and the prompt_logprobs positions of its response tokens in mask
+    order; None for an example with none.
 
-    loss_mask[i, t] marks predicting tokens[i, t + 1], i.e. prompt_logprobs entry t + 1.
+    Its loss mask's entry t marks predicting its token t + 1, i.e. prompt_logprobs entry t + 1.
     """
     spans: list = []
-    for tokens, mask in zip(batch.tokens.tolist(), batch.loss_mask.tolist()):
+    for tokens, mask in batch.example_sequences():
         positions = [t + 1 for t, counted in enumerate(mask) if counted]
         spans.append((tokens[:positions[-1] + 1], positions) if positions else None)
     return spans

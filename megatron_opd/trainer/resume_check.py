@@ -36,6 +36,7 @@ from megatron_opd.trainer.checkpointing import latest_checkpoint, read_training_
 # Fields (or whole sections) a resume applies; a prefix covers a section.
 APPLIED = (
     "training.train_iters", "training.micro_batch_size", "training.max_tokens_per_microbatch",
+    "training.pack_sequences",
     "training.precision", "training.save_interval",
     "training.save_total_limit", "training.log_interval", "training.eval_interval", "training.eval_iters",
     "training.tensorboard", "training.export_hf", "training.resume_allow_changes",

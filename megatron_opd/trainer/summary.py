@@ -74,6 +74,8 @@ def start_summary(config: JobConfig, runtime: Runtime, dtype: torch.dtype, model
                      f"{config.teacher_column!r} column{default}")
     microbatches = (f"{training.num_microbatches(data_parallel)} microbatch(es) of {training.micro_batch_size} "
                     "per DP rank" if training.max_tokens_per_microbatch is None else
+                    f"packed rows of at most {training.max_tokens_per_microbatch:,} tokens, one per microbatch"
+                    if training.pack_sequences else
                     f"microbatches of at most {training.max_tokens_per_microbatch:,} padded tokens (rows by length)")
     data = f"data: {train_rows:,} train rows" + (f", {val_rows:,} val rows" if val_rows is not None else "")
     lines.append(f"{data}; {training.global_batch_size} sequences per step (at most "
