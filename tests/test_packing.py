@@ -27,8 +27,11 @@ def examples_of(lengths: list[int], seed: int = 0) -> list[dict]:
     return examples
 
 
-def ce_step_on_rank(parallel, lengths: list[int], row_length: int, packed: bool, sabotage: str = "") -> dict:
-    """Summed CE and the full gradients of one forward-backward over `lengths`' examples."""
+def ce_step_on_rank(parallel, lengths: list[int], row_length: int, packed: bool, sabotage: str = "",
+                    block_tokens: int = 0) -> dict:
+    """Summed CE and the full gradients of one forward-backward over `lengths`' examples.
+    `block_tokens`: one packed row per microbatch (as the trainer packs), attended block by block
+    (`SDPAttention`, blocks of at most this many positions); the blocks each call made are returned."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_opd.data import collate
@@ -42,9 +45,17 @@ def ce_step_on_rank(parallel, lengths: list[int], row_length: int, packed: bool,
     load_full_state_dict(model, reference_state_dict(GQA_QKNORM))
     model.config.calculate_per_token_loss = True  # losses are sums: no division by microbatches
     examples = examples_of(lengths)
+    blocks = []
     if packed:
         rows = pack_rows([len(example["input_ids"]) for example in examples], row_length)
         microbatches = [pack_examples(examples, rows, pad_id=0)]
+        if block_tokens:
+            from megatron_opd.models import sdpa_attention
+
+            microbatches = [pack_examples(examples, [row], pad_id=0) for row in rows]
+            sdpa_attention.PACKED_BLOCK_TOKENS = block_tokens
+            real_blocks = sdpa_attention._blocks
+            sdpa_attention._blocks = lambda *args: blocks.append(real_blocks(*args)) or blocks[-1]
         if sabotage:
             import megatron_opd.pipeline.schedule as schedule
 
@@ -70,16 +81,18 @@ def ce_step_on_rank(parallel, lengths: list[int], row_length: int, packed: bool,
 
     outputs = run_microbatches(model, microbatches, loss, forward_only=False)
     return {"loss": sum(float(out["loss"]) for out in outputs), "rows": sum(int(out["rows"]) for out in outputs),
+            "blocks": blocks,
             "grads": {name: grad.clone() for name, grad in gather_full_tensors(model, lambda param: param.grad)}}
 
 
 LENGTHS = [5, 23, 9, 14, 31, 7, 18, 3, 12]
 
 
-def run(world: int, packed: bool, sabotage: str = "") -> dict:
+def run(world: int, packed: bool, sabotage: str = "", row_length: int = 32, block_tokens: int = 0) -> dict:
     from megatron_opd.config import ParallelConfig
 
-    return run_distributed(ce_step_on_rank, world, ParallelConfig(), LENGTHS, 32, packed, sabotage, timeout=300)[0]
+    return run_distributed(ce_step_on_rank, world, ParallelConfig(), LENGTHS, row_length, packed, sabotage,
+                           block_tokens, timeout=300)[0]
 
 
 def test_packed_inputs_positions_and_mask():
@@ -110,6 +123,20 @@ def test_packed_step_equals_unpacked(unpacked):
     assert packed["loss"] == pytest.approx(unpacked["loss"], rel=1e-5)
     for name, grad in unpacked["grads"].items():
         assert relative_error(packed["grads"][name], grad) < 5e-5, name  # measured <= 2e-6
+
+
+def test_packed_rows_attended_block_by_block_equal_unpacked(unpacked):
+    """The trainer's packing (one row per microbatch) through `SDPAttention`'s blocks: rows of up to
+    64 positions in blocks of at most 16 (and longer examples alone) give the unpacked step."""
+    packed = run(1, packed=True, row_length=64, block_tokens=16)
+    layers = GQA_QKNORM.num_layers
+    assert len(packed["blocks"]) == layers * packed["rows"]  # every attention call took the blocks
+    # several blocks per row, and blocks holding several examples: both cases ran
+    assert any(len(blocks) > 1 for blocks in packed["blocks"])
+    assert any(not single for blocks in packed["blocks"] for _, _, single in blocks)
+    assert packed["loss"] == pytest.approx(unpacked["loss"], rel=1e-5)
+    for name, grad in unpacked["grads"].items():
+        assert relative_error(packed["grads"][name], grad) < 5e-5, name
 
 
 @pytest.mark.slow

@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import torch
 
+from megatron_opd.models.sdpa_attention import mark_block_diagonal
+
 
 def packed_inputs(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """segments `[b, s]` -> position ids `[b, s]` (0 at each example's first token) and the
-    block-diagonal causal mask `[b, 1, s, s]` (True: masked), as Megatron's local attention takes it."""
+    block-diagonal causal mask `[b, 1, s, s]` (True: masked), as Megatron's local attention takes it.
+    A one-row mask carries its segments' starts (`SEGMENT_STARTS`, the padding tail's too)."""
     b, s = segments.shape
     index = torch.arange(s, device=segments.device).expand(b, s)
-    position_ids = index - torch.cummax(torch.where(_starts(segments), index, torch.zeros_like(index)), dim=1).values
+    starts = _starts(segments)
+    position_ids = index - torch.cummax(torch.where(starts, index, torch.zeros_like(index)), dim=1).values
     same = segments.unsqueeze(2) == segments.unsqueeze(1)  # [b, s(query), s(key)]
     causal = torch.ones(s, s, dtype=torch.bool, device=segments.device).tril()
-    return position_ids, ~(same & causal).unsqueeze(1)
+    mask = ~(same & causal).unsqueeze(1)
+    if b == 1:
+        mark_block_diagonal(mask, torch.nonzero(starts[0]).flatten().tolist())
+    return position_ids, mask
 
 
 def thd_packed_seq_params(segments: torch.Tensor):
