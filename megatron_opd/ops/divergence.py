@@ -150,7 +150,7 @@ class _ChunkBuffers:
     by ~1.4 GB at N=1024, V=152k), and the working set stays cache-sized."""
 
     def __init__(self, count: int, rows: int, shard: VocabShard, dtype: torch.dtype, device):
-        self.buffers = [torch.empty(rows, shard.local_vocab, dtype=dtype, device=device) for _ in range(count)]
+        self.buffers = [torch.empty(rows, shard.computed_columns, dtype=dtype, device=device) for _ in range(count)]
 
     def take(self, rows: int) -> list[torch.Tensor]:
         return [buffer[:rows] for buffer in self.buffers]
@@ -207,7 +207,7 @@ def _read_tempered(source, src, shard: VocabShard, tau: float, out: torch.Tensor
         if tau != 1.0:
             out.div_(tau)
         out.clamp_(min=NEG_INF)
-    if shard.valid_local < shard.local_vocab:
+    if shard.valid_local < shard.computed_columns:  # a shard of padding only
         out[:, shard.valid_local:] = NEG_INF
     return out
 
@@ -229,8 +229,8 @@ def _chunk_rows(chunk_size: Optional[int], source, shard: VocabShard) -> int:
         return chunk_size
     if isinstance(source, LinearLogits):
         # The LM head is re-read for every block: thin blocks make the matmuls bandwidth-bound.
-        return max(source.chunk_rows, LINEAR_BLOCK_ELEMENTS // max(1, shard.local_vocab))
-    return max(1, CHUNK_ELEMENTS // max(1, shard.local_vocab))
+        return max(source.chunk_rows, LINEAR_BLOCK_ELEMENTS // max(1, shard.computed_columns))
+    return max(1, CHUNK_ELEMENTS // max(1, shard.computed_columns))
 
 
 class _FullVocabDivergence(torch.autograd.Function):
@@ -254,7 +254,7 @@ class _FullVocabDivergence(torch.autograd.Function):
         dtype = compute_dtype(student.dtype)
         step = _chunk_rows(chunk_size, student, shard)
         ctx.unit_grads = None
-        chunks = list(row_chunks(rows, student.num_rows, shard.local_vocab, step))
+        chunks = list(row_chunks(rows, student.num_rows, shard.computed_columns, step))
         num = student.num_rows if rows is None else rows.numel()
         if beta in (0.0, 1.0) and shard.size == 1:
             weighting, other = (teacher, student) if beta == 0.0 else (student, teacher)
@@ -317,7 +317,7 @@ class _FullVocabDivergence(torch.autograd.Function):
                 grad.mul_(((1.0 - beta) * scale[out]).unsqueeze(-1))
             student.write_chunk_grad(src, grad)
 
-        _each_chunk(list(row_chunks(rows, student.num_rows, shard.local_vocab, step)), body,
+        _each_chunk(list(row_chunks(rows, student.num_rows, shard.computed_columns, step)), body,
                     3 if beta in (0.0, 1.0) else 5, step, shard, dtype, shift.device, _rows_apart(student))
         return (None,) * 7 + student.grads()
 
@@ -528,9 +528,20 @@ def _divergence(make_student, student_tensors, teacher, token_shape: torch.Size,
             vocab_size=shard.vocab_size, mask=mask, reduction=reduction, tp_group=shard.group,
             chunk_size=chunk_size)
     rows = _selected_rows(mask, token_shape, teacher.device)
+    columns = shard.computed_columns  # the vocab padding left out (its gradient is 0)
+    if columns < local_vocab:
+        teacher = teacher.narrowed(columns)
+        make_student = _narrowing(make_student, columns)
     per_row = _FullVocabDivergence.apply(rows, shard, float(beta), float(temperature), chunk_size, teacher,
                                          make_student, *student_tensors)
     return _reduce(per_row, rows, token_shape, reduction)
+
+
+def _narrowing(make_source, columns: int):
+    """`make_source` whose sources are narrowed to their first `columns` (`logits_source`)."""
+    def make(*tensors):
+        return make_source(*tensors).narrowed(columns)
+    return make
 
 
 def sparse_teacher_divergence(

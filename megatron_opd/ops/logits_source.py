@@ -2,7 +2,8 @@
 
 The kernels only ever touch logits one row chunk at a time (`chunk(rows)`) or at a
 few ids per row (`at(rows, local_ids)`), and hand back gradients one row chunk at a
-time (`add_chunk_grad`). `DenseLogits` reads a materialized `[N, V/tp]`
+time (`add_chunk_grad`). `narrowed(columns)` is the same source on its first columns only
+(a shard's real ids, without the vocab padding), whose gradients come back at full width. `DenseLogits` reads a materialized `[N, V/tp]`
 tensor. `LinearLogits` computes `hidden[rows] @ weight.T` for each chunk, so the
 fused path never holds `[N, V/tp]` for all N, and turns logit gradients into
 gradients of the hidden states and the LM-head weight (cf. Liger's fused linear
@@ -34,6 +35,12 @@ class DenseLogits:
         self.dtype = logits.dtype
         self.device = logits.device
         self.grad = None
+        self.full_columns = self.local_vocab  # what `grads()` pads back to
+
+    def narrowed(self, columns: int) -> "DenseLogits":
+        narrow = DenseLogits(self.logits[:, :columns])
+        narrow.full_columns = self.local_vocab
+        return narrow
 
     def rebuild(self):
         """A constructor that turns `self.tensors` back into an equivalent source."""
@@ -74,7 +81,7 @@ class DenseLogits:
             self.grad.index_copy_(0, rows, grad.to(self.dtype))
 
     def grads(self) -> tuple[torch.Tensor]:
-        return (self.grad.to(self.dtype),)
+        return (_pad_to(self.grad.to(self.dtype), -1, self.full_columns),)
 
 
 class LinearLogits:
@@ -96,6 +103,12 @@ class LinearLogits:
         self.dtype = torch.promote_types(hidden.dtype, weight.dtype)
         self.device = hidden.device
         self.grad_hidden = self.grad_weight = None
+        self.full_columns = self.local_vocab  # what `grads()` pads the weight's gradient back to
+
+    def narrowed(self, columns: int) -> "LinearLogits":
+        narrow = LinearLogits(self.hidden, self.weight[:columns], self.chunk_rows)
+        narrow.full_columns = self.local_vocab
+        return narrow
 
     def rebuild(self):
         """A constructor that turns `self.tensors` back into an equivalent source."""
@@ -137,4 +150,15 @@ class LinearLogits:
         self.grad_weight.mul_(factor)
 
     def grads(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.grad_hidden.to(self.hidden.dtype), self.grad_weight.to(self.weight.dtype)
+        return self.grad_hidden.to(self.hidden.dtype), _pad_to(self.grad_weight.to(self.weight.dtype), 0,
+                                                               self.full_columns)
+
+
+def _pad_to(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """`tensor` with zeros appended along `dim` up to `size` (the columns a narrowed source left out)."""
+    missing = size - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)

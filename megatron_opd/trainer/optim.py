@@ -63,6 +63,7 @@ def build_optimizer(ddp_model: DistributedDataParallel, optimizer: OptimizerConf
         use_distributed_optimizer=optimizer.use_distributed_optimizer,
     )
     megatron_optimizer = get_megatron_optimizer(megatron_config, [ddp_model])
+    _fused_adam_on_cpu(megatron_optimizer)
     scheduler = OptimizerParamScheduler(
         megatron_optimizer,
         init_lr=0.0 if optimizer.lr_warmup_iters else optimizer.lr,
@@ -81,6 +82,22 @@ def build_optimizer(ddp_model: DistributedDataParallel, optimizer: OptimizerConf
         use_checkpoint_opt_param_scheduler=False,
     )
     return megatron_optimizer, scheduler
+
+
+def _fused_adam_on_cpu(megatron_optimizer) -> None:
+    """torch's fused Adam(W) kernel for CPU parameters. Without Transformer Engine or Apex,
+    Megatron builds `torch.optim.AdamW` with torch's device defaults, which on CPU is the
+    per-parameter Python loop (0.56 ms against the fused kernel's 0.16 ms for a 100K-parameter
+    student in 13 tensors: about 1% of a small model's step). The fused kernel is torch's own
+    (HF's Trainer defaults to it too); its updates differ from the loop's by rounding (1 ulp).
+    On CUDA Megatron's choice (TE's or Apex's FusedAdam) stands."""
+    for inner in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+        optimizer = getattr(inner, "optimizer", None)
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in optimizer.param_groups:
+            if all(param.device.type == "cpu" for param in group["params"]):
+                group["fused"], group["foreach"] = True, False
 
 
 def resolve_distributed_optimizer(requested: Optional[bool], optimizer: str, data_parallel_size: int) -> bool:
