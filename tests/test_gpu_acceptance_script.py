@@ -35,7 +35,7 @@ def test_gpu_vllm_check_logic_on_vllm_cpu():
 
 
 TRAIN_CHECKS = ("te_logits_vs_hf", "te_moe_logits_vs_hf", "moe_ep2_parity", "convert_round_trip", "kernel_vs_eager",
-                "trainer_tp2_parity", "bf16_gkd_steps")
+                "trainer_tp2_parity", "packed_thd_parity", "bf16_gkd_steps")
 
 
 def _train_check(*extra: str) -> tuple[subprocess.CompletedProcess, list[str]]:
@@ -93,11 +93,11 @@ def test_expert_swap_control_swaps_fc1_and_fc2_of_two_experts(te_grouped):
                        name(1, "fc2", 0): 111.0, name(1, "fc2", 1): 101.0}
 
 
-@pytest.mark.slow  # ~35 s: seven checks on gloo ranks
+@pytest.mark.slow  # ~40 s: eight checks on gloo ranks
 def test_gpu_train_check_logic_on_cpu():
     """Every training check passes on gloo ranks at tiny sizes (~60 s on 2 cores): TE-spec-or-local
     logits vs HF (dense Qwen2 and Qwen3-MoE), MoE EP=2 parity, conversion round trip, kernel vs
-    eager, TP=2 parity, 20 bf16 steps. A SKIP is allowed only for a GPU count (there is none on
+    eager, TP=2 parity, packed-row parity, 20 bf16 steps. A SKIP is allowed only for a GPU count (there is none on
     CPU: none expected)."""
     result, lines = _train_check()
     output = result.stdout[-4000:] + result.stderr[-3000:]
@@ -110,7 +110,7 @@ def test_gpu_train_check_logic_on_cpu():
 @pytest.mark.slow  # ~60 s: the same run with every candidate broken on purpose
 def test_gpu_train_check_fails_when_broken():
     """--break-on-purpose (zeroed QKV bias, two experts swapped (MoE logits, EP=2), a nudged weight
-    before the checkpoint is written, the kernel at another beta, the TP=2 loss scaled by 1.001,
+    before the checkpoint is written, the kernel at another beta, the TP=2 and packed losses scaled by 1.001,
     lr 1e-9): every check FAILs."""
     result, lines = _train_check("--break-on-purpose")
     output = result.stdout[-4000:] + result.stderr[-3000:]

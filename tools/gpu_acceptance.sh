@@ -15,7 +15,8 @@
 #      EP=2 (NCCL) vs EP=1 (2+ GPUs, else SKIP), HF -> Megatron -> HF conversion
 #      round trip (bit-exact, TE names), the fused divergence kernel vs eager math at 4096 x
 #      151,936 (time, peak memory), one fp32 GKD step at TP=2 (NCCL) vs TP=1 (2+ GPUs, else
-#      SKIP), 20 bf16 GKD steps at TP=2 (1 GPU: TP=1) finite and decreasing;
+#      SKIP), the same step with packed rows (THD PackedSeqParams under TE) vs fixed rows,
+#      20 bf16 GKD steps at TP=2 (1 GPU: TP=1) finite and decreasing;
 #   4. tools/gpu_vllm_check.py (the GPU paths of rollout.engine: vllm: CUDA IPC weight push,
 #      sleep mode levels 1 and 2, fp32 and bf16, TP=2 / DP=2 with 2+ GPUs) when `import vllm`
 #      works, else a SKIP line; it gets what is left of the time budget (below), so the later

@@ -63,6 +63,9 @@ compare against fp32 math.
                       gradient), fp32, at TP=2 against TP=1 from the same weights: every tensor's
                       update within PARITY_RTOL of its largest (tests' PARITY_RTOL), the loss
                       within 1e-5. 1 GPU: SKIP.
+  packed_thd_parity   the same GKD step at TP=1 with packed rows (training.pack_sequences, rows of
+                      64 tokens: under Transformer Engine THD with PackedSeqParams, on the local
+                      spec block-diagonal masks) against fixed rows: the same tolerances.
   bf16_gkd_steps      20 GKD steps (forward KL, beta 0) of the real Trainer, bf16 (fp32 master
                       weights), Adam lr 1e-2, clip 1.0, TP=2 (1 GPU: TP=1), a student qwen2
                       (hidden 64, 4 layers, tied) and a bigger teacher llama2 (hidden 128, 6
@@ -73,13 +76,13 @@ compare against fp32 math.
 Tolerances and the measurements behind them (see the constants below). --break-on-purpose
 breaks each check's candidate in a known way (a zeroed QKV bias; two experts swapped, in both
 MoE checks; one weight nudged before the Megatron checkpoint is written; the kernel run at beta
-0.45; the TP=2 loss scaled by 1.001; bf16 lr 1e-9): every check must then FAIL, which is how its
+0.45; the TP=2 and the packed loss scaled by 1.001; bf16 lr 1e-9): every check must then FAIL, which is how its
 discrimination was verified.
 
 Sizes (--size tiny, the default with --device cpu, shrinks te_logits_vs_hf / convert_round_trip to a
 2-layer model of the same head layout and vocab 1000, te_moe_logits_vs_hf to 2 layers (dense,
 MoE) of hidden 64, 8 experts top-2, vocab 1000, and the kernel to 512 x 8192): on one H200,
-about 4.5 minutes for all seven, most of it process start-up, model writing and conversion of the
+about 4.5 minutes for the seven before packed_thd_parity (estimated ~5 with it), most of it process start-up, model writing and conversion of the
 0.5B model (~1 GB bf16) and writing the MoE one (1.9B parameters, 3.8 GB bf16): logits ~50 s,
 MoE logits ~70 s, MoE EP=2 ~40 s, convert ~60 s, kernel ~20 s, parity ~40 s, bf16 ~30 s (estimates from the
 CPU runs: not yet measured on a GPU). CPU, tiny: ~40 s on 2 cores.
@@ -109,7 +112,7 @@ if str(ROOT) not in sys.path:
 from tools.gpu_check_report import COMMON_MODULES, Report, add_run_arguments, preflight, selected  # noqa: E402 - after the repository is on sys.path
 
 CHECKS = ("te_logits_vs_hf", "te_moe_logits_vs_hf", "moe_ep2_parity", "convert_round_trip", "kernel_vs_eager",
-          "trainer_tp2_parity", "bf16_gkd_steps")
+          "trainer_tp2_parity", "packed_thd_parity", "bf16_gkd_steps")
 
 # Qwen2.5-0.5B's shape; --size tiny: 2 layers of the same head layout (head dim 8) and vocab 1000.
 QWEN_05B = dict(num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
@@ -659,16 +662,18 @@ def _logging_rank(results: list[dict]) -> dict:
     return next(r for r in results if r["steps"][0])
 
 
-def check_parity(tp1: list[dict], tp2: list[dict], report: Report) -> None:
+def check_parity(tp1: list[dict], tp2: list[dict], report: Report, name: str = "trainer_tp2_parity",
+                 labels: tuple[str, str] = ("TP=1", "TP=2")) -> None:
+    """One step's loss and update of `tp2` (labelled `labels[1]`) against `tp1`'s."""
     from tests.helpers.trainer_runs import merged, update_errors
 
     reference, other = merged(tp1), merged(tp2)
     errors = update_errors(other, reference)
     worst = max(errors, key=errors.get)
     loss1, loss2 = reference["steps"][0]["loss"], other["steps"][0]["loss"]
-    report.check(abs(loss1 - loss2) <= PARITY_LOSS_ATOL, "trainer_tp2_parity loss",
-                 f"TP=2 {loss2:.8f} vs TP=1 {loss1:.8f} (tolerance {PARITY_LOSS_ATOL:g})")
-    report.check(errors[worst] <= PARITY_RTOL, "trainer_tp2_parity update",
+    report.check(abs(loss1 - loss2) <= PARITY_LOSS_ATOL, f"{name} loss",
+                 f"{labels[1]} {loss2:.8f} vs {labels[0]} {loss1:.8f} (tolerance {PARITY_LOSS_ATOL:g})")
+    report.check(errors[worst] <= PARITY_RTOL, f"{name} update",
                  f"{len(errors)} tensors, worst {worst}: {errors[worst]:.3g} of its largest update "
                  f"(tolerance {PARITY_RTOL:g}); median {sorted(errors.values())[len(errors) // 2]:.3g}")
 
@@ -799,6 +804,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                         **{"parallel.tensor_model_parallel_size": 2}),
                             1, True, 1.001 if sabotage else 1.0)
                 check_parity(tp1, tp2, report)
+            elif name == "packed_thd_parity":  # packed rows: THD PackedSeqParams under TE, masks on the local spec
+                setup = gkd_setup()
+                fields = {**SGD, "training.micro_batch_size": 2, "training.train_iters": 1}
+                rows = ranks(train_on_rank, 1, overrides(setup, root / "rows", **fields), 1, True, 1.0)
+                packed = ranks(train_on_rank, 1, overrides(setup, root / "packed", **fields,
+                                                           **{"training.max_tokens_per_microbatch": 64,
+                                                              "training.pack_sequences": True}),
+                               1, True, 1.001 if sabotage else 1.0)
+                check_parity(rows, packed, report, name, ("fixed rows", "packed rows"))
             elif name == "bf16_gkd_steps":
                 tp = 2 if two else 1
                 fields = {"beta": BF16_BETA, "optimizer.optimizer": "adam", "optimizer.lr": 1e-9 if sabotage else BF16_LR,
