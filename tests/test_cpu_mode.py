@@ -6,6 +6,7 @@ import torch
 from megatron_opd.config import ParallelConfig
 from megatron_opd.runtime import cpu_mode
 from megatron_opd.testing import run_distributed
+from tests.tiny_models import GQA_QKNORM
 
 
 @pytest.fixture
@@ -119,3 +120,34 @@ def test_megatron_models_import_after_install():
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                                env={**os.environ, "MEGATRON_OPD_DEVICE": "cpu"})
     assert completed.returncode == 0 and completed.stdout.strip().endswith("ok"), completed.stderr[-2000:]
+
+
+def test_suspended_lifts_the_redirection_and_restores_it(installed):
+    with cpu_mode.suspended():
+        with pytest.raises((AssertionError, RuntimeError)):  # "Torch not compiled with CUDA enabled"
+            torch.zeros(1, device="cuda")
+        with cpu_mode.redirecting():
+            assert torch.zeros(1, device="cuda").device.type == "cpu"
+    assert torch.zeros(1, device="cuda").device.type == "cpu"
+
+
+def dense_forwards(attention_dropout: float) -> dict:
+    """A dense model's forward (`forward_hidden_states`, the redirection lifted) in training mode:
+    with attention dropout, Megatron's own attention makes its causal mask with device="cuda"."""
+    import dataclasses
+
+    from megatron_opd.models import build_gpt_model
+    from megatron_opd.models.outputs import forward_hidden_states
+    from megatron_opd.runtime import initialize_runtime
+
+    runtime = initialize_runtime(ParallelConfig())
+    model = build_gpt_model(dataclasses.replace(GQA_QKNORM, attention_dropout=attention_dropout), runtime).train()
+    tokens = torch.randint(0, 200, (2, 9))
+    hidden = forward_hidden_states(model, tokens, torch.arange(9).expand(2, 9))
+    return {"shape": tuple(hidden.shape), "device": hidden.device.type}
+
+
+@pytest.mark.parametrize("attention_dropout", [0.0, 0.1])
+def test_dense_forward_without_the_redirection(attention_dropout):
+    (result,) = run_distributed(dense_forwards, 1, attention_dropout)
+    assert result == {"shape": (9, 2, GQA_QKNORM.hidden_size), "device": "cpu"}

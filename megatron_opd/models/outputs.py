@@ -9,6 +9,7 @@ turns it off only for the duration of the forward call.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -20,6 +21,7 @@ from megatron.core.tensor_parallel import (
 
 from megatron_opd.config.errors import ConfigError
 from megatron_opd.models.tp_layout import unwrap
+from megatron_opd.runtime import cpu_mode
 
 
 def _check_moe_generation(gpt: torch.nn.Module) -> None:
@@ -67,13 +69,17 @@ def forward_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, posit
         kwargs["padding_mask"] = padding_mask
     if packed_seq_params is not None:
         kwargs["packed_seq_params"] = packed_seq_params
-    if not gpt.post_process:
-        return model(input_ids, position_ids, attention_mask, **kwargs)
-    gpt.post_process = False
-    try:
-        return model(input_ids, position_ids, attention_mask, **kwargs)
-    finally:
-        gpt.post_process = True
+    # CPU mode's device redirection costs every torch call; a dense model's forward needs none
+    # (runtime.cpu_mode: MoE routers allocate with device="cuda").
+    dense = getattr(gpt.config, "num_moe_experts", None) is None
+    with cpu_mode.suspended() if dense else nullcontext():
+        if not gpt.post_process:
+            return model(input_ids, position_ids, attention_mask, **kwargs)
+        gpt.post_process = False
+        try:
+            return model(input_ids, position_ids, attention_mask, **kwargs)
+        finally:
+            gpt.post_process = True
 
 
 def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+from megatron_opd.runtime import cpu_mode
+
 PACKED_BLOCK_TOKENS = 256
 _SEGMENT_STARTS = "megatron_opd_segment_starts"
 
@@ -66,8 +68,9 @@ class SDPAttention(DotProductAttention):
                 attention_mask: Optional[torch.Tensor], attn_mask_type: Optional[AttnMaskType] = None,
                 attention_bias: Optional[torch.Tensor] = None, packed_seq_params=None) -> torch.Tensor:
         if not self._fused_applies(query, key, attention_mask, attention_bias, packed_seq_params):
-            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
-                                   packed_seq_params)
+            with cpu_mode.redirecting():  # Megatron's default causal mask is made with device="cuda"
+                return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                       packed_seq_params)
         sq, batch = query.shape[:2]
         # As DotProductAttention's softmax: the default causal mask when sq > 1; a single query
         # row (decoding against the KV cache) attends to every cached position.
