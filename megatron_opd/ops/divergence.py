@@ -242,9 +242,9 @@ class _FullVocabDivergence(torch.autograd.Function):
     forward KL, student for reverse) and Q the other, x_P, x_Q this shard's tempered logits
     less their local max, the pass keeps per row max, sum e^x_P, sum e^x_Q and
     w = sum e^x_P (x_P - x_Q), the exponentials reused. Rescaled to the global max and
-    summed: KL = W / Z_P - log Z_P + log Z_Q. JSD needs normalized P_S, P_T for log M, and
-    TP needs the global normalizers first (see `forward`): a statistics pass, then the
-    divergence pass.
+    summed: KL = W / Z_P - log Z_P + log Z_Q. JSD needs normalized P_S, P_T for log M: without
+    TP in one pass as well (`_one_pass_jsd`); under TP the global normalizers come first (see
+    `forward`): a statistics pass, then the divergence pass.
     """
 
     @staticmethod
@@ -267,6 +267,9 @@ class _FullVocabDivergence(torch.autograd.Function):
             # [n, 2] each (column 0: the student, 1: the teacher), the KL [n]
             shift, log_total, divergence = _combine_one_pass_kl(shard, stats, student_first=beta == 1.0)
             kl_terms = None
+        elif shard.size == 1:  # JSD without TP: this shard's normalizers are the full vocab's
+            shift, log_total, kl_terms = _one_pass_jsd(chunks, num, student, teacher, shard, tau, step, dtype, beta)
+            divergence = combine_divergence(kl_terms, beta)
         else:
             # Under TP the statistics first: the KL terms are then summed from the same rounded
             # log-probs the backward recomputes (a one-pass combine would add offsets of the
@@ -387,6 +390,39 @@ def _normalizers(chunks, num: int, student, teacher, shard, tau, step, dtype):
     return shift, log_total
 
 
+def _one_pass_jsd(chunks, num: int, student, teacher, shard, tau, step, dtype, beta: float):
+    """Without TP, JSD(beta)'s normalizers `(shift, log_total)` `[n, 2]` each (student, teacher)
+    and its terms `[n, 2]` (as `_divergence_terms`) in one pass: each chunk's logits are read
+    (an LM head's: computed) once, not once for the statistics and again for the terms, and the
+    exponentials of the statistics are the probabilities."""
+    shift = torch.empty(num, 2, dtype=dtype, device=student.device)
+    log_total = torch.empty_like(shift)
+    terms = torch.empty_like(shift)
+
+    def body(out, src, buffers):
+        log_s, log_t, p_s, p_t, log_m = buffers
+        for col, source, log_p, p in ((0, student, log_s, p_s), (1, teacher, log_t, p_t)):
+            chunk = _read_tempered(source, src, shard, tau, log_p)
+            shift[out, col] = chunk.amax(dim=-1)
+            chunk.sub_(shift[out, col].unsqueeze(-1))
+            total = torch.exp(chunk, out=p).sum(dim=-1)
+            log_total[out, col] = total.log()
+            chunk.sub_(log_total[out, col].unsqueeze(-1))  # log P = (x - shift) - log_total
+            p.div_(total.unsqueeze(-1))
+        _log_mixture_into(p_s, p_t, beta, log_m)
+        terms[out, 0] = _row_dot(p_t, log_t.sub_(log_m))
+        terms[out, 1] = _row_dot(p_s, log_s.sub_(log_m))
+
+    _each_chunk(chunks, body, 5, step, shard, dtype, student.device, _rows_apart(student, teacher))
+    return shift, log_total, terms
+
+
+def _log_mixture_into(p_s: torch.Tensor, p_t: torch.Tensor, beta: float, out: torch.Tensor) -> torch.Tensor:
+    """log M = log(beta P_T + (1 - beta) P_S) into `out`; where both underflow, NEG_INF (both
+    terms are then 0 * finite)."""
+    return torch.mul(p_t, beta, out=out).add_(p_s, alpha=1.0 - beta).log_().clamp_(min=NEG_INF)
+
+
 def _log_probs(source, src, shard, tau, shift, log_total, out: torch.Tensor) -> torch.Tensor:
     """log P `[rows, v]` into `out`: (x - shift) - log_total, never x - (shift + log_total)."""
     _read_tempered(source, src, shard, tau, out)
@@ -397,8 +433,7 @@ def _jsd_chunk(student, teacher, src, shard, tau, shift, log_total, beta, log_s,
     """Fills log P_S, log P_T, P_S, P_T and log M `[rows, v]` for one chunk (statistics `[rows, 2]`)."""
     for col, source, log_p, p in ((0, student, log_s, p_s), (1, teacher, log_t, p_t)):
         torch.exp(_log_probs(source, src, shard, tau, shift[:, col], log_total[:, col], log_p), out=p)
-    # M from the probabilities; where both underflow, log M = NEG_INF and both terms are 0 * finite.
-    torch.mul(p_t, beta, out=log_m).add_(p_s, alpha=1.0 - beta).log_().clamp_(min=NEG_INF)
+    _log_mixture_into(p_s, p_t, beta, log_m)
 
 
 def _divergence_terms(chunks, num, student, teacher, shard, tau, step, dtype, shift, log_total, beta
