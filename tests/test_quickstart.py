@@ -91,8 +91,8 @@ def test_prompts_only_data_has_no_answers(tmp_path):
 
 
 # Measured by `make quickstart` (README): student 0.453 after its warm-up; after 150 steps SFT
-# 0.867, KD 0.961, GKD 0.980, prompts only 0.988 (teacher 0.992); KL(teacher || student)
-# 0.532 -> SFT 0.355, KD 0.111, GKD 0.095, prompts only 0.079. The margins below are about
+# 0.867, KD 0.961, GKD 0.977, prompts only 0.996 (teacher 0.992); KL(teacher || student)
+# 0.532 -> SFT 0.355, KD 0.108, GKD 0.100, prompts only 0.073. The margins below are about
 # half of the measured gaps.
 ACCURACY_GAIN = 0.25  # a distillation arm over the student it started from (measured +0.51..+0.54)
 OVER_SFT = 0.04  # a distillation arm over SFT (measured +0.094..+0.121)
