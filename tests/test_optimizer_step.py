@@ -82,7 +82,8 @@ def adam_steps_on_rank(parallel, steps: int) -> dict:
         optimizer.zero_grad()
         lm_forward_backward(ddp_model, token_batches(TIED, 2, 2, 16, seed=step))
         finalize_model_grads([ddp_model])
-        grads.append({name: grad.clone() for name, grad in gather_full_tensors(ddp_model, lambda param: param.main_grad)})
+        main_grads = gather_full_tensors(ddp_model, lambda param: param.main_grad)
+        grads.append({name: grad.clone() for name, grad in main_grads})  # the buffer is zeroed next step
         optimizer.step()
     return {"fused": fused, "grads": grads, "weights": dict(gather_full_tensors(ddp_model))}
 

@@ -3,8 +3,8 @@
 The kernels only ever touch logits one row chunk at a time (`chunk(rows)`) or at a
 few ids per row (`at(rows, local_ids)`), and hand back gradients one row chunk at a
 time (`add_chunk_grad`). `narrowed(columns)` is the same source on its first columns only
-(a shard's real ids, without the vocab padding), whose gradients come back at full width. `DenseLogits` reads a materialized `[N, V/tp]`
-tensor. `LinearLogits` computes `hidden[rows] @ weight.T` for each chunk, so the
+(a shard's real ids, without the vocab padding), whose gradients come back at full width.
+`DenseLogits` reads a materialized `[N, V/tp]` tensor. `LinearLogits` computes `hidden[rows] @ weight.T` for each chunk, so the
 fused path never holds `[N, V/tp]` for all N, and turns logit gradients into
 gradients of the hidden states and the LM-head weight (cf. Liger's fused linear
 JSD).
