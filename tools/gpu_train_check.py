@@ -84,8 +84,9 @@ Sizes (--size tiny, the default with --device cpu, shrinks te_logits_vs_hf / con
 MoE) of hidden 64, 8 experts top-2, vocab 1000, and the kernel to 512 x 8192): on one H200,
 about 4.5 minutes for the seven before packed_thd_parity (estimated ~5 with it), most of it
 process start-up, model writing and conversion of the 0.5B model (~1 GB bf16) and writing the
-MoE one (1.9B parameters, 3.8 GB bf16): logits ~50 s, MoE logits ~70 s, MoE EP=2 ~40 s, convert ~60 s, kernel ~20 s, parity ~40 s, bf16 ~30 s (estimates from the
-CPU runs: not yet measured on a GPU). CPU, tiny: ~40 s on 2 cores.
+MoE one (1.9B parameters, 3.8 GB bf16): logits ~50 s, MoE logits ~70 s, MoE EP=2 ~40 s,
+convert ~60 s, kernel ~20 s, parity ~40 s, bf16 ~30 s (estimates from the CPU runs: not yet
+measured on a GPU). CPU, tiny: ~40 s on 2 cores.
 
 Needs (MISSING lines before anything runs): torch, megatron-core, transformers, safetensors, and
 with --device cuda a CUDA device; Transformer Engine is optional (without it the auto spec on
