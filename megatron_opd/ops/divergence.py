@@ -57,6 +57,7 @@ from megatron_opd.ops.vocab_parallel import (
     flatten_tokens,
     row_chunks,
     vocab_shard,
+    without_padding,
 )
 
 TopKNormalize = Literal["renorm", "full", "tail"]
@@ -563,19 +564,17 @@ def _divergence(make_student, student_tensors, teacher, token_shape: torch.Size,
             vocab_size=shard.vocab_size, mask=mask, reduction=reduction, tp_group=shard.group,
             chunk_size=chunk_size)
     rows = _selected_rows(mask, token_shape, teacher.device)
-    columns = shard.computed_columns  # the vocab padding left out (its gradient is 0)
-    if columns < local_vocab:
-        teacher = teacher.narrowed(columns)
-        make_student = _narrowing(make_student, columns)
+    # The vocab padding left out (its gradient is 0).
+    teacher, make_student = without_padding(teacher, shard), _without_padding(make_student, shard)
     per_row = _FullVocabDivergence.apply(rows, shard, float(beta), float(temperature), chunk_size, teacher,
                                          make_student, *student_tensors)
     return _reduce(per_row, rows, token_shape, reduction)
 
 
-def _narrowing(make_source, columns: int):
-    """`make_source` whose sources are narrowed to their first `columns` (`logits_source`)."""
+def _without_padding(make_source, shard: VocabShard):
+    """`make_source` whose sources leave out the vocab padding (`vocab_parallel.without_padding`)."""
     def make(*tensors):
-        return make_source(*tensors).narrowed(columns)
+        return without_padding(make_source(*tensors), shard)
     return make
 
 

@@ -4,10 +4,10 @@ The kernels only ever touch logits one row chunk at a time (`chunk(rows)`) or at
 few ids per row (`at(rows, local_ids)`), and hand back gradients one row chunk at a
 time (`add_chunk_grad`). `narrowed(columns)` is the same source on its first columns only
 (a shard's real ids, without the vocab padding), whose gradients come back at full width.
-`DenseLogits` reads a materialized `[N, V/tp]` tensor. `LinearLogits` computes `hidden[rows] @ weight.T` for each chunk, so the
-fused path never holds `[N, V/tp]` for all N, and turns logit gradients into
-gradients of the hidden states and the LM-head weight (cf. Liger's fused linear
-JSD).
+`DenseLogits` reads a materialized `[N, V/tp]` tensor. `LinearLogits` computes
+`hidden[rows] @ weight.T` for each chunk, so the fused path never holds `[N, V/tp]` for all
+N, and turns logit gradients into gradients of the hidden states and the LM-head weight
+(cf. Liger's fused linear JSD).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class DenseLogits:
 
     def narrowed(self, columns: int) -> "DenseLogits":
         narrow = DenseLogits(self.logits[:, :columns])
-        narrow.full_columns = self.local_vocab
+        narrow.full_columns = self.full_columns
         return narrow
 
     def rebuild(self):
@@ -107,7 +107,7 @@ class LinearLogits:
 
     def narrowed(self, columns: int) -> "LinearLogits":
         narrow = LinearLogits(self.hidden, self.weight[:columns], self.chunk_rows)
-        narrow.full_columns = self.local_vocab
+        narrow.full_columns = self.full_columns
         return narrow
 
     def rebuild(self):

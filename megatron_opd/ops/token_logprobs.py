@@ -36,6 +36,7 @@ from megatron_opd.ops.vocab_parallel import (
     source_rows,
     tempered,
     vocab_shard,
+    without_padding,
 )
 
 __all__ = ["ShardedLogProbsAt", "fused_linear_token_logprobs", "vocab_parallel_token_logprobs"]
@@ -61,7 +62,8 @@ class ShardedLogProbsAt(torch.autograd.Function):
     `[n, 1 + K]` floats, plus two of `[n]` for the tail. Backward: none (the upstream
     gradient is the same on every rank, so each rank computes its own shard's
     gradient locally): d/dx_v = (1[v in ids] g_v + 1[v not in ids] p_v g_tail / tail
-    - p_v (sum_k g_k + g_tail)) / tau; unselected rows get 0.
+    - p_v (sum_k g_k + g_tail)) / tau; unselected rows get 0. The vocab padding is left out of
+    both passes (`without_padding`): its probability and gradient are 0.
     """
 
     @staticmethod
@@ -69,7 +71,7 @@ class ShardedLogProbsAt(torch.autograd.Function):
                 with_tail: bool, chunk_size: Optional[int], make_source, *tensors):
         if with_tail and not normalized:
             raise ValueError("with_tail needs normalized log-probabilities")
-        source = make_source(*tensors)
+        source = without_padding(make_source(*tensors), shard)
         owned, local = owned_positions(ids, shard)
         src = source_rows(rows, source.num_rows, source.device).unsqueeze(-1)
         dtype = compute_dtype(source.dtype)
@@ -106,8 +108,8 @@ class ShardedLogProbsAt(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         ids, rows, shift, log_total, tail, *tensors = ctx.saved_tensors
-        source = ctx.make_source(*tensors)
         shard, tau = ctx.shard, ctx.temperature
+        source = without_padding(ctx.make_source(*tensors), shard)
         owned, local = owned_positions(ids, shard)
         grad_out = grad_out.to(compute_dtype(source.dtype)) / tau
         grad_ids = torch.where(owned, grad_out[:, :ids.shape[-1]], torch.zeros_like(local, dtype=grad_out.dtype))
@@ -115,7 +117,7 @@ class ShardedLogProbsAt(torch.autograd.Function):
         source.start_backward(grad_out.dtype)
         for out, src_rows in row_chunks(rows, source.num_rows, shard.local_vocab, ctx.chunk_size):
             if shift is None:
-                chunk_grad = torch.zeros(out.stop - out.start, shard.local_vocab, dtype=grad_out.dtype,
+                chunk_grad = torch.zeros(out.stop - out.start, source.local_vocab, dtype=grad_out.dtype,
                                          device=source.device)
             else:
                 logp = log_softmax_with(tempered(source.chunk(src_rows), shard, tau), shift[out], log_total[out])

@@ -58,8 +58,8 @@ def _topk_pass(source, k: int, shard: VocabShard, temperature: float, chunk_rows
         chunk_values, chunk_ids = x.topk(local_k, dim=-1)
         values.append(chunk_values)
         ids.append(chunk_ids + shard.start)
-        if normalize:
-            row_max, sumexp = local_max_and_sumexp(x)
+        if normalize:  # over the real ids only: exp of the padding's NEG_INF is slow on CPU
+            row_max, sumexp = local_max_and_sumexp(x[:, :shard.computed_columns])
             maxes.append(row_max)
             sums.append(sumexp)
         if pick is not None:  # the given ids' logits, read from the same chunk (0 where not owned)

@@ -141,6 +141,13 @@ def tempered(logits: torch.Tensor, shard: VocabShard, temperature: float) -> tor
     return x
 
 
+def without_padding(source, shard: VocabShard):
+    """A logits source (`logits_source`) on this shard's `computed_columns` only: the vocab padding
+    neither computed nor read, its gradient columns zero (see `VocabShard.computed_columns`)."""
+    columns = shard.computed_columns
+    return source.narrowed(columns) if columns < source.local_vocab else source
+
+
 def local_max_and_sumexp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`[rows, V/tp]` -> per row `[rows]` each: max over this shard and sum(exp(x - max))
     (x is finite, see `tempered`)."""
