@@ -105,6 +105,28 @@ def test_packed_inputs_positions_and_mask():
             assert allowed[query, key] == (segments[0, query] == segments[0, key] and key <= query)
 
 
+def test_thd_params_and_positions_follow_the_spans():
+    """What the THD path gives Transformer Engine (no mask): positions restarting at each example
+    and one sequence per example (the padding tail its own), read off the packed row's spans."""
+    from megatron_opd.pipeline.segments import packed_positions, thd_packed_seq_params
+
+    examples = examples_of([5, 9, 3])
+    batch = pack_examples(examples, [[0, 1, 2]], pad_id=0, seq_length=24)
+    spans = batch.example_spans()
+    width = batch.input_ids.shape[1]
+    want_positions = [0] * width
+    for _, start, length in spans:
+        want_positions[start:start + length] = range(length)
+    tail = spans[-1][1] + spans[-1][2]
+    want_positions[tail:] = range(width - tail)
+    assert packed_positions(batch.segments).tolist() == [want_positions]
+    assert packed_inputs(batch.segments)[0].tolist() == [want_positions]
+    params = thd_packed_seq_params(batch.segments)
+    bounds = [start for _, start, _ in spans] + ([tail] if tail < width else []) + [width]
+    assert params.cu_seqlens_q.tolist() == params.cu_seqlens_kv.tolist() == bounds
+    assert params.max_seqlen_q == max(b - a for a, b in zip(bounds, bounds[1:]))
+
+
 def test_pack_rows_fits_and_covers():
     lengths = [5, 23, 9, 14, 31, 7, 18, 3, 12, 40]
     rows = pack_rows(lengths, 32)

@@ -20,7 +20,7 @@ from megatron_opd.config.errors import ConfigError
 from megatron_opd.models.outputs import forward_hidden_states
 from megatron_opd.pipeline.microbatch import Microbatch
 from megatron_opd.pipeline.moe_stats import RouterStats, is_moe, sync_router_normalization
-from megatron_opd.pipeline.segments import packed_inputs, thd_packed_seq_params
+from megatron_opd.pipeline.segments import packed_inputs, packed_positions, thd_packed_seq_params
 
 
 def _same_shapes_across_experts(microbatches: list[Microbatch], device: torch.device) -> list[Microbatch]:
@@ -111,10 +111,10 @@ def run_microbatches(model: torch.nn.Module, microbatches: list[Microbatch], los
         b, s = batch.input_ids.shape
         position_ids, attention_mask = torch.arange(s, device=device).expand(b, s), None
         packed_seq_params = None
-        if batch.segments is not None:  # several examples per row: their own positions and causal masks
+        if batch.segments is not None and thd:  # Transformer Engine takes the examples' boundaries, no mask
+            position_ids, packed_seq_params = packed_positions(batch.segments), thd_packed_seq_params(batch.segments)
+        elif batch.segments is not None:  # several examples per row: their own positions and causal masks
             position_ids, attention_mask = packed_inputs(batch.segments)
-            if thd:  # Transformer Engine takes the examples' boundaries instead of a [b, 1, s, s] mask
-                packed_seq_params, attention_mask = thd_packed_seq_params(batch.segments), None
         padding_mask = ~batch.loss_mask if moe else None
         hidden = forward_hidden_states(model, batch.input_ids, position_ids, attention_mask=attention_mask,
                                        padding_mask=padding_mask, packed_seq_params=packed_seq_params)
