@@ -116,7 +116,10 @@ def seed_everything(seed: int) -> None:
     seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
+    # torch.manual_seed also queues lazy seeds for XPU and MTIA, each capturing a stack trace:
+    # 0.5 ms of a toy step, and the trainer seeds every step. CPU and CUDA are the devices here.
+    torch.default_generator.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
