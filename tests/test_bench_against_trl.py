@@ -55,7 +55,7 @@ def test_summary_ratio_pairs_each_round():
 
     def run(tokens, cpu_s):
         return {"tokens": tokens, "cpu_s": cpu_s, "wall_s": cpu_s, "startup_s": 1.0, "peak_rss_gib": 1.0,
-                "step_extra_gib": 0.5, "steps": 2}
+                "step_extra_gib": 0.5, "steps": 2, "window_cpu_s": cpu_s / 4}
 
     # Round 2 ran on a machine twice as loaded: both sides slowed, the pair's ratio stays 2.
     summary = bench.summarize({"ours": [run(100, 1.0), run(100, 2.0), run(100, 1.0)],
@@ -63,3 +63,5 @@ def test_summary_ratio_pairs_each_round():
     assert summary["ratio_tokens_per_cpu_s"] == 2.0
     assert summary["ours"]["tokens_per_cpu_s"] == 100.0 and summary["trl"]["tokens_per_cpu_s"] == 50.0
     assert summary["ours"]["tokens_per_step"] == 50.0
+    # TRL's begin-to-end window is shown beside, never in the ratio.
+    assert summary["trl"]["window_tokens_per_cpu_s"] == 200.0
