@@ -49,6 +49,7 @@ from megatron_opd.config.errors import UserError
 from megatron_opd.config.model import ModelConfig
 from megatron_opd.config.schema import from_dict, to_dict
 from megatron_opd.models.tp_layout import full_to_local, unwrap
+from megatron_opd.runtime.interrupts import deferred_interrupt
 from megatron_opd.runtime.progress import byte_amount
 
 METADATA_FILE = "megatron_opd_model.json"
@@ -394,6 +395,7 @@ def atomic_output_dir(out: Path | str, force: bool = False) -> Iterator[Path]:
     temporary = out.parent / created[0]
     try:
         yield temporary
+        _barrier()
     except BaseException as error:
         # No barrier: the failing rank may be the only one that got here.
         reason = _output_failure(error, out, temporary)
@@ -402,10 +404,11 @@ def atomic_output_dir(out: Path | str, force: bool = False) -> Iterator[Path]:
         if reason is not None:
             raise OutputDirError(reason) from error
         raise
-    _barrier()
     if _rank() == 0:
         try:
-            _replace(temporary, out)
+            # Ctrl-C between moving an old `out` away and renaming the new one in would leave neither.
+            with deferred_interrupt(f"renaming {out.name} into place"):
+                _replace(temporary, out)
         except OSError as error:
             shutil.rmtree(temporary, ignore_errors=True)
             raise OutputDirError(_output_failure(error, out, temporary) or f"cannot write {out}: {error}") from error

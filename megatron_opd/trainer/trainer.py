@@ -46,6 +46,7 @@ from megatron_opd.pipeline import eval_mode
 from megatron_opd.rollout import RolloutEngine, build_rollout_engine, import_vllm
 from megatron_opd.runtime import Runtime, initialize_runtime
 from megatron_opd.runtime.distributed import seed_everything
+from megatron_opd.runtime.interrupts import deferred_interrupt
 from megatron_opd.runtime.precision import resolve_dtype
 from megatron_opd.runtime.progress import byte_amount
 from megatron_opd.runtime.seeds import step_seed
@@ -316,9 +317,11 @@ class Trainer:
         source = self.student_source
         info = CheckpointInfo(model=source.model, family=source.family, dtype=dtype_name(self.dtype),
                               hf_config=source.hf_config)
-        path, removed = save_training_checkpoint(self.config.training.output_dir, self.iteration, self.model,
-                                                 self.optimizer, info, source.tokenizer_dir, state,
-                                                 keep=self.config.training.save_total_limit)
+        # Ctrl-C is held until the checkpoint and `latest` are written: the run then stops with it complete.
+        with deferred_interrupt(f"writing checkpoint iter_{self.iteration:07d}"):
+            path, removed = save_training_checkpoint(self.config.training.output_dir, self.iteration, self.model,
+                                                     self.optimizer, info, source.tokenizer_dir, state,
+                                                     keep=self.config.training.save_total_limit)
         if self.runtime.rank == 0:
             size = sum(file.stat().st_size for file in path.rglob("*") if file.is_file())
             gone = f"; removed {', '.join(old.name for old in removed)}" if removed else ""
@@ -328,7 +331,7 @@ class Trainer:
 
     def export_hf(self, out: Path) -> None:
         """The student as an HF directory (streamed, one tensor at a time, to rank 0)."""
-        with atomic_output_dir(out, force=True) as staging:
+        with deferred_interrupt(f"exporting the student to {out}"), atomic_output_dir(out, force=True) as staging:
             if self.runtime.rank == 0:
                 copy_hf_side_files(self.student_source.tokenizer_dir, staging)
             write_hf_weights(self.model, self.student_source.model, staging, self.dtype,
@@ -341,7 +344,7 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         """Steps until `train_iters`, then the final checkpoint and HF export. Ctrl-C raises
         `Interrupted` saying which checkpoint a rerun resumes from (a checkpoint being written
-        is left unfinished under its temporary name: the previous one stays the latest)."""
+        is finished first; a second Ctrl-C stops at once, and the previous one stays the latest)."""
         try:
             return self._train()
         except KeyboardInterrupt:
